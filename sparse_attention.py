@@ -1,0 +1,228 @@
+"""Token-level sparse attention (ZipR1 Eq. 1-2) and the ZipVL Top-p mask solve (Eq. 3).
+
+Notation (paper): a layer sees ℓ tokens with queries Q, keys K, values V. Binary indicators m_Q, m_K ∈ {0,1}^ℓ pick
+the query and key tokens that take part in attention:
+
+    O[m_Q] = softmax(Q[m_Q] K[m_K]^T / sqrt(d) + causal) V[m_K]          (Eq. 1)
+    b = |m_Q| + |m_K|,   per-layer ratio b / (2ℓ)  (= k/ℓ when m_Q = m_K)   (Eq. 2)
+
+Semantics the paper leaves open, fixed here:
+  * an unselected key is excluded from every softmax (it is not in K[m_K]);
+  * an unselected query gets no attention output: its row of O is 0, so after o_proj (no bias in Qwen) its
+    residual stream passes the layer's attention unchanged (the MLP still runs);
+  * causality is by original positions; a query that sees no selected key outputs 0.
+
+Eq. 3 asks for the smallest budget whose attention keeps a fraction p of the attention mass:
+
+    min_{m}  |m|   s.t.   Σ_i Σ_j m_j A_ij  ≥  p · Σ_i Σ_j A_ij        (m_Q = m_K = m, A = causal softmax)   (Eq. 3)
+
+Summing over queries first turns the constraint into a column-sum knapsack with unit costs,
+Σ_j m_j s_j ≥ p Σ_j s_j with s_j = Σ_i A_ij, which the greedy rule solves exactly: sort s descending and take the
+smallest prefix reaching p. ZipVL makes it cheap by scoring with a few *probe* queries (the 64 most recent and 64
+random earlier positions) and summing over probes and heads. The *count* k comes from that rule; the *identity* of the
+k tokens comes from s_j divided by the number of probes that can causally see key j (early keys are seen by more
+queries, so raw sums favour them). One token set per layer and sample, shared by all heads (gather-friendly).
+
+Error bound: for a query row whose kept keys hold mass P of its attention, renormalising over the kept keys moves its
+output by at most 2(1 − P)·max_j ‖v_j‖ (dropped mass (1−P) plus the rescale of the kept part); with P ≥ p this is the
+(1 − p)·‖V‖-type bound of the paper (its constant depends on the norm used).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import repeat
+
+NUM_RECENT_PROBES = 64
+NUM_RANDOM_PROBES = 64
+
+
+def check_keep_p(keep_p, batch_size: int, device=None) -> torch.Tensor:
+    """Validate the sparsity threshold p ∈ (0, 1] and broadcast it to one value per sample: (B,) float32."""
+    p = torch.as_tensor(keep_p, dtype=torch.float32, device=device).flatten()
+    if p.numel() == 1:
+        p = p.expand(batch_size)
+    if p.numel() != batch_size:
+        raise ValueError(f"keep_p has {p.numel()} values for a batch of {batch_size}")
+    if not bool(((p > 0) & (p <= 1)).all()):
+        raise ValueError(f"keep_p must lie in (0, 1], got {p.tolist()}")
+    return p.contiguous()
+
+
+def causal_key_mask(m_q: torch.Tensor, m_k: torch.Tensor) -> torch.Tensor:
+    """Which (query, key) pairs Eq. 1 lets attend: query i selected, key j selected, j ≤ i.  (B, 1, Lq, Lk) bool."""
+    lq, lk = m_q.shape[-1], m_k.shape[-1]
+    causal = torch.ones(lq, lk, dtype=torch.bool, device=m_q.device).tril(lk - lq)  # (Lq, Lk)
+    return causal & m_q[:, None, :, None] & m_k[:, None, None, :]  # (B, 1, Lq, Lk)
+
+
+def sparse_attention(q, k, v, m_q, m_k, scale: float | None = None) -> torch.Tensor:
+    """Eq. 1 in its literal reference form: dense causal attention with unselected tokens masked out.
+
+    q: (B, H, L, D); k, v: (B, Hkv, L, D) with H a multiple of Hkv (GQA); m_q, m_k: (B, L) bool.
+    Returns (B, H, L, D); rows of unselected queries (or queries with no visible key) are 0.
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    groups = q.shape[1] // k.shape[1]
+    k = repeat(k, "b h l d -> b (h g) l d", g=groups)  # (B, H, L, D)
+    v = repeat(v, "b h l d -> b (h g) l d", g=groups)  # (B, H, L, D)
+    allowed = causal_key_mask(m_q, m_k)  # (B, 1, L, L)
+    acc = torch.promote_types(q.dtype, torch.float32)  # softmax in at least fp32
+    logits = (q @ k.transpose(-1, -2)).to(acc) * scale  # (B, H, L, L)
+    logits = logits.masked_fill(~allowed, float("-inf"))
+    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # Eq. 1: softmax over selected keys; empty rows -> 0
+    return (probs.to(v.dtype) @ v) * m_q[:, None, :, None]  # (B, H, L, D), unselected query rows -> 0
+
+
+def token_budget(m_q: torch.Tensor, m_k: torch.Tensor) -> torch.Tensor:
+    """b = |m_Q| + |m_K| per sample.  (B,) long."""
+    return m_q.sum(-1) + m_k.sum(-1)  # Eq. 2
+
+
+def token_ratio(kept: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """τ = mean over layers of b_j / (2ℓ) = mean_j k_j / ℓ (m_Q = m_K).  kept: (B, n_layers), lengths: (B,) -> (B,)."""
+    return (2 * kept.float() / (2 * lengths.float()[:, None])).mean(-1)  # Eq. 2, averaged over layers
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Eq. 3: the Top-p mask solve, ZipVL style
+# ----------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Selection:
+    """One layer's token set per sample: mask (B, L) bool, count k (B,), valid length ℓ (B,)."""
+
+    mask: torch.Tensor
+    count: torch.Tensor
+    length: torch.Tensor
+
+
+def probe_indices(valid: torch.Tensor, num_recent=NUM_RECENT_PROBES, num_random=NUM_RANDOM_PROBES, seed=0):
+    """Probe queries per sample: the `num_recent` most recent valid positions + `num_random` random earlier ones.
+
+    Random choices depend only on (seed, ℓ), so the same prompt gets the same probes in rollout and in training,
+    whatever else is in the batch.  Returns idx (B, P) long (sorted, padded with the last position) and ok (B, P) bool.
+    """
+    rows = []
+    for b in range(valid.shape[0]):
+        pos = valid[b].nonzero().squeeze(-1)  # (ℓ,) positions of real tokens
+        recent, earlier = pos[-num_recent:], pos[:-num_recent] if pos.numel() > num_recent else pos[:0]
+        if earlier.numel() > num_random:
+            g = torch.Generator().manual_seed(int(seed) * 1_000_003 + pos.numel())
+            earlier = earlier[torch.randperm(earlier.numel(), generator=g)[:num_random].sort().values.to(pos.device)]
+        rows.append(torch.cat([earlier, recent]))
+    width = max(r.numel() for r in rows)
+    idx = torch.stack([F.pad(r, (0, width - r.numel()), value=int(r[-1])) for r in rows])  # (B, P)
+    ok = torch.arange(width, device=valid.device)[None] < torch.tensor([r.numel() for r in rows], device=valid.device)[:, None]
+    return idx, ok
+
+
+@torch.no_grad()
+def probe_column_mass(q, k, valid, probe_idx, probe_ok, scale=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Score keys with probe queries: causal softmax per probe, summed over probes and heads.
+
+    q: (B, H, L, D); k: (B, Hkv, L, D); valid: (B, L) bool; probe_idx, probe_ok: (B, P).
+    Returns the column mass s (B, L) and the number of probes that can causally see each key, n (B, L).
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    groups = q.shape[1] // k.shape[1]
+    qp = torch.gather(q, 2, repeat(probe_idx, "b p -> b h p d", h=q.shape[1], d=q.shape[-1]))  # (B, H, P, D)
+    qp = qp.unflatten(1, (k.shape[1], groups))  # (B, Hkv, G, P, D)
+    acc = torch.promote_types(q.dtype, torch.float32)
+    logits = torch.einsum("bhgpd,bhld->bhgpl", qp.to(acc), k.to(acc)) * scale  # (B, Hkv, G, P, L)
+    key_pos = torch.arange(k.shape[2], device=k.device)
+    sees = (key_pos[None, None, :] <= probe_idx[:, :, None]) & valid[:, None, :] & probe_ok[:, :, None]  # (B, P, L)
+    logits = logits.masked_fill(~sees[:, None, None], float("-inf"))
+    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # (B, Hkv, G, P, L)
+    return probs.sum((1, 2, 3)), sees.sum(1).float()  # (B, L), (B, L)
+
+
+def top_p_count(mass: torch.Tensor, keep_p: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
+    """k = smallest k whose sorted cumulative column mass reaches p × total (ZipVL's solve of Eq. 3's relaxation).
+
+    mass: (B, L) (0 on padding); keep_p: (B,); length: (B,). p = 1 keeps all ℓ tokens.  Returns (B,) long in [1, ℓ].
+    """
+    sorted_mass = mass.sort(dim=-1, descending=True).values  # (B, L)
+    cum = sorted_mass.cumsum(-1)  # (B, L)
+    target = keep_p[:, None] * cum[:, -1:]  # (B, 1)
+    k = (cum < target).sum(-1) + 1  # Eq. 3: first prefix with cum ≥ p·total
+    k = torch.where(keep_p >= 1.0, length, k)  # p = 1 is dense, even where some key's mass underflowed to 0
+    return torch.minimum(k, length).clamp(min=1)
+
+
+def top_p_select(q, k, keep_p, valid=None, num_recent=NUM_RECENT_PROBES, num_random=NUM_RANDOM_PROBES,
+                 seed=0, scale=None) -> Selection:
+    """Eq. 3 for one layer: choose one shared token set per sample from probe attention.
+
+    q: (B, H, L, D); k: (B, Hkv, L, D); keep_p: float or (B,); valid: (B, L) bool, False on left padding.
+    The final valid position is always kept; padded positions are never kept nor counted in ℓ.
+    """
+    bsz, _, seq, _ = q.shape
+    valid = torch.ones(bsz, seq, dtype=torch.bool, device=q.device) if valid is None else valid.bool()
+    keep_p = check_keep_p(keep_p, bsz, q.device)
+    length = valid.sum(-1)  # (B,)
+    if bool((length == 0).any()):
+        raise ValueError("a sample has no valid tokens to select from")
+    probe_idx, probe_ok = probe_indices(valid, num_recent, num_random, seed)
+    mass, seen_by = probe_column_mass(q, k, valid, probe_idx, probe_ok, scale)  # (B, L), (B, L)
+    count = top_p_count(mass, keep_p, length)  # (B,)
+    score = mass / seen_by.clamp(min=1)  # identity: mass per probe that can see the key
+    last = seq - 1 - valid.flip(-1).float().argmax(-1)  # (B,) final valid position
+    score = score.masked_fill(~valid, float("-inf"))
+    score[torch.arange(bsz), last] = float("inf")  # the final position is always kept
+    order = score.argsort(dim=-1, descending=True)  # (B, L)
+    ranks = torch.arange(seq, device=q.device)[None, :] < count[:, None]  # (B, L): first k of the order
+    mask = torch.zeros_like(valid).scatter(1, order, ranks)  # (B, L)
+    return Selection(mask=mask, count=count, length=length)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The same Eq. 1 computed on gathered tokens: cost ∝ k², not ℓ².
+# ----------------------------------------------------------------------------------------------------------------
+
+def mask_to_indices(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Selected positions per sample in increasing order, padded: idx (B, K) long (pad = 0), ok (B, K) bool."""
+    count = mask.sum(-1)  # (B,)
+    width = max(int(count.max()), 1)
+    order = torch.argsort((~mask).to(torch.int8), dim=-1, stable=True)[:, :width]  # (B, K) selected first, in order
+    ok = torch.arange(width, device=mask.device)[None] < count[:, None]  # (B, K)
+    return order.masked_fill(~ok, 0), ok
+
+
+def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x (B, H, L, D), idx (B, K) -> (B, H, K, D)."""
+    return torch.gather(x, 2, repeat(idx, "b k -> b h k d", h=x.shape[1], d=x.shape[-1]))
+
+
+def gathered_sparse_attention(q, k, v, mask: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """Eq. 1 with m_Q = m_K = mask, computed by gathering the selected tokens and running SDPA on them.
+
+    q: (B, H, L, D); k, v: (B, Hkv, L, D); mask (B, L) bool.  Returns (B, H, L, D), zero on unselected rows.
+    Matches `sparse_attention(q, k, v, mask, mask)`; differentiable in q, k, v.
+    """
+    idx, ok = mask_to_indices(mask)  # (B, K)
+    qs, ks, vs = gather_tokens(q, idx), gather_tokens(k, idx), gather_tokens(v, idx)  # (B, H|Hkv, K, D)
+    kk = idx.shape[1]
+    causal = torch.ones(kk, kk, dtype=torch.bool, device=q.device).tril()  # idx is increasing: order == position
+    allowed = causal & ok[:, None, :] | torch.eye(kk, dtype=torch.bool, device=q.device)  # pads see themselves
+    out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=allowed[:, None], scale=scale,
+                                         enable_gqa=q.shape[1] != k.shape[1])  # Eq. 1: (B, H, K, D)
+    out = out * ok[:, None, :, None]
+    full = q.new_zeros(q.shape[0], q.shape[1], q.shape[2] + 1, q.shape[3])  # (B, H, L+1, D), last row = dump
+    dump = torch.where(ok, idx, q.shape[2])  # padded slots scatter into the dump row
+    full = full.scatter(2, repeat(dump, "b k -> b h k d", h=q.shape[1], d=q.shape[-1]), out)
+    return full[:, :, :-1]  # (B, H, L, D)
+
+
+def attention_error_bound(kept_mass: torch.Tensor, v_norm_max: torch.Tensor) -> torch.Tensor:
+    """Per-row bound on ‖o − o_sparse‖ when the kept keys hold mass P of the row: 2(1 − P)·max‖v‖."""
+    return 2 * (1 - kept_mass) * v_norm_max
+
+
+__all__ = [
+    "Selection", "check_keep_p", "sparse_attention", "token_budget", "token_ratio", "probe_indices",
+    "probe_column_mass", "top_p_count", "top_p_select", "mask_to_indices", "gathered_sparse_attention",
+    "attention_error_bound",
+]
