@@ -54,7 +54,7 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: floa
     Returns float32 (B, T).
     """
     if logits.dim() != 3 or tokens.shape != logits.shape[:2]:
-        raise ValueError(f"need logits (B, T, V) and tokens (B, T), got {tuple(logits.shape)} and {tuple(tokens.shape)}")
+        raise ValueError(f"need logits (B, T, V), tokens (B, T); got {tuple(logits.shape)}, {tuple(tokens.shape)}")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     rows = []
@@ -128,7 +128,7 @@ def grpo_loss(
         if t is not None and t.shape != logp.shape:
             raise ValueError(f"{name} has shape {tuple(t.shape)}, expected logp's {tuple(logp.shape)} (B, T)")
     if advantages.shape not in (logp.shape[:1], logp.shape):
-        raise ValueError(f"advantages must be (B,) or (B, T), got {tuple(advantages.shape)} for logp {tuple(logp.shape)}")
+        raise ValueError(f"advantages must be (B,) or (B, T), got {tuple(advantages.shape)}; logp is {tuple(logp.shape)}")
 
     mask = mask.bool()  # (B, T)
     adv = advantages.to(logp.dtype).detach()

@@ -151,7 +151,8 @@ def test_kl_zero_when_policy_is_reference_and_no_overflow():
     assert loss.item() == 0.0 and stats["kl"] == 0.0 and torch.equal(grad, torch.zeros_like(grad))
     # far-apart log-probs: the log-ratio is clamped to +-20, so k3 = exp(20) - 20 - 1 stays finite
     far = torch.tensor([[-1000.0]], dtype=torch.float32, requires_grad=True)
-    loss, stats = grpo_loss(far, None, torch.zeros(1, 1, dtype=torch.float32), torch.zeros(1), torch.ones(1, 1), beta=1.0)
+    ref = torch.zeros(1, 1, dtype=torch.float32)
+    loss, stats = grpo_loss(far, None, ref, torch.zeros(1), torch.ones(1, 1), beta=1.0)
     assert torch.isfinite(loss) and stats["kl"] == pytest.approx(math.exp(20) - 21, rel=1e-6)
 
 
