@@ -128,7 +128,7 @@ def grpo_loss(
         if t is not None and t.shape != logp.shape:
             raise ValueError(f"{name} has shape {tuple(t.shape)}, expected logp's {tuple(logp.shape)} (B, T)")
     if advantages.shape not in (logp.shape[:1], logp.shape):
-        raise ValueError(f"advantages must be (B,) or (B, T), got {tuple(advantages.shape)}; logp is {tuple(logp.shape)}")
+        raise ValueError(f"advantages must be (B,) or (B, T); got {tuple(advantages.shape)}, logp {tuple(logp.shape)}")
 
     mask = mask.bool()  # (B, T)
     adv = advantages.to(logp.dtype).detach()
