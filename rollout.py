@@ -1,0 +1,152 @@
+"""Rollouts of the sparse policy: sparse prefill (Eq. 1-3), pruned KV cache, a readable sampling loop.
+
+    rollout = generate(policy, inputs, keep_p=torch.tensor([0.94, 0.945, ...]), sampling=SamplingConfig(...))
+    logp = score_completions(policy, rollout)               # teacher-forced, same sparsity: == rollout.logprobs
+    ref_logp = score_completions(reference, rollout, sparse=False)   # frozen model, full attention
+
+`inputs` is the processor's left-padded batch (input_ids, attention_mask, mm_token_type_ids, pixel_values,
+image_grid_thw, pixel_values_videos, video_grid_thw, second_per_grid_ts). Each row has its own sparsity threshold
+`keep_p` — not to be confused with nucleus sampling's `top_p` in SamplingConfig.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from grpo import completion_mask, token_logprobs
+from sparse_qwen import (PrunedKVCache, check_vision_tokens, continuation_positions, make_state, prompt_positions,
+                         sparse_forward, text_config)
+
+MEDIA_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
+
+
+@dataclass
+class SamplingConfig:
+    max_new_tokens: int = 64
+    do_sample: bool = True  # False: greedy
+    temperature: float = 1.0
+    top_p: float = 1.0  # nucleus sampling over the vocabulary (1.0 = off)
+    top_k: int = 0  # 0 = off
+
+
+@dataclass
+class Rollout:
+    """What the policy generated, and what the training step needs to score the same tokens the same way."""
+
+    inputs: dict  # the prompt batch, (B, P) tensors + media
+    completion_ids: torch.Tensor  # (B, T), pad after EOS
+    completion_mask: torch.Tensor  # (B, T) 1 up to and including the first EOS
+    logprobs: torch.Tensor  # (B, T) log π(token) at the sampling temperature, under the rollout's sparsity
+    keep_p: torch.Tensor  # (B,) sparsity threshold p_n of each row
+    kept: torch.Tensor  # (B, n_layers) tokens kept per layer, k_j
+    lengths: torch.Tensor  # (B,) prompt length ℓ (padding excluded)
+    token_ratio: torch.Tensor  # (B,) τ = mean_j k_j / ℓ
+    kv_bytes: torch.Tensor  # (B,) KV cache bytes each row holds after prefill
+    selection: torch.Tensor  # (B, n_layers, P) bool: the prompt tokens each layer kept (m_Q = m_K)
+    temperature: float
+    seed: int
+    step_logits: torch.Tensor | None = None  # (B, T, V) raw logits of each step, when asked for
+
+
+def sample_next(logits: torch.Tensor, cfg: SamplingConfig, generator=None) -> torch.Tensor:
+    """Next token per row from logits (B, V): greedy, or temperature → top-k → top-p (nucleus) → sample.  (B,)"""
+    if not cfg.do_sample:
+        return logits.argmax(-1)
+    logits = logits.float() / cfg.temperature
+    if cfg.top_k > 0:
+        kth = logits.topk(min(cfg.top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if cfg.top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs > cfg.top_p  # mass before a token already reaches top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+def eos_ids_of(model) -> list[int]:
+    eos = model.generation_config.eos_token_id if model.generation_config.eos_token_id is not None \
+        else text_config(model).eos_token_id
+    return [eos] if isinstance(eos, int) else list(eos)
+
+
+def pad_id_of(model) -> int:
+    pad = model.generation_config.pad_token_id
+    return pad if pad is not None else eos_ids_of(model)[0]
+
+
+@torch.no_grad()
+def generate(model, inputs, keep_p, sampling: SamplingConfig = SamplingConfig(), seed: int = 0,
+             return_logits: bool = False) -> Rollout:
+    """Sample one completion per prompt row with Top-p sparse attention and a pruned KV cache.
+
+    keep_p: float or (B,). Prefill selects per layer and sample (Eq. 3), prunes the cache to the selection; each new
+    token then attends to its row's pruned cache. Rows stop at EOS; the loop stops when all rows have.
+    """
+    check_vision_tokens(model, inputs)
+    ids = inputs["input_ids"]  # (B, P)
+    bsz, device = ids.shape[0], ids.device
+    cache = PrunedKVCache(text_config(model))
+    state = make_state(model, keep_p, batch_size=bsz, cache=cache, seed=seed)
+    positions, next_pos = prompt_positions(model, inputs)  # (3, B, P), (B,)
+    with sparse_forward(state):
+        logits = model(**inputs, position_ids=positions, past_key_values=cache, use_cache=True,
+                       logits_to_keep=1).logits[:, -1]  # (B, V)
+    kept, kv_bytes = state.kept(), cache.kv_bytes()
+    selection = torch.stack([state.selections[j].mask for j in sorted(state.selections)], 1)  # (B, n_layers, P)
+    eos, pad = torch.tensor(eos_ids_of(model), device=device), pad_id_of(model)
+    generator = torch.Generator(device=device).manual_seed(seed) if sampling.do_sample else None
+    tokens, logps, raw = [], [], []
+    done = torch.zeros(bsz, dtype=torch.bool, device=device)
+    state.mode = "decode"
+    for t in range(sampling.max_new_tokens):
+        token = sample_next(logits, sampling, generator).masked_fill(done, pad)  # (B,)
+        logps.append(torch.log_softmax(logits.float() / sampling.temperature, -1).gather(-1, token[:, None])[:, 0])
+        tokens.append(token)
+        raw.append(logits.float()) if return_logits else None
+        done |= torch.isin(token, eos)
+        if bool(done.all()) or t + 1 == sampling.max_new_tokens:
+            break
+        with sparse_forward(state):
+            logits = model(input_ids=token[:, None], position_ids=continuation_positions(next_pos, 1, t),
+                           past_key_values=cache, use_cache=True).logits[:, -1]  # (B, V)
+    completion = torch.stack(tokens, 1)  # (B, T)
+    mask = completion_mask(completion, eos.tolist(), None)
+    return Rollout(inputs=dict(inputs), completion_ids=completion, completion_mask=mask,
+                   logprobs=torch.stack(logps, 1) * mask, keep_p=state.keep_p, kept=kept, lengths=state.lengths(),
+                   token_ratio=state.token_ratio(), kv_bytes=kv_bytes, selection=selection, temperature=sampling.temperature, seed=seed,
+                   step_logits=torch.stack(raw, 1) if return_logits else None)
+
+
+def full_sequence(model, rollout: Rollout) -> dict:
+    """Prompt + completion as one batch for a teacher-forced forward: ids, masks, mRoPE positions, media."""
+    inputs, completion = rollout.inputs, rollout.completion_ids
+    positions, next_pos = prompt_positions(model, inputs)  # (3, B, P), (B,)
+    steps = completion.shape[1]
+    return dict(
+        input_ids=torch.cat([inputs["input_ids"], completion], 1),  # (B, P+T)
+        attention_mask=torch.cat([inputs["attention_mask"], torch.ones_like(completion)], 1),
+        mm_token_type_ids=torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(completion)], 1),
+        position_ids=torch.cat([positions, continuation_positions(next_pos, steps)], 2),  # (3, B, P+T)
+        **{k: inputs[k] for k in MEDIA_KEYS if inputs.get(k) is not None})
+
+
+def score_completions(model, rollout: Rollout, sparse: bool = True, keep_p=None) -> torch.Tensor:
+    """Teacher-forced log π(completion token) at the rollout's temperature.  (B, T), 0 after EOS.
+
+    sparse=True: the policy under the same selection rule as the rollout (prompt selected per layer with the
+    rollout's keep_p and probe seed, response tokens always kept) — equal to rollout.logprobs.
+    sparse=False: plain forward (the full-attention reference model). Gradients flow unless under no_grad.
+    """
+    batch, prompt_len = full_sequence(model, rollout), rollout.inputs["input_ids"].shape[1]
+    steps = rollout.completion_ids.shape[1]
+    context = contextlib.nullcontext()
+    if sparse:
+        state = make_state(model, rollout.keep_p if keep_p is None else keep_p, mode="teacher",
+                           batch_size=len(rollout.keep_p), prompt_len=prompt_len, seed=rollout.seed)
+        context = sparse_forward(state)
+    with context:
+        logits = model(**batch, logits_to_keep=steps + 1).logits[:, :-1]  # (B, T, V): predicts completion tokens
+    return token_logprobs(logits, rollout.completion_ids, rollout.temperature) * rollout.completion_mask

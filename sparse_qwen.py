@@ -1,0 +1,209 @@
+"""Top-p sparse attention inside transformers' Qwen2.5-VL / Qwen2-VL text decoder.
+
+The policy of ZipR1 is the stock model whose *text decoder* attention is replaced by Eq. 1-3 (the vision tower keeps
+its own attention). We plug in through transformers' own extension points:
+
+  * `AttentionInterface.register("zipr1_sparse", zipr1_attention)`: the attention function every decoder layer calls;
+  * `AttentionMaskInterface.register("zipr1_sparse", padding_mask)`: without a registered mask function a custom
+    implementation silently receives `attention_mask=None` and left padding breaks. Ours hands the attention the
+    2-D padding mask (B, L) bool: O(L) memory, and exactly what the token selection needs.
+
+What a forward does is set per call by a `SparseState` made active with `with sparse_forward(state): model(...)`:
+
+  mode "prefill"  select tokens per layer (Eq. 3) among the prompt, attend among them (Eq. 1-2), record k_j, and
+                  prune the layer's KV cache to the selected tokens (`PrunedKVCache.prune`).
+  mode "decode"   one new token per sample attends to its pruned cache (per-layer key-valid mask) plus the tokens
+                  generated so far.
+  mode "teacher"  the training forward over prompt + response in one pass: the prompt is selected exactly as in
+                  prefill and every response token attends to the kept prompt keys and the response so far. The
+                  log-probs it gives equal those of the rollout (inference-consistent).
+
+Positions are the original ones: prefill takes Qwen's mRoPE ids from `get_rope_index` (which needs
+`mm_token_type_ids`), and generated tokens continue from the prompt's largest position (rope deltas), not from the
+pruned cache length. Sparsity is per sample: `keep_p` is a (B,) tensor, so one batch holds a group's N thresholds.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AttentionInterface, DynamicCache
+from transformers.masking_utils import AttentionMaskInterface
+
+from sparse_attention import Selection, check_keep_p, mask_to_indices, token_ratio, top_p_select
+import kernels
+
+ATTN_NAME = "zipr1_sparse"
+
+
+class PrunedKVCache(DynamicCache):
+    """A DynamicCache whose layers keep only the selected tokens after prefill.
+
+    Samples keep different numbers of tokens per layer, so layer j stores (B, Hkv, K_j, D) with K_j = max_b k_j,b
+    and a key-valid mask (B, K_j) marking each sample's real slots. Tokens appended while decoding are valid.
+    """
+
+    def __init__(self, config):
+        super().__init__(config=config)
+        self.key_valid: dict[int, torch.Tensor] = {}
+
+    def prune(self, layer_idx: int, mask: torch.Tensor) -> None:
+        """Keep only the positions where mask (B, L) is True in layer `layer_idx`."""
+        layer = self.layers[layer_idx]
+        idx, ok = mask_to_indices(mask)  # (B, K), (B, K)
+        index = idx[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[-1])  # (B, Hkv, K, D)
+        layer.keys = torch.gather(layer.keys, 2, index)
+        layer.values = torch.gather(layer.values, 2, index)
+        self.key_valid[layer_idx] = ok
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        if layer_idx in self.key_valid:  # decoding after a prune: the new tokens are valid keys
+            new = torch.ones(key_states.shape[0], key_states.shape[2], dtype=torch.bool, device=key_states.device)
+            self.key_valid[layer_idx] = torch.cat([self.key_valid[layer_idx], new], dim=1)
+        return keys, values
+
+    def kv_bytes(self) -> torch.Tensor:
+        """Bytes of K and V each sample really holds, read from the cache tensors: Σ_j k_j·2·Hkv·d·bytes.  (B,)"""
+        total = 0
+        for j, layer in enumerate(self.layers):
+            per_token = 2 * layer.keys.shape[1] * layer.keys.shape[-1] * layer.keys.element_size()
+            slots = self.key_valid[j].sum(-1) if j in self.key_valid else torch.full(
+                (layer.keys.shape[0],), layer.keys.shape[2], device=layer.keys.device)
+            total = total + slots * per_token
+        return total
+
+
+@dataclass
+class SparseState:
+    """Per-call settings and records of the sparse decoder: thresholds, mode, cache, selections per layer."""
+
+    keep_p: torch.Tensor  # (B,) thresholds p_n, one per sample
+    mode: str = "prefill"  # "prefill" | "decode" | "teacher"
+    prompt_len: int | None = None  # teacher mode: number of prompt columns (left-padded) before the response
+    cache: PrunedKVCache | None = None
+    seed: int = 0  # random probes depend on (seed + layer, ℓ) only
+    selections: dict[int, Selection] = field(default_factory=dict)
+
+    def kept(self) -> torch.Tensor:
+        """k_j per sample and layer.  (B, n_layers) long."""
+        return torch.stack([self.selections[j].count for j in sorted(self.selections)], dim=1)
+
+    def lengths(self) -> torch.Tensor:
+        """ℓ per sample (prompt tokens, padding excluded).  (B,)"""
+        return self.selections[min(self.selections)].length
+
+    def token_ratio(self) -> torch.Tensor:
+        """τ per sample: mean over layers of k_j / ℓ (Eq. 2).  (B,)"""
+        return token_ratio(self.kept(), self.lengths())
+
+
+_ACTIVE: contextvars.ContextVar[SparseState | None] = contextvars.ContextVar("zipr1_state", default=None)
+
+
+@contextlib.contextmanager
+def sparse_forward(state: SparseState):
+    """Make `state` the one the sparse attention reads during the forwards inside the block."""
+    token = _ACTIVE.set(state)
+    try:
+        yield state
+    finally:
+        _ACTIVE.reset(token)
+
+
+def padding_mask(batch_size, q_length, kv_length, *args, attention_mask=None, **kwargs):
+    """Mask function for AttentionMaskInterface: pass the 2-D padding mask (B, kv_length) bool (or None) through."""
+    if attention_mask is None:
+        return None
+    return attention_mask[:, -kv_length:].bool()
+
+
+def zipr1_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """The attention function of every text-decoder layer.  query (B, H, Lq, D); key, value (B, Hkv, Lk, D).
+
+    Returns (B, Lq, H, D) as transformers expects. With no active SparseState it is plain causal attention over the
+    padding mask (handy for debugging; the full-attention reference model uses stock "sdpa").
+    """
+    state, layer = _ACTIVE.get(), module.layer_idx
+    bsz, _, seq, _ = query.shape
+    valid = torch.ones(bsz, key.shape[2], dtype=torch.bool, device=query.device) if attention_mask is None \
+        else attention_mask.bool()  # (B, Lk)
+    if state is None:
+        out = kernels.prefill_sparse_attention(query, key, value, valid, scale=scaling)  # dense over real tokens
+    elif state.mode == "decode":
+        out = kernels.decode_attention(query, key, value, state.cache.key_valid[layer], scale=scaling)  # (B, H, 1, D)
+    else:
+        n_prompt = seq if state.mode == "prefill" else state.prompt_len
+        sel = top_p_select(query[:, :, :n_prompt], key[:, :, :n_prompt], state.keep_p, valid[:, :n_prompt],
+                           seed=state.seed + layer, scale=scaling)  # Eq. 3 on the prompt
+        state.selections[layer] = sel
+        response = torch.ones(bsz, seq - n_prompt, dtype=torch.bool, device=query.device)  # decode queries: all in
+        mask = torch.cat([sel.mask, response], dim=1)  # (B, L): m_Q = m_K
+        out = kernels.prefill_sparse_attention(query, key, value, mask, scale=scaling)  # Eq. 1, (B, H, L, D)
+        if state.mode == "prefill" and state.cache is not None:
+            state.cache.prune(layer, sel.mask)  # keep only the selected K/V of this layer
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(ATTN_NAME, zipr1_attention)
+AttentionMaskInterface.register(ATTN_NAME, padding_mask)
+
+
+def make_sparse(model):
+    """Switch the text decoder of a Qwen2(.5)-VL model to Top-p sparse attention; the vision tower is untouched."""
+    model.set_attn_implementation({"text_config": ATTN_NAME, "vision_config": "sdpa"})
+    return model
+
+
+def text_config(model):
+    return model.config.get_text_config(decoder=True)
+
+
+def prompt_positions(model, inputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Qwen's 3-D mRoPE position ids of a left-padded prompt batch, and the next text position per sample.
+
+    Needs `mm_token_type_ids` (0 text, 1 image, 2 video): without it transformers falls back to 1-D positions.
+    Returns position_ids (3, B, P) and next_position (B,) = largest prompt position + 1 (rope delta included).
+    """
+    if inputs.get("mm_token_type_ids") is None:
+        raise ValueError("inputs lack mm_token_type_ids: build them with the processor (media.encode_prompts)")
+    position_ids, _ = model.model.get_rope_index(
+        inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"],
+        image_grid_thw=inputs.get("image_grid_thw"), video_grid_thw=inputs.get("video_grid_thw"),
+        second_per_grid_ts=inputs.get("second_per_grid_ts"), attention_mask=inputs["attention_mask"])
+    masked = position_ids.masked_fill(~inputs["attention_mask"].bool()[None], -1)  # (3, B, P)
+    return position_ids, masked.amax(dim=(0, 2)) + 1
+
+
+def continuation_positions(next_position: torch.Tensor, steps: int, start: int = 0) -> torch.Tensor:
+    """Text positions of generated tokens start..start+steps-1, repeated on the 3 mRoPE axes.  (3, B, steps)"""
+    pos = next_position[:, None] + torch.arange(start, start + steps, device=next_position.device)  # (B, steps)
+    return pos[None].expand(3, -1, -1)
+
+
+def check_vision_tokens(model, inputs) -> None:
+    """One clear error naming the sample whose image/video placeholder count disagrees with the grids."""
+    merge = model.config.vision_config.spatial_merge_size ** 2
+    for key, grid_key in (("image_token_id", "image_grid_thw"), ("video_token_id", "video_grid_thw")):
+        counts = (inputs["input_ids"] == getattr(model.config, key)).sum(-1).tolist()  # per sample
+        grids = inputs.get(grid_key)
+        need = [] if grids is None else (grids.prod(-1) // merge).tolist()
+        kind = key.split("_")[0]
+        if sum(counts) != sum(need):
+            raise ValueError(f"{kind} tokens ({sum(counts)} over samples {counts}) disagree with {grid_key} "
+                             f"({sum(need)} tokens)")
+        for b, n in enumerate(counts):  # each sample's tokens must be a whole number of its grids, in order
+            used, have = 0, n
+            while have > 0 and need:
+                have -= need.pop(0)
+                used += 1
+            if have != 0:
+                raise ValueError(f"sample {b}: {n} {kind} tokens do not match its {kind} grid(s) in {grid_key}")
+
+
+def make_state(model, keep_p, mode="prefill", batch_size=None, **kw) -> SparseState:
+    batch_size = batch_size or len(torch.as_tensor(keep_p).flatten())
+    device = next(model.parameters()).device
+    return SparseState(keep_p=check_keep_p(keep_p, batch_size, device), mode=mode, **kw)
