@@ -25,7 +25,6 @@ pruned cache length. Sparsity is per sample: `keep_p` is a (B,) tensor, so one b
 from __future__ import annotations
 
 import contextlib
-import contextvars
 from dataclasses import dataclass, field
 
 import torch
@@ -100,17 +99,21 @@ class SparseState:
         return token_ratio(self.kept(), self.lengths())
 
 
-_ACTIVE: contextvars.ContextVar[SparseState | None] = contextvars.ContextVar("zipr1_state", default=None)
+_ACTIVE: list[SparseState | None] = [None]  # a plain global, not a ContextVar: autograd's threads must see it
 
 
 @contextlib.contextmanager
 def sparse_forward(state: SparseState):
-    """Make `state` the one the sparse attention reads during the forwards inside the block."""
-    token = _ACTIVE.set(state)
+    """Make `state` the one the sparse attention reads during the forwards inside the block.
+
+    With gradient checkpointing, layers re-run their forward during backward: call `.backward()` inside the block too,
+    so the recomputation sees the same state (selection is deterministic, so it re-selects the same tokens).
+    """
+    previous, _ACTIVE[0] = _ACTIVE[0], state
     try:
         yield state
     finally:
-        _ACTIVE.reset(token)
+        _ACTIVE[0] = previous
 
 
 def padding_mask(batch_size, q_length, kv_length, *args, attention_mask=None, **kwargs):
@@ -126,7 +129,7 @@ def zipr1_attention(module, query, key, value, attention_mask, scaling=None, dro
     Returns (B, Lq, H, D) as transformers expects. With no active SparseState it is plain causal attention over the
     padding mask (handy for debugging; the full-attention reference model uses stock "sdpa").
     """
-    state, layer = _ACTIVE.get(), module.layer_idx
+    state, layer = _ACTIVE[0], module.layer_idx
     bsz, _, seq, _ = query.shape
     valid = torch.ones(bsz, key.shape[2], dtype=torch.bool, device=query.device) if attention_mask is None \
         else attention_mask.bool()  # (B, Lk)
