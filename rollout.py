@@ -78,6 +78,23 @@ def pad_id_of(model) -> int:
 
 
 @torch.no_grad()
+def prefill(model, inputs, keep_p, seed: int = 0):
+    """Sparse prefill: select per layer and sample (Eq. 3), attend among the selection, prune the KV cache to it.
+
+    Returns the last-position logits (B, V), the SparseState (selections, pruned cache) and the next text position
+    per row (B,) from which generated tokens continue (mRoPE, original positions).
+    """
+    check_vision_tokens(model, inputs)
+    cache = PrunedKVCache(text_config(model))
+    state = make_state(model, keep_p, batch_size=inputs["input_ids"].shape[0], cache=cache, seed=seed)
+    positions, next_pos = prompt_positions(model, inputs)  # (3, B, P), (B,)
+    with sparse_forward(state):
+        logits = model(**inputs, position_ids=positions, past_key_values=cache, use_cache=True,
+                       logits_to_keep=1).logits[:, -1]  # (B, V)
+    return logits, state, next_pos
+
+
+@torch.no_grad()
 def generate(model, inputs, keep_p, sampling: SamplingConfig = SamplingConfig(), seed: int = 0,
              return_logits: bool = False) -> Rollout:
     """Sample one completion per prompt row with Top-p sparse attention and a pruned KV cache.
@@ -85,15 +102,8 @@ def generate(model, inputs, keep_p, sampling: SamplingConfig = SamplingConfig(),
     keep_p: float or (B,). Prefill selects per layer and sample (Eq. 3), prunes the cache to the selection; each new
     token then attends to its row's pruned cache. Rows stop at EOS; the loop stops when all rows have.
     """
-    check_vision_tokens(model, inputs)
-    ids = inputs["input_ids"]  # (B, P)
-    bsz, device = ids.shape[0], ids.device
-    cache = PrunedKVCache(text_config(model))
-    state = make_state(model, keep_p, batch_size=bsz, cache=cache, seed=seed)
-    positions, next_pos = prompt_positions(model, inputs)  # (3, B, P), (B,)
-    with sparse_forward(state):
-        logits = model(**inputs, position_ids=positions, past_key_values=cache, use_cache=True,
-                       logits_to_keep=1).logits[:, -1]  # (B, V)
+    logits, state, next_pos = prefill(model, inputs, keep_p, seed)  # (B, V)
+    cache, bsz, device = state.cache, logits.shape[0], logits.device
     kept, kv_bytes = state.kept(), cache.kv_bytes()
     selection = torch.stack([state.selections[j].mask for j in sorted(state.selections)], 1)  # (B, n_layers, P)
     eos, pad = torch.tensor(eos_ids_of(model), device=device), pad_id_of(model)

@@ -127,16 +127,15 @@ def probe_column_mass(q, k, valid, probe_idx, probe_ok, scale=None) -> tuple[tor
     Returns the column mass s (B, L) and the number of probes that can causally see each key, n (B, L).
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    groups = q.shape[1] // k.shape[1]
+    groups, acc = q.shape[1] // k.shape[1], torch.promote_types(q.dtype, torch.float32)
     qp = torch.gather(q, 2, repeat(probe_idx, "b p -> b h p d", h=q.shape[1], d=q.shape[-1]))  # (B, H, P, D)
-    qp = qp.unflatten(1, (k.shape[1], groups))  # (B, Hkv, G, P, D)
-    acc = torch.promote_types(q.dtype, torch.float32)
-    logits = torch.einsum("bhgpd,bhld->bhgpl", qp.to(acc), k.to(acc)) * scale  # (B, Hkv, G, P, L)
+    qp = qp.unflatten(1, (k.shape[1], groups)).to(acc) * scale  # (B, Hkv, G, P, D)
+    logits = torch.einsum("bhgpd,bhld->bhgpl", qp, k.to(acc))  # (B, Hkv, G, P, L)
     key_pos = torch.arange(k.shape[2], device=k.device)
-    sees = (key_pos[None, None, :] <= probe_idx[:, :, None]) & valid[:, None, :] & probe_ok[:, :, None]  # (B, P, L)
-    logits = logits.masked_fill(~sees[:, None, None], float("-inf"))
-    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # (B, Hkv, G, P, L)
-    return probs.sum((1, 2, 3)), sees.sum(1).float()  # (B, L), (B, L)
+    sees = (key_pos[None, None, :] <= probe_idx[:, :, None]) & valid[:, None, :]  # (B, P, L); every probe sees itself
+    probs = torch.softmax(logits.masked_fill_(~sees[:, None, None], float("-inf")), dim=-1)  # (B, Hkv, G, P, L)
+    mass = torch.einsum("bhgpl,bp->bl", probs, probe_ok.to(acc))  # Σ over heads and (real) probes
+    return mass, (sees & probe_ok[:, :, None]).sum(1).to(acc)  # (B, L), (B, L)
 
 
 def top_p_count(mass: torch.Tensor, keep_p: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
@@ -204,11 +203,14 @@ def gathered_sparse_attention(q, k, v, mask: torch.Tensor, scale: float | None =
     """
     idx, ok = mask_to_indices(mask)  # (B, K)
     qs, ks, vs = gather_tokens(q, idx), gather_tokens(k, idx), gather_tokens(v, idx)  # (B, H|Hkv, K, D)
-    kk = idx.shape[1]
-    causal = torch.ones(kk, kk, dtype=torch.bool, device=q.device).tril()  # idx is increasing: order == position
-    allowed = causal & ok[:, None, :] | torch.eye(kk, dtype=torch.bool, device=q.device)  # pads see themselves
-    out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=allowed[:, None], scale=scale,
-                                         enable_gqa=q.shape[1] != k.shape[1])  # Eq. 1: (B, H, K, D)
+    kk, gqa = idx.shape[1], q.shape[1] != k.shape[1]
+    if bool(ok.all()):  # same count in every row: plain causal attention on the gathered tokens (flash path)
+        out = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=gqa)  # Eq. 1
+    else:
+        causal = torch.ones(kk, kk, dtype=torch.bool, device=q.device).tril()  # idx is increasing: order == position
+        allowed = causal & ok[:, None, :] | torch.eye(kk, dtype=torch.bool, device=q.device)  # pads see themselves
+        out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=allowed[:, None], scale=scale,
+                                             enable_gqa=gqa)  # Eq. 1: (B, H, K, D)
     out = out * ok[:, None, :, None]
     full = q.new_zeros(q.shape[0], q.shape[1], q.shape[2] + 1, q.shape[3])  # (B, H, L+1, D), last row = dump
     dump = torch.where(ok, idx, q.shape[2])  # padded slots scatter into the dump row
