@@ -1,0 +1,288 @@
+"""Sparse prefill attention in Triton: Eq. 1 with m_Q = m_K = m, reading the selected rows by index.
+
+Read beside sparse_attention.py (the torch reference) and Triton's fused-attention tutorial, which this follows.
+
+The k selected positions of a sample, in increasing order, are idx[0] < idx[1] < ... < idx[k-1].  Because idx is
+sorted, "key position ≤ query position" (causality by original positions) is the same as "key rank ≤ query rank",
+so Eq. 1 is ordinary causal attention over the k×k grid of ranks:
+
+    S[r, c] = q[idx[r]] · k[idx[c]] / sqrt(d)                 c ≤ r < k          (Eq. 1, logits)
+    O[idx[r]] = Σ_c softmax_c(S[r, :]) v[idx[c]],   other rows of O are 0        (Eq. 1)
+
+Each program owns BLOCK_M query ranks of one (sample, head) and streams BLOCK_N key ranks at a time with the online
+softmax of FlashAttention. Rows are loaded straight from q, k, v in HF's (B, H, L, D) layout through idx — no
+gathered copies — so the work is ∝ k² instead of ℓ²: at τ = k/ℓ = 0.25 it is 1/16 of dense.  GQA: query head h
+reads KV head h // (H / Hkv).  Programs past a sample's count exit at once, so the grid needs no host sync.
+
+Backward (Triton, FlashAttention-2 style, recomputing P from the saved log-sum-exp):
+    dV = Pᵀ dO,   dP = dO Vᵀ,   dS = P ∘ (dP − δ) with δ_r = o_r · do_r,   dQ = dS K / sqrt(d),   dK = dSᵀ Q / sqrt(d)
+One kernel per KV head writes dK, dV (summing its GQA query heads in registers, no atomics); one per query head
+writes dQ.  Gradients of unselected rows are 0 (their output is the constant 0).
+
+Precision: logits and softmax in fp32; P is cast to V's dtype before P·V (as in the tutorial); fp32 inputs use
+IEEE dots (no TF32), so fp32 results match torch to rounding.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+LOG2E = 1.4426950408889634  # exp(x) = exp2(x · log2 e): the kernels work in base 2
+
+
+@triton.jit
+def _dot(a, b, UPCAST: tl.constexpr, PREC: tl.constexpr):
+    """a @ b in fp32.  UPCAST only under the Triton 3.9 interpreter, whose dot multiplies bf16 as raw integers."""
+    if UPCAST:
+        a, b = a.to(tl.float32), b.to(tl.float32)
+    return tl.dot(a, b, input_precision=PREC)
+
+
+def dot_flags(dtype: torch.dtype) -> dict:
+    """Constexprs for `_dot`: exact IEEE fp32 products (no TF32), and the interpreter's bf16 work-around."""
+    return dict(UPCAST=INTERPRET and dtype == torch.bfloat16, PREC="ieee" if dtype == torch.float32 else "tf32")
+
+
+def configs(gpu: list[tuple[int, int, int, int]]) -> list[triton.Config]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) to autotune on a GPU; one small block under the interpreter."""
+    gpu = [(16, 16, 4, 1)] if INTERPRET else gpu
+    return [triton.Config(dict(BLOCK_M=m, BLOCK_N=n), num_warps=w, num_stages=s) for m, n, w, s in gpu]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Forward
+# ---------------------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, ranks_m, K, V, idx, count, stride_kl, stride_vl, offs_d, lo, hi, qk_scale,
+               DIAGONAL: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
+    """Online softmax over key ranks [lo, hi); DIAGONAL blocks apply the causal mask c ≤ r."""
+    for start_n in range(lo, hi, BLOCK_N):
+        ranks_n = start_n + tl.arange(0, BLOCK_N)
+        pos_n = tl.load(idx + ranks_n, mask=ranks_n < count, other=0)  # original positions of these keys
+        k = tl.load(K + pos_n[:, None] * stride_kl + offs_d[None, :])  # (BLOCK_N, D)
+        s = _dot(q, tl.trans(k), UPCAST, PREC) * qk_scale  # Eq. 1 logits, base-2 units  (BLOCK_M, BLOCK_N)
+        if DIAGONAL:
+            s = tl.where(ranks_m[:, None] >= ranks_n[None, :], s, float("-inf"))  # causal by position
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)  # rescales what was accumulated under the old max
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V + pos_n[:, None] * stride_vl + offs_d[None, :])  # (BLOCK_N, D)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST, PREC)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.autotune(configs([(128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 4)]),
+                 key=["HEAD_DIM"])
+@triton.jit
+def _sparse_attn_fwd(Q, K, V, Out, Lse, Idx, Count, qk_scale, H, GROUPS,
+                     sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sob, soh, sol, s_idx, s_lse,
+                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     UPCAST: tl.constexpr, PREC: tl.constexpr):
+    start_m, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    count = tl.load(Count + b)  # k for this sample
+    if start_m * BLOCK_M >= count:
+        return
+    b64, h64, kvh64 = b.to(tl.int64), h.to(tl.int64), (h // GROUPS).to(tl.int64)
+    idx = Idx + b64 * s_idx
+    ranks_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    pos_m = tl.load(idx + ranks_m, mask=ranks_m < count, other=0)  # (BLOCK_M,) query positions
+    q = tl.load(Q + b64 * sqb + h64 * sqh + pos_m[:, None] * sql + offs_d[None, :])  # (BLOCK_M, D)
+    K, V = K + b64 * skb + kvh64 * skh, V + b64 * svb + kvh64 * svh
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    lo = start_m * BLOCK_M  # key blocks before the diagonal need no mask
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, ranks_m, K, V, idx, count, skl, svl, offs_d, 0, lo, qk_scale,
+                               False, BLOCK_N, UPCAST, PREC)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, ranks_m, K, V, idx, count, skl, svl, offs_d, lo, lo + BLOCK_M,
+                               qk_scale, True, BLOCK_N, UPCAST, PREC)
+    keep = ranks_m < count
+    out = acc / l_i[:, None]  # (BLOCK_M, D)
+    tl.store(Out + b64 * sob + h64 * soh + pos_m[:, None] * sol + offs_d[None, :], out.to(Out.dtype.element_ty),
+             mask=keep[:, None])
+    tl.store(Lse + bh.to(tl.int64) * s_lse + ranks_m, m_i + tl.math.log2(l_i), mask=keep)  # base-2 log-sum-exp
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Backward
+# ---------------------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _bwd_delta(Out, dOut, Delta, Idx, Count, H, sob, soh, sol, sdb, sdh, sdl, s_idx, s_delta,
+               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+    """δ_r = o_r · do_r for the selected rows (r < k), in rank order."""
+    start_m, bh = tl.program_id(0), tl.program_id(1)
+    b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
+    count = tl.load(Count + b)
+    ranks = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    keep = ranks < count
+    pos = tl.load(Idx + b * s_idx + ranks, mask=keep, other=0)
+    offs_d = tl.arange(0, HEAD_DIM)
+    o = tl.load(Out + b * sob + h * soh + pos[:, None] * sol + offs_d[None, :]).to(tl.float32)
+    do = tl.load(dOut + b * sdb + h * sdh + pos[:, None] * sdl + offs_d[None, :]).to(tl.float32)
+    tl.store(Delta + bh.to(tl.int64) * s_delta + ranks, tl.sum(o * do, 1), mask=keep)
+
+
+@triton.autotune(configs([(64, 64, 4, 2), (64, 128, 8, 2), (32, 64, 4, 3), (32, 128, 8, 2)]), key=["HEAD_DIM"])
+@triton.jit
+def _bwd_dkdv(Q, K, V, dOut, dK, dV, Lse, Delta, Idx, Count, qk_scale, sm_scale, H, GROUPS, HKV,
+              sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sdb, sdh, sdl, s_idx, s_lse,
+              HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              UPCAST: tl.constexpr, PREC: tl.constexpr):
+    """dK, dV for BLOCK_N key ranks of one KV head: sum over its GROUPS query heads and the ranks r ≥ c."""
+    start_n, bkv = tl.program_id(0), tl.program_id(1)
+    b, kvh = bkv // HKV, bkv % HKV
+    count = tl.load(Count + b)
+    if start_n * BLOCK_N >= count:
+        return
+    b64 = b.to(tl.int64)
+    idx = Idx + b64 * s_idx
+    ranks_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    pos_n = tl.load(idx + ranks_n, mask=ranks_n < count, other=0)
+    k_off = b64 * skb + kvh.to(tl.int64) * skh + pos_n[:, None] * skl + offs_d[None, :]
+    v_off = b64 * svb + kvh.to(tl.int64) * svh + pos_n[:, None] * svl + offs_d[None, :]
+    k, v = tl.load(K + k_off), tl.load(V + v_off)  # (BLOCK_N, D)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    for g in range(GROUPS):
+        h64 = (kvh * GROUPS + g).to(tl.int64)
+        lse_row = Lse + (b64 * H + h64) * s_lse
+        for start_m in range(start_n * BLOCK_N, count, BLOCK_M):  # only ranks r ≥ c see these keys
+            ranks_m = start_m + tl.arange(0, BLOCK_M)
+            pos_m = tl.load(idx + ranks_m, mask=ranks_m < count, other=0)
+            q = tl.load(Q + b64 * sqb + h64 * sqh + pos_m[:, None] * sql + offs_d[None, :])  # (BLOCK_M, D)
+            do = tl.load(dOut + b64 * sdb + h64 * sdh + pos_m[:, None] * sdl + offs_d[None, :])  # (BLOCK_M, D)
+            lse = tl.load(lse_row + ranks_m, mask=ranks_m < count, other=0.0)
+            delta = tl.load(Delta + (b64 * H + h64) * s_lse + ranks_m, mask=ranks_m < count, other=0.0)
+            st = _dot(k, tl.trans(q), UPCAST, PREC) * qk_scale  # Sᵀ  (BLOCK_N, BLOCK_M)
+            visible = (ranks_m[None, :] >= ranks_n[:, None]) & (ranks_m[None, :] < count)
+            pt = tl.where(visible, tl.math.exp2(st - lse[None, :]), 0.0)  # Pᵀ
+            dv += _dot(pt.to(do.dtype), do, UPCAST, PREC)  # dV = Pᵀ dO
+            dpt = _dot(v, tl.trans(do), UPCAST, PREC)  # dPᵀ = V dOᵀ
+            dst = pt * (dpt - delta[None, :])  # dSᵀ = Pᵀ ∘ (dPᵀ − δ)
+            dk += _dot(dst.to(q.dtype), q, UPCAST, PREC)  # dK = dSᵀ Q (· scale below)
+    keep = (ranks_n < count)[:, None]
+    tl.store(dK + k_off, (dk * sm_scale).to(dK.dtype.element_ty), mask=keep)
+    tl.store(dV + v_off, dv.to(dV.dtype.element_ty), mask=keep)
+
+
+@triton.autotune(configs([(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 3), (128, 32, 8, 3)]), key=["HEAD_DIM"])
+@triton.jit
+def _bwd_dq(Q, K, V, dOut, dQ, Lse, Delta, Idx, Count, qk_scale, sm_scale, H, GROUPS,
+            sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sdb, sdh, sdl, s_idx, s_lse,
+            HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+            UPCAST: tl.constexpr, PREC: tl.constexpr):
+    """dQ for BLOCK_M query ranks of one head: sum over key ranks c ≤ r."""
+    start_m, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    count = tl.load(Count + b)
+    if start_m * BLOCK_M >= count:
+        return
+    b64, h64, kvh64 = b.to(tl.int64), h.to(tl.int64), (h // GROUPS).to(tl.int64)
+    idx = Idx + b64 * s_idx
+    ranks_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    pos_m = tl.load(idx + ranks_m, mask=ranks_m < count, other=0)
+    q_off = b64 * sqb + h64 * sqh + pos_m[:, None] * sql + offs_d[None, :]
+    q = tl.load(Q + q_off)  # (BLOCK_M, D)
+    do = tl.load(dOut + b64 * sdb + h64 * sdh + pos_m[:, None] * sdl + offs_d[None, :])  # (BLOCK_M, D)
+    lse = tl.load(Lse + bh.to(tl.int64) * s_lse + ranks_m, mask=ranks_m < count, other=0.0)
+    delta = tl.load(Delta + bh.to(tl.int64) * s_lse + ranks_m, mask=ranks_m < count, other=0.0)
+    K, V = K + b64 * skb + kvh64 * skh, V + b64 * svb + kvh64 * svh
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    for start_n in range(0, (start_m + 1) * BLOCK_M, BLOCK_N):
+        ranks_n = start_n + tl.arange(0, BLOCK_N)
+        pos_n = tl.load(idx + ranks_n, mask=ranks_n < count, other=0)
+        k = tl.load(K + pos_n[:, None] * skl + offs_d[None, :])  # (BLOCK_N, D)
+        v = tl.load(V + pos_n[:, None] * svl + offs_d[None, :])  # (BLOCK_N, D)
+        s = _dot(q, tl.trans(k), UPCAST, PREC) * qk_scale  # (BLOCK_M, BLOCK_N)
+        p = tl.where(ranks_m[:, None] >= ranks_n[None, :], tl.math.exp2(s - lse[:, None]), 0.0)
+        dp = _dot(do, tl.trans(v), UPCAST, PREC)  # dP = dO Vᵀ
+        ds = p * (dp - delta[:, None])  # dS = P ∘ (dP − δ)
+        dq += _dot(ds.to(k.dtype), k, UPCAST, PREC)  # dQ = dS K (· scale below)
+    tl.store(dQ + q_off, (dq * sm_scale).to(dQ.dtype.element_ty), mask=(ranks_m < count)[:, None])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Host side: index preparation, launches, autograd
+# ---------------------------------------------------------------------------------------------------------------
+
+def selected_positions(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Selected positions in increasing order, padded to ℓ: idx (B, L) int32, count k (B,) int32.  No host sync."""
+    idx = torch.sort((~mask).to(torch.int8), dim=-1, stable=True).indices  # (B, L) selected first, in order
+    return idx.to(torch.int32).contiguous(), mask.sum(-1, dtype=torch.int32)
+
+
+def _strides(x: torch.Tensor) -> tuple[int, int, int]:
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+def _forward(q, k, v, idx, count, sm_scale):
+    bsz, heads, seq, dim = q.shape
+    out = torch.zeros_like(q, memory_format=torch.contiguous_format)  # (B, H, L, D), unselected rows stay 0
+    lse = torch.empty(bsz * heads, seq, device=q.device, dtype=torch.float32)  # (B·H, L) per selected rank
+
+    def grid(meta):
+        return triton.cdiv(seq, meta["BLOCK_M"]), bsz * heads
+
+    _sparse_attn_fwd[grid](q, k, v, out, lse, idx, count, sm_scale * LOG2E, heads, heads // k.shape[1],
+                           *_strides(q), *_strides(k), *_strides(v), *_strides(out), idx.stride(0), lse.stride(0),
+                           HEAD_DIM=dim, **dot_flags(q.dtype))
+    return out, lse
+
+
+def _backward(q, k, v, out, lse, idx, count, sm_scale, dout):
+    bsz, heads, seq, dim = q.shape
+    hkv = k.shape[1]
+    dout = dout if dout.stride(-1) == 1 else dout.contiguous()
+    dq, dk, dv = (torch.zeros_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+    delta = torch.empty_like(lse)  # (B·H, L)
+    block = 16 if INTERPRET else 64
+    _bwd_delta[(triton.cdiv(seq, block), bsz * heads)](out, dout, delta, idx, count, heads, *_strides(out),
+                                                       *_strides(dout), idx.stride(0), delta.stride(0),
+                                                       HEAD_DIM=dim, BLOCK_M=block)
+    common = (sm_scale * LOG2E, sm_scale, heads, heads // hkv)
+    strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(dout), idx.stride(0), lse.stride(0))
+    _bwd_dkdv[lambda meta: (triton.cdiv(seq, meta["BLOCK_N"]), bsz * hkv)](
+        q, k, v, dout, dk, dv, lse, delta, idx, count, *common, hkv, *strides, HEAD_DIM=dim, **dot_flags(q.dtype))
+    _bwd_dq[lambda meta: (triton.cdiv(seq, meta["BLOCK_M"]), bsz * heads)](
+        q, k, v, dout, dq, lse, delta, idx, count, *common, *strides, HEAD_DIM=dim, **dot_flags(q.dtype))
+    return dq, dk, dv
+
+
+class SparseAttention(torch.autograd.Function):
+    """Eq. 1 (m_Q = m_K) forward and backward in Triton; idx, count from `selected_positions`."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, idx, count, sm_scale):
+        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+        out, lse = _forward(q, k, v, idx, count, sm_scale)
+        ctx.save_for_backward(q, k, v, out, lse, idx, count)
+        ctx.sm_scale = sm_scale
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        dq, dk, dv = _backward(*ctx.saved_tensors, ctx.sm_scale, dout)
+        return dq, dk, dv, None, None, None
+
+
+def sparse_attention_triton(q, k, v, mask, scale: float | None = None) -> torch.Tensor:
+    """Eq. 1 with m_Q = m_K = mask.  q: (B, H, L, D); k, v: (B, Hkv, L, D); mask: (B, L) bool -> (B, H, L, D)."""
+    idx, count = selected_positions(mask)  # (B, L), (B,)
+    sm_scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return SparseAttention.apply(q, k, v, idx, count, sm_scale)
+
+
+__all__ = ["SparseAttention", "sparse_attention_triton", "selected_positions", "dot_flags", "configs", "INTERPRET",
+           "LOG2E"]

@@ -1,0 +1,213 @@
+"""kernels/ against the torch reference of sparse_attention.py: through the Triton interpreter on CPU (conftest sets
+TRITON_INTERPRET=1 there), natively when a GPU is present.
+
+References are the literal masked form `sparse_attention` (Eq. 1) and `probe_column_mass` / `top_p_select` (Eq. 3),
+evaluated in float64; fp32 kernels must match them to fp32 rounding, fp16 / bf16 kernels must be no less accurate
+than the torch reference run in the same dtype.
+"""
+import importlib
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import kernels
+from sparse_attention import probe_column_mass, probe_indices, sparse_attention, top_p_select
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # where the kernels run; references stay on the CPU
+
+
+def qkv(b, h, hkv, seq, d, seed, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, n, seq, d, generator=g, dtype=dtype) for n in (h, hkv, hkv)]
+
+
+def selection(kind: str, b: int, seq: int, seed: int) -> torch.Tensor:
+    """(B, L) bool masks covering the cases the kernel must get right."""
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(b, seq, generator=g) < 0.5
+    if kind == "left_padded":  # sample 1 starts with padding, which is never selected
+        mask[1, : seq // 3] = False
+    elif kind == "k=1":  # a single selected token per sample (the final one, or an early one)
+        mask = torch.zeros(b, seq, dtype=torch.bool)
+        mask[0, -1], mask[1, 3] = True, True
+    elif kind == "all":
+        mask = torch.ones(b, seq, dtype=torch.bool)
+    elif kind == "empty_sample":  # sample 1 selects nothing: its whole output is 0
+        mask[1] = False
+    return mask
+
+
+def outputs_and_grads(fn, tensors, dtype, weight, device="cpu"):
+    """fn(q, k, v) in `dtype` on `device` and the gradients of Σ fn · weight, all returned in float64 on the CPU."""
+    leaves = [t.to(device, dtype).detach().requires_grad_() for t in tensors]
+    out = fn(*leaves)
+    (out.double() * weight.to(device)).sum().backward()
+    return [out.detach().double().cpu()] + [t.grad.double().cpu() for t in leaves]
+
+
+def triton_prefill(mask):
+    return lambda q, k, v: kernels.prefill_sparse_attention(q, k, v, mask.to(q.device), backend="triton")
+
+
+PREFILL_CASES = [  # (H, Hkv, L, D, selection)
+    (4, 4, 40, 16, "random"),
+    (4, 2, 40, 16, "left_padded"),
+    (6, 1, 33, 16, "k=1"),
+    (4, 2, 37, 16, "all"),
+    (2, 1, 24, 16, "empty_sample"),
+    (4, 2, 48, 64, "random"),
+]
+
+
+@pytest.mark.parametrize("h,hkv,seq,d,kind", PREFILL_CASES)
+def test_prefill_forward_and_backward_match_reference_fp32(h, hkv, seq, d, kind):
+    q, k, v = qkv(2, h, hkv, seq, d, seed=seq + d)
+    mask = selection(kind, 2, seq, seed=seq)
+    weight = torch.randn(2, h, seq, d, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    got = outputs_and_grads(triton_prefill(mask), (q, k, v), torch.float32, weight, DEVICE)
+    expect = outputs_and_grads(lambda *t: sparse_attention(*t, mask, mask), (q, k, v), torch.float64, weight)
+    for name, a, b in zip(["out", "dq", "dk", "dv"], got, expect):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5, msg=lambda m: f"{name}: {m}")
+    assert torch.all(got[0][~mask[:, None, :].expand(-1, h, -1)] == 0)  # unselected rows are exactly 0
+
+
+def test_prefill_reads_hf_layout_views_and_a_custom_scale():
+    """HF hands q, k, v as (B, L, H, D).transpose(1, 2): strided views, not contiguous tensors."""
+    q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in qkv(2, 4, 2, 36, 16, seed=3))
+    assert not q.is_contiguous()
+    mask = selection("left_padded", 2, 36, seed=4)
+    got = kernels.prefill_sparse_attention(*(t.to(DEVICE, torch.float32) for t in (q, k, v)), mask.to(DEVICE),
+                                           scale=0.3, backend="triton")
+    expect = sparse_attention(q, k, v, mask, mask, scale=0.3)
+    torch.testing.assert_close(got.double().cpu(), expect, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_prefill_low_precision_is_as_accurate_as_torch_in_the_same_dtype(dtype):
+    q, k, v = qkv(2, 4, 2, 40, 16, seed=7)
+    mask = selection("left_padded", 2, 40, seed=8)
+    weight = torch.randn(2, 4, 40, 16, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    truth = outputs_and_grads(lambda *t: sparse_attention(*t, mask, mask), (q, k, v), torch.float64, weight)
+    torch_lp = outputs_and_grads(lambda *t: sparse_attention(*t, mask, mask), (q, k, v), dtype, weight)
+    triton_lp = outputs_and_grads(triton_prefill(mask), (q, k, v), dtype, weight, DEVICE)
+    for name, tri, tor, ref in zip(["out", "dq", "dk", "dv"], triton_lp, torch_lp, truth):
+        err_triton, err_torch = (tri - ref).abs().max(), (tor - ref).abs().max()
+        assert err_triton <= 3 * err_torch, f"{name}: Triton error {err_triton:.2e} vs torch {err_torch:.2e}"
+
+
+def decode_reference(q, k, v, key_valid):
+    """The newest query sees every valid key: Eq. 1 with m_Q = [1] against m_K = key_valid."""
+    return sparse_attention(q, k, v, torch.ones(q.shape[0], 1, dtype=torch.bool), key_valid)
+
+
+def decode_cache(seed: int, b=3, h=4, hkv=2, keys=50, d=16):
+    """A padded pruned cache: sample 0 dense, sample 1 left-padded and sparse, sample 2 with no valid key."""
+    q, _, _ = qkv(b, h, hkv, 1, d, seed)
+    _, k, v = qkv(b, h, hkv, keys, d, seed + 1)
+    valid = torch.rand(b, keys, generator=torch.Generator().manual_seed(seed)) < 0.6
+    valid[0], valid[1, :20], valid[2] = True, False, False
+    return q, k, v, valid
+
+
+@pytest.mark.parametrize("splits", [1, 3, None])
+@pytest.mark.parametrize("h,hkv", [(4, 2), (3, 3)])
+def test_decode_matches_reference_fp32(splits, h, hkv):
+    q, k, v, valid = decode_cache(seed=h + hkv, h=h, hkv=hkv)
+    got = kernels.decode_attention(*(t.to(DEVICE, torch.float32) for t in (q, k, v)), valid.to(DEVICE),
+                                   splits=splits, backend="triton").cpu()
+    torch.testing.assert_close(got.double(), decode_reference(q, k, v, valid), atol=2e-5, rtol=2e-5)
+    assert torch.all(got[2] == 0)  # no valid key -> 0
+
+
+def test_decode_bf16_and_torch_backend_match_reference():
+    q, k, v, valid = decode_cache(seed=5, d=64)
+    truth = decode_reference(q, k, v, valid)
+    got = kernels.decode_attention(*(t.to(DEVICE, torch.bfloat16) for t in (q, k, v)), valid.to(DEVICE), splits=2,
+                                   backend="triton").cpu()
+    err_torch = (decode_reference(*(t.bfloat16() for t in (q, k, v)), valid).double() - truth).abs().max()
+    assert (got.double() - truth).abs().max() <= 3 * err_torch
+    torch.testing.assert_close(kernels.decode_attention(q, k, v, valid, backend="torch"), truth)
+
+
+@pytest.mark.parametrize("splits,dtype", [(1, torch.float32), (3, torch.float32), (None, torch.bfloat16)])
+def test_probe_column_mass_matches_reference(splits, dtype):
+    q, k, _ = qkv(2, 4, 2, 60, 16, seed=11)
+    q, k = q.to(dtype), k.to(dtype)
+    valid = torch.ones(2, 60, dtype=torch.bool)
+    valid[1, :13] = False  # left padding
+    probe_idx, probe_ok = probe_indices(valid, num_recent=8, num_random=8, seed=1)
+    probe_ok[0, :3] = False  # some probe slots are padding
+    args = [t.to(DEVICE) for t in (q, k, valid, probe_idx, probe_ok)]
+    if splits:  # force the split-and-combine path of pass 1
+        mass, seen = importlib.import_module("kernels.probe").probe_column_mass_triton(*args, splits=splits)
+    else:
+        mass, seen = kernels.probe_column_mass(*args, backend="triton")
+    mass, seen = mass.cpu(), seen.cpu()
+    expect_mass, expect_seen = probe_column_mass(q.double(), k.double(), valid, probe_idx, probe_ok)
+    torch.testing.assert_close(mass.double(), expect_mass, atol=1e-5, rtol=1e-5)
+    assert torch.equal(seen, expect_seen.float())
+
+
+@pytest.mark.parametrize("keep_p", [0.5, 0.9, 1.0])
+def test_top_p_select_picks_the_reference_token_set(keep_p):
+    q, k, _ = qkv(2, 4, 2, 48, 16, seed=13, dtype=torch.float32)
+    valid = torch.ones(2, 48, dtype=torch.bool)
+    valid[0, :10] = False
+    got = kernels.top_p_select(q.to(DEVICE), k.to(DEVICE), keep_p, valid.to(DEVICE), num_recent=8, num_random=8,
+                               seed=2, backend="triton")
+    expect = top_p_select(q, k, keep_p, valid, num_recent=8, num_random=8, seed=2)
+    assert torch.equal(got.count.cpu(), expect.count) and torch.equal(got.mask.cpu(), expect.mask)
+
+
+def test_auto_backend_follows_device_and_environment(monkeypatch):
+    q, k, v = (t.to(DEVICE) for t in qkv(1, 2, 1, 12, 16, seed=0, dtype=torch.float32))
+    mask = selection("random", 1, 12, seed=0).to(DEVICE)
+    monkeypatch.delenv(kernels.ENV_VAR, raising=False)
+    assert kernels.use_triton(q) == q.is_cuda  # Triton on CUDA, the torch reference on the CPU
+    monkeypatch.setenv(kernels.ENV_VAR, "triton")
+    assert kernels.use_triton(q) and not kernels.use_triton(q, backend="torch")
+    monkeypatch.setenv(kernels.ENV_VAR, "torch")
+    assert not kernels.use_triton(q) and kernels.use_triton(q, backend="triton")
+    torch.testing.assert_close(kernels.prefill_sparse_attention(q, k, v, mask),
+                               sparse_attention(q, k, v, mask, mask))
+    monkeypatch.setenv(kernels.ENV_VAR, "cuda")
+    with pytest.raises(ValueError, match=kernels.ENV_VAR):
+        kernels.use_triton(q)
+
+
+def test_importing_kernels_needs_no_triton():
+    """With triton unimportable, `import kernels` works, auto runs torch, and forcing Triton says why it cannot."""
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch, kernels\n"
+        "q = torch.randn(1, 2, 8, 16); k = torch.randn(1, 1, 8, 16); m = torch.ones(1, 8, dtype=torch.bool)\n"
+        "assert kernels.prefill_sparse_attention(q, k, k, m).shape == q.shape\n"
+        "try:\n    kernels.prefill_sparse_attention(q, k, k, m, backend='triton')\n"
+        "except RuntimeError as e:\n    assert 'triton package is not installed' in str(e)\n"
+        "else:\n    raise SystemExit('forced triton did not fail')\n"
+    )
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    env.pop(kernels.ENV_VAR, None)
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_bad_inputs_get_one_clear_error():
+    q, k, v = qkv(2, 4, 2, 12, 16, seed=0, dtype=torch.float32)
+    mask = torch.ones(2, 12, dtype=torch.bool)
+    with pytest.raises(ValueError, match="bool tensor"):
+        kernels.prefill_sparse_attention(q, k, v, mask[:, :5])
+    with pytest.raises(ValueError, match="multiple of the KV heads"):
+        kernels.prefill_sparse_attention(q[:, :3], k, v, mask)
+    with pytest.raises(ValueError, match="backend must be"):
+        kernels.prefill_sparse_attention(q, k, v, mask, backend="cuda")
+    with pytest.raises(ValueError, match="head_dim"):
+        kernels.prefill_sparse_attention(q[..., :12], k[..., :12], v[..., :12], mask, backend="triton")
+    with pytest.raises(ValueError, match="one query"):
+        kernels.decode_attention(q, k, v, mask)
+    with pytest.raises(ValueError, match="no backward"):
+        kernels.decode_attention(q[:, :, :1].requires_grad_(), k, v, mask, backend="triton")
