@@ -12,13 +12,16 @@ results combined with torch.logsumexp), and pass 2 sums the softmax over probes 
     s_j = Σ_h Σ_p exp(z[h, p, j] − λ[h, p])                                              (column mass of Eq. 3)
 
 Rows are the G query heads × P probes that share one KV head, so each K row is loaded once per group.
-`top_p_select` is sparse_attention.top_p_select with this column mass (same probes, count rule and identity rule).
+`top_p_select_triton` is sparse_attention.top_p_select with this column mass (same probes, count rule and identity
+rule), its probe positions found without a per-sample loop so that selection costs one host sync.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -107,7 +110,7 @@ def probe_column_mass_triton(q, k, valid, probe_idx, probe_ok, scale=None, split
     hkv, n_probes = k.shape[1], probe_idx.shape[1]
     q, k = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k))
     valid8, ok8 = valid.to(torch.int8).contiguous(), probe_ok.to(torch.int8).contiguous()  # (B, L), (B, P)
-    probe = probe_idx.to(torch.int32).contiguous()  # (B, P)
+    probe = probe_idx.to(torch.int64).contiguous()  # (B, P) positions
     block_r, block_n = (16, 16) if INTERPRET else (64, 64)
     rows = (heads // hkv) * n_probes
     sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
@@ -133,16 +136,37 @@ def probe_column_mass_triton(q, k, valid, probe_idx, probe_ok, scale=None, split
     return mass_part.sum(1), sees.sum(1).float()  # (B, L), (B, L)
 
 
+@functools.lru_cache(maxsize=512)
+def probe_ranks(length: int, num_recent: int, num_random: int, seed: int) -> torch.Tensor:
+    """Which of a sample's `length` valid tokens (by rank) sparse_attention.probe_indices makes probes.
+
+    probe_indices' choice depends only on (length, counts, seed), so it is computed once per length.  (P,) long."""
+    return probe_indices(torch.ones(1, length, dtype=torch.bool), num_recent, num_random, seed)[0][0]
+
+
+def probe_positions(valid: torch.Tensor, lengths: list[int], num_recent: int, num_random: int, seed: int):
+    """sparse_attention.probe_indices without its per-sample loop: the r-th valid position is found by
+    searchsorted on the running count of valid tokens.  Returns idx (B, P) long and ok (B, P) bool."""
+    ranks = [probe_ranks(n, num_recent, num_random, seed) for n in lengths]
+    width = max(r.numel() for r in ranks)
+    padded = torch.stack([F.pad(r, (0, width - r.numel()), value=int(r[-1])) for r in ranks])  # (B, P) ranks
+    ok = torch.arange(width)[None] < torch.tensor([r.numel() for r in ranks])[:, None]  # (B, P)
+    running = valid.to(torch.int32).cumsum(-1)  # (B, L): valid tokens up to and including each position
+    idx = torch.searchsorted(running, padded.to(valid.device, torch.int32) + 1)  # (B, P) position of rank r
+    return idx, ok.to(valid.device)
+
+
 def top_p_select_triton(q, k, keep_p, valid=None, num_recent=NUM_RECENT_PROBES, num_random=NUM_RANDOM_PROBES,
                         seed=0, scale=None) -> Selection:
-    """sparse_attention.top_p_select (Eq. 3) with the fused column mass; same arguments, same Selection."""
+    """sparse_attention.top_p_select (Eq. 3) with the fused column mass and one host sync; same Selection."""
     bsz, _, seq, _ = q.shape
     valid = torch.ones(bsz, seq, dtype=torch.bool, device=q.device) if valid is None else valid.bool()
     keep_p = check_keep_p(keep_p, bsz, q.device)
     length = valid.sum(-1)  # (B,)
-    if bool((length == 0).any()):
+    lengths = length.tolist()
+    if min(lengths) == 0:
         raise ValueError("a sample has no valid tokens to select from")
-    probe_idx, probe_ok = probe_indices(valid, num_recent, num_random, seed)
+    probe_idx, probe_ok = probe_positions(valid, lengths, num_recent, num_random, seed)  # (B, P)
     mass, seen_by = probe_column_mass_triton(q, k, valid, probe_idx, probe_ok, scale)  # (B, L), (B, L)
     count = top_p_count(mass, keep_p, length)  # Eq. 3: (B,)
     score = (mass / seen_by.clamp(min=1)).masked_fill(~valid, float("-inf"))  # identity: mass per seeing probe
@@ -153,4 +177,4 @@ def top_p_select_triton(q, k, keep_p, valid=None, num_recent=NUM_RECENT_PROBES, 
     return Selection(mask=torch.zeros_like(valid).scatter(1, order, ranks), count=count, length=length)
 
 
-__all__ = ["probe_column_mass_triton", "top_p_select_triton"]
+__all__ = ["probe_column_mass_triton", "top_p_select_triton", "probe_positions", "probe_ranks"]

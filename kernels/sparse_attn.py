@@ -12,7 +12,8 @@ so Eq. 1 is ordinary causal attention over the k×k grid of ranks:
 Each program owns BLOCK_M query ranks of one (sample, head) and streams BLOCK_N key ranks at a time with the online
 softmax of FlashAttention. Rows are loaded straight from q, k, v in HF's (B, H, L, D) layout through idx — no
 gathered copies — so the work is ∝ k² instead of ℓ²: at τ = k/ℓ = 0.25 it is 1/16 of dense.  GQA: query head h
-reads KV head h // (H / Hkv).  Programs past a sample's count exit at once, so the grid needs no host sync.
+reads KV head h // (H / Hkv).  The grid covers ℓ; programs past a sample's count exit at once (no host sync), and
+the blocks of the last ranks, which see the most keys, are launched first.
 
 Backward (Triton, FlashAttention-2 style, recomputing P from the saved log-sum-exp):
     dV = Pᵀ dO,   dP = dO Vᵀ,   dS = P ∘ (dP − δ) with δ_r = o_r · do_r,   dQ = dS K / sqrt(d),   dK = dSᵀ Q / sqrt(d)
@@ -85,11 +86,13 @@ def _sparse_attn_fwd(Q, K, V, Out, Lse, Idx, Count, qk_scale, H, GROUPS,
                      sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sob, soh, sol, s_idx, s_lse,
                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      UPCAST: tl.constexpr, PREC: tl.constexpr):
-    start_m, bh = tl.program_id(0), tl.program_id(1)
+    bh, blocks_left = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
     count = tl.load(Count + b)  # k for this sample
-    if start_m * BLOCK_M >= count:
+    n_blocks = tl.cdiv(count, BLOCK_M)
+    if blocks_left >= n_blocks:
         return
+    start_m = n_blocks - 1 - blocks_left  # the longest rows (last ranks) start first: shorter tail
     b64, h64, kvh64 = b.to(tl.int64), h.to(tl.int64), (h // GROUPS).to(tl.int64)
     idx = Idx + b64 * s_idx
     ranks_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -139,7 +142,7 @@ def _bwd_dkdv(Q, K, V, dOut, dK, dV, Lse, Delta, Idx, Count, qk_scale, sm_scale,
               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               UPCAST: tl.constexpr, PREC: tl.constexpr):
     """dK, dV for BLOCK_N key ranks of one KV head: sum over its GROUPS query heads and the ranks r ≥ c."""
-    start_n, bkv = tl.program_id(0), tl.program_id(1)
+    bkv, start_n = tl.program_id(0), tl.program_id(1)  # start_n = 0 (most query rows) starts first
     b, kvh = bkv // HKV, bkv % HKV
     count = tl.load(Count + b)
     if start_n * BLOCK_N >= count:
@@ -183,11 +186,13 @@ def _bwd_dq(Q, K, V, dOut, dQ, Lse, Delta, Idx, Count, qk_scale, sm_scale, H, GR
             HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
             UPCAST: tl.constexpr, PREC: tl.constexpr):
     """dQ for BLOCK_M query ranks of one head: sum over key ranks c ≤ r."""
-    start_m, bh = tl.program_id(0), tl.program_id(1)
+    bh, blocks_left = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
     count = tl.load(Count + b)
-    if start_m * BLOCK_M >= count:
+    n_blocks = tl.cdiv(count, BLOCK_M)
+    if blocks_left >= n_blocks:
         return
+    start_m = n_blocks - 1 - blocks_left  # longest rows first
     b64, h64, kvh64 = b.to(tl.int64), h.to(tl.int64), (h // GROUPS).to(tl.int64)
     idx = Idx + b64 * s_idx
     ranks_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -218,9 +223,10 @@ def _bwd_dq(Q, K, V, dOut, dQ, Lse, Delta, Idx, Count, qk_scale, sm_scale, H, GR
 # ---------------------------------------------------------------------------------------------------------------
 
 def selected_positions(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Selected positions in increasing order, padded to ℓ: idx (B, L) int32, count k (B,) int32.  No host sync."""
+    """Selected positions in increasing order, padded to ℓ: idx (B, L) int64 (so position × row stride cannot
+    overflow in the kernels), count k (B,) int32.  No host sync."""
     idx = torch.sort((~mask).to(torch.int8), dim=-1, stable=True).indices  # (B, L) selected first, in order
-    return idx.to(torch.int32).contiguous(), mask.sum(-1, dtype=torch.int32)
+    return idx.contiguous(), mask.sum(-1, dtype=torch.int32)
 
 
 def _strides(x: torch.Tensor) -> tuple[int, int, int]:
@@ -232,8 +238,8 @@ def _forward(q, k, v, idx, count, sm_scale):
     out = torch.zeros_like(q, memory_format=torch.contiguous_format)  # (B, H, L, D), unselected rows stay 0
     lse = torch.empty(bsz * heads, seq, device=q.device, dtype=torch.float32)  # (B·H, L) per selected rank
 
-    def grid(meta):
-        return triton.cdiv(seq, meta["BLOCK_M"]), bsz * heads
+    def grid(meta):  # heads vary fastest: the GQA heads sharing K, V rows run together (L2 reuse)
+        return bsz * heads, triton.cdiv(seq, meta["BLOCK_M"])
 
     _sparse_attn_fwd[grid](q, k, v, out, lse, idx, count, sm_scale * LOG2E, heads, heads // k.shape[1],
                            *_strides(q), *_strides(k), *_strides(v), *_strides(out), idx.stride(0), lse.stride(0),
@@ -253,9 +259,9 @@ def _backward(q, k, v, out, lse, idx, count, sm_scale, dout):
                                                        HEAD_DIM=dim, BLOCK_M=block)
     common = (sm_scale * LOG2E, sm_scale, heads, heads // hkv)
     strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(dout), idx.stride(0), lse.stride(0))
-    _bwd_dkdv[lambda meta: (triton.cdiv(seq, meta["BLOCK_N"]), bsz * hkv)](
+    _bwd_dkdv[lambda meta: (bsz * hkv, triton.cdiv(seq, meta["BLOCK_N"]))](
         q, k, v, dout, dk, dv, lse, delta, idx, count, *common, hkv, *strides, HEAD_DIM=dim, **dot_flags(q.dtype))
-    _bwd_dq[lambda meta: (triton.cdiv(seq, meta["BLOCK_M"]), bsz * heads)](
+    _bwd_dq[lambda meta: (bsz * heads, triton.cdiv(seq, meta["BLOCK_M"]))](
         q, k, v, dout, dq, lse, delta, idx, count, *common, *strides, HEAD_DIM=dim, **dot_flags(q.dtype))
     return dq, dk, dv
 

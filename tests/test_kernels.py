@@ -152,6 +152,18 @@ def test_probe_column_mass_matches_reference(splits, dtype):
     assert torch.equal(seen, expect_seen.float())
 
 
+@pytest.mark.parametrize("seq,seed", [(20, 0), (300, 3), (2000, 1)])
+def test_probe_positions_equal_probe_indices(seq, seed):
+    """The loop-free probe positions of the fused selection are exactly sparse_attention.probe_indices'."""
+    g = torch.Generator().manual_seed(seed)
+    valid = torch.rand(3, seq, generator=g) < 0.8  # holes anywhere
+    valid[1, : seq // 3] = False  # left padding
+    valid[2, :-5] = False  # a sample shorter than the recent window
+    expect_idx, expect_ok = probe_indices(valid, seed=seed)
+    idx, ok = importlib.import_module("kernels.probe").probe_positions(valid, valid.sum(-1).tolist(), 64, 64, seed)
+    assert torch.equal(idx, expect_idx) and torch.equal(ok, expect_ok)
+
+
 @pytest.mark.parametrize("keep_p", [0.5, 0.9, 1.0])
 def test_top_p_select_picks_the_reference_token_set(keep_p):
     q, k, _ = qkv(2, 4, 2, 48, 16, seed=13, dtype=torch.float32)
