@@ -189,21 +189,19 @@ def continuation_positions(next_position: torch.Tensor, steps: int, start: int =
 def check_vision_tokens(model, inputs) -> None:
     """One clear error naming the sample whose image/video placeholder count disagrees with the grids."""
     merge = model.config.vision_config.spatial_merge_size ** 2
-    for key, grid_key in (("image_token_id", "image_grid_thw"), ("video_token_id", "video_grid_thw")):
-        counts = (inputs["input_ids"] == getattr(model.config, key)).sum(-1).tolist()  # per sample
-        grids = inputs.get(grid_key)
-        need = [] if grids is None else (grids.prod(-1) // merge).tolist()
-        kind = key.split("_")[0]
-        if sum(counts) != sum(need):
-            raise ValueError(f"{kind} tokens ({sum(counts)} over samples {counts}) disagree with {grid_key} "
-                             f"({sum(need)} tokens)")
-        for b, n in enumerate(counts):  # each sample's tokens must be a whole number of its grids, in order
-            used, have = 0, n
+    for kind in ("image", "video"):
+        counts = (inputs["input_ids"] == getattr(model.config, f"{kind}_token_id")).sum(-1).tolist()  # per sample
+        grids = inputs.get(f"{kind}_grid_thw")
+        need = [] if grids is None else (grids.prod(-1) // merge).tolist()  # tokens per image/video, in order
+        for b, n in enumerate(counts):  # each sample's tokens must be a whole number of the next grids
+            have = n
             while have > 0 and need:
                 have -= need.pop(0)
-                used += 1
             if have != 0:
-                raise ValueError(f"sample {b}: {n} {kind} tokens do not match its {kind} grid(s) in {grid_key}")
+                raise ValueError(f"sample {b}: its {n} {kind} tokens do not match its {kind} grid(s) "
+                                 f"({kind}_grid_thw); rebuild the inputs with the processor")
+        if need:
+            raise ValueError(f"{len(need)} {kind}(s) in {kind}_grid_thw have no {kind} tokens in any prompt")
 
 
 def make_state(model, keep_p, mode="prefill", batch_size=None, **kw) -> SparseState:

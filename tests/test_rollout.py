@@ -1,0 +1,144 @@
+"""Sparse Qwen2.5-VL / Qwen2-VL inside transformers: rollouts against HF `generate` and an independent masked reference.
+
+Tiny random models are built offline, saved, and re-loaded with `from_pretrained(local_dir)` so the real loading
+path runs.
+"""
+import pytest
+import torch
+from transformers import AttentionInterface, AutoModelForImageTextToText
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+import media
+import toy
+from rollout import SamplingConfig, generate, prefill, score_completions
+from sparse_attention import sparse_attention
+from sparse_qwen import make_sparse
+
+ARCHS = ["qwen2_5_vl", "qwen2_vl"]
+STEPS = 6
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def tiny(request, tmp_path_factory):
+    path = toy.build_tiny_model_dir(tmp_path_factory.mktemp(request.param), arch=request.param, seed=1)
+    load = lambda: AutoModelForImageTextToText.from_pretrained(path, attn_implementation="sdpa").eval()  # noqa: E731
+    return load, media.load_processor(path)
+
+
+def items(kind):
+    """Prompt batches for the cases of the issue: one image, a video, two images, a left-padded mixed batch."""
+    rows = {r["kind"]: r for r in toy.toy_examples(8, seed=3)}
+    image, video = toy.prompt_item(rows["color"]), toy.prompt_item(rows["video"])
+    extra = rows["shape"]["image"]
+    two = {"messages": media.build_messages("Which picture has more red? " * 2, ["A. first", "B. second"], 2),
+           "images": [image["images"][0], extra], "videos": [], "fps": []}
+    return {"image": [image], "video": [video], "two_images": [two], "padded_batch": [image, two, video]}[kind]
+
+
+def hf_greedy(model, inputs):
+    out = model.generate(**inputs, max_new_tokens=STEPS, do_sample=False, output_logits=True,
+                         return_dict_in_generate=True)
+    return out.sequences[:, inputs["input_ids"].shape[1]:], torch.stack(out.logits, 1)  # (B, T), (B, T, V)
+
+
+@pytest.mark.parametrize("kind", ["image", "video", "two_images", "padded_batch"])
+def test_keep_p_one_equals_hf_generate(tiny, kind):
+    load, processor = tiny
+    inputs = media.encode_prompts(processor, items(kind))
+    stock = load()
+    tokens, logits = hf_greedy(stock, inputs)
+    ours = generate(make_sparse(load()), inputs, 1.0, SamplingConfig(STEPS, do_sample=False), return_logits=True)
+    assert torch.equal(ours.completion_ids, tokens)
+    torch.testing.assert_close(ours.step_logits, logits.float(), atol=1e-4, rtol=1e-4)
+    assert bool((ours.token_ratio == 1).all())
+
+
+def register_reference(selection):
+    """An independent pipeline: HF's full DynamicCache and generate loop; eager Eq. 1 with the recorded selection."""
+    prompt_len = selection.shape[-1]
+
+    def attention(module, q, k, v, mask, scaling=None, **kwargs):
+        padding = mask[:, 0, -1, :]  # (B, Lk) from the materialised 4-D mask: the last query sees every real key
+        chosen = selection[:, module.layer_idx]  # (B, P)
+        if q.shape[2] == prompt_len:  # prefill: m_Q = m_K = the selection
+            out = sparse_attention(q, k, v, chosen, chosen, scale=scaling)
+        else:  # decode: the new query sees the selected prompt keys + every generated key, full cache kept
+            m_k = torch.cat([chosen, padding[:, prompt_len:]], 1)
+            out = sparse_attention(q, k, v, torch.ones_like(m_k[:, -q.shape[2]:]), m_k, scale=scaling)
+        return out.transpose(1, 2).contiguous(), None
+
+    AttentionInterface.register("zipr1_test_reference", attention)
+    AttentionMaskInterface.register("zipr1_test_reference",
+                                    lambda *a, **kw: sdpa_mask(*a, **{**kw, "allow_is_causal_skip": False}))
+
+
+@pytest.mark.parametrize("keep_p", [[0.5, 0.7, 0.9], [0.3, 0.3, 0.3]])
+def test_pruned_cache_equals_full_cache_with_boolean_mask(tiny, keep_p):
+    load, processor = tiny
+    inputs = media.encode_prompts(processor, items("padded_batch"))
+    ours = generate(make_sparse(load()), inputs, torch.tensor(keep_p), SamplingConfig(STEPS, do_sample=False),
+                    return_logits=True)
+    assert bool((ours.token_ratio < 1).all())
+    register_reference(ours.selection)
+    reference = load()
+    reference.set_attn_implementation({"text_config": "zipr1_test_reference", "vision_config": "sdpa"})
+    tokens, logits = hf_greedy(reference, inputs)
+    assert torch.equal(ours.completion_ids, tokens)
+    torch.testing.assert_close(ours.step_logits, logits.float(), atol=1e-4, rtol=1e-4)
+
+
+def test_kv_bytes_read_from_the_cache_tensors(tiny):
+    load, processor = tiny
+    model = make_sparse(load())
+    inputs = media.encode_prompts(processor, items("padded_batch"))
+    _, state, _ = prefill(model, inputs, torch.tensor([0.4, 0.8, 1.0]))
+    cfg = model.config.get_text_config(decoder=True)
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    kept = state.kept()  # (B, n_layers)
+    expect = (kept * 2 * cfg.num_key_value_heads * head_dim * 4).sum(-1)  # Σ_j k_j·2·H_kv·d·bytes (fp32)
+    from_tensors = torch.zeros_like(expect)
+    for j, layer in enumerate(state.cache.layers):
+        assert layer.keys.shape[2] == int(kept[:, j].max()) and layer.values.shape == layer.keys.shape
+        from_tensors += state.cache.key_valid[j].sum(-1) * layer.keys.shape[1] * layer.keys.shape[3] * \
+            layer.keys.element_size() * 2
+    assert torch.equal(from_tensors, expect) and torch.equal(state.cache.kv_bytes(), expect)
+    dense = inputs["attention_mask"].sum(-1) * cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * head_dim * 4
+    assert int(expect[-1]) == int(dense[-1]) and bool((expect[:2] < dense[:2]).all())
+
+
+def test_token_ratio_recomputed_from_recorded_selections(tiny):
+    load, processor = tiny
+    inputs = media.encode_prompts(processor, items("padded_batch"))
+    out = generate(make_sparse(load()), inputs, torch.tensor([0.5, 0.9, 0.975]), SamplingConfig(2, do_sample=False))
+    lengths = inputs["attention_mask"].sum(-1)  # ℓ: real prompt tokens
+    assert not bool((out.selection & ~inputs["attention_mask"].bool()[:, None, :]).any())  # padding never kept
+    tau = (out.selection.sum(-1).float() / lengths[:, None]).mean(-1)
+    torch.testing.assert_close(out.token_ratio, tau)
+    assert torch.equal(out.kept, out.selection.sum(-1))
+
+
+def test_teacher_forced_logprobs_equal_rollout_logprobs(tiny):
+    load, processor = tiny
+    model = make_sparse(load())
+    inputs = media.encode_prompts(processor, items("padded_batch"))
+    sampling = SamplingConfig(max_new_tokens=8, do_sample=True, temperature=0.8, top_k=50, top_p=0.95)
+    out = generate(model, inputs, torch.tensor([0.6, 0.94, 0.975]), sampling, seed=5)
+    torch.testing.assert_close(score_completions(model, out), out.logprobs, atol=1e-5, rtol=0)
+    dense = score_completions(load(), out, sparse=False)  # the full-attention reference sees something else
+    assert not torch.allclose(dense, out.logprobs, atol=1e-3)
+
+
+def test_bad_inputs_give_one_clear_error(tiny, tmp_path):
+    load, processor = tiny
+    with pytest.raises(FileNotFoundError, match="missing.png"):
+        media.load_image(tmp_path / "missing.png")
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image at all")
+    with pytest.raises(ValueError, match="broken.png"):
+        media.load_image(broken)
+    inputs = media.encode_prompts(processor, items("padded_batch"))
+    model = make_sparse(load())
+    ids = inputs["input_ids"].clone()
+    ids[1, (ids[1] == model.config.image_token_id).nonzero()[0, 0]] = ids[1, -1]  # sample 1 loses an image token
+    with pytest.raises(ValueError, match="sample 1"):
+        generate(model, {**inputs, "input_ids": ids}, 0.9, SamplingConfig(2, do_sample=False))
