@@ -31,8 +31,8 @@ import torch
 from transformers import AttentionInterface, DynamicCache
 from transformers.masking_utils import AttentionMaskInterface
 
-from sparse_attention import Selection, check_keep_p, mask_to_indices, token_ratio, top_p_select
 import kernels
+from sparse_attention import Selection, check_keep_p, mask_to_indices, token_ratio
 
 ATTN_NAME = "zipr1_sparse"
 
@@ -139,7 +139,7 @@ def zipr1_attention(module, query, key, value, attention_mask, scaling=None, dro
         out = kernels.decode_attention(query, key, value, state.cache.key_valid[layer], scale=scaling)  # (B, H, 1, D)
     else:
         n_prompt = seq if state.mode == "prefill" else state.prompt_len
-        sel = top_p_select(query[:, :, :n_prompt], key[:, :, :n_prompt], state.keep_p, valid[:, :n_prompt],
+        sel = kernels.top_p_select(query[:, :, :n_prompt], key[:, :, :n_prompt], state.keep_p, valid[:, :n_prompt],
                            seed=state.seed + layer, scale=scaling)  # Eq. 3 on the prompt
         state.selections[layer] = sel
         response = torch.ones(bsz, seq - n_prompt, dtype=torch.bool, device=query.device)  # decode queries: all in
