@@ -1,0 +1,176 @@
+"""Video-R1-260k-style training data: load rows with `datasets`, validate each one, build model prompts.
+
+A row (Video-R1-260k.json, one JSON object per question):
+
+    {"problem": "What is ...?", "options": ["A. red", "B. blue"] or [], "solution": "<answer>B</answer>",
+     "problem_type": "multiple choice" | "numerical" | "OCR" | "free-form" | "regression",
+     "data_type": "image" | "video", "path": "./CLEVRER/video_123.mp4", ...}   (other keys are kept, unused)
+
+`path` is relative to a media root (Video-R1 joins it to the directory holding the JSON file, which is our default).
+Sources `load_dataset_rows` accepts: a .json/.jsonl file, a local directory (a `save_to_disk` folder, or a folder
+whose top level holds the .json/.jsonl/.parquet files), or a hub dataset id already in the local Hugging Face
+cache (its snapshot folder is then read like a local directory; nothing is downloaded).
+
+Validation (`check_row`) rejects rows with a missing or unreadable field, an unknown data_type or problem_type, a
+solution without a valid answer, or media that does not exist. `on_bad_row="error"` raises one `DatasetError`
+naming the row; `"skip"` drops the row and records why: `Rows.skipped` always says how many were dropped.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+import media
+import rewards
+
+DATA_TYPES = ("image", "video")
+DATA_FILE_SUFFIXES = (".json", ".jsonl", ".parquet")
+
+
+class DatasetError(ValueError):
+    """A dataset that cannot be found or read, or a bad row (the message names the row)."""
+
+
+@dataclass
+class Rows:
+    """Validated rows, each with "media_path" (absolute) and "row" (its 0-based index in the source) added."""
+
+    rows: list[dict]
+    skipped: list[str] = field(default_factory=list)  # one message per dropped row
+    source: str = ""
+
+    def __len__(self):
+        return len(self.rows)
+
+    def summary(self) -> str:
+        return f"{len(self.rows)} rows from {self.source}, {len(self.skipped)} bad rows skipped"
+
+
+def supported_problem_types() -> tuple[str, ...]:
+    """Problem types we can both prompt for (media.TYPE_TEMPLATE) and score (rewards.PROBLEM_TYPES)."""
+    return tuple(t for t in rewards.PROBLEM_TYPES if t in media.TYPE_TEMPLATE)
+
+
+def _local_dataset_dir(name: str) -> Path:
+    """The snapshot folder of hub dataset `name` in the local HF cache, or DatasetError saying what to do."""
+    from huggingface_hub import snapshot_download
+    try:
+        return Path(snapshot_download(name, repo_type="dataset", local_files_only=True))
+    except Exception:
+        raise DatasetError(f"dataset '{name}' is not a local file or directory and not in the Hugging Face cache: "
+                           f"download it with `huggingface-cli download --repo-type dataset {name}` or pass a "
+                           f"local .json/.jsonl file or directory") from None
+
+
+def _read_table(source: Path, cache_dir=None):
+    """A `datasets.Dataset` from a data file or a directory (save_to_disk folder, or data files at its top)."""
+    import datasets
+    if source.is_dir() and (source / "state.json").is_file():
+        return datasets.load_from_disk(str(source))
+    files = [source] if source.is_file() else sorted(p for p in source.iterdir() if p.suffix in DATA_FILE_SUFFIXES)
+    if not files:
+        raise DatasetError(f"{source}: no .json / .jsonl / .parquet data file found")
+    builder = "parquet" if files[0].suffix == ".parquet" else "json"
+    if any((f.suffix == ".parquet") != (builder == "parquet") for f in files):
+        raise DatasetError(f"{source}: mixes parquet and json data files {[f.name for f in files]}")
+    try:
+        return datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train", cache_dir=cache_dir)
+    except Exception as err:  # e.g. a line that is not JSON, or a column whose type changes between rows
+        cause = err.__cause__ or err
+        raise DatasetError(f"{source}: cannot be read as {builder}: {str(cause).strip().splitlines()[0]}") from None
+
+
+def _field(row: dict, key: str, kind, index: int):
+    value = row.get(key)
+    if not isinstance(value, kind) or (isinstance(value, str) and not value.strip()):
+        raise DatasetError(f"row {index}: field '{key}' is missing or not a non-empty {getattr(kind, '__name__', kind)}"
+                           f" (got {value!r})")
+    return value
+
+
+def check_row(row: dict, index: int, media_root: Path) -> dict:
+    """The row with "media_path" and "row" added, or DatasetError naming row `index` and what is wrong."""
+    problem = _field(row, "problem", str, index)
+    data_type, problem_type = _field(row, "data_type", str, index), _field(row, "problem_type", str, index)
+    if data_type not in DATA_TYPES:
+        raise DatasetError(f"row {index}: unknown data_type {data_type!r}; expected one of {DATA_TYPES}")
+    if problem_type not in supported_problem_types():
+        raise DatasetError(f"row {index}: unknown problem_type {problem_type!r}; expected one of "
+                           f"{supported_problem_types()}")
+    options = row.get("options") or []
+    if not isinstance(options, list) or not all(isinstance(o, str) for o in options):
+        raise DatasetError(f"row {index}: 'options' must be a list of strings, got {options!r}")
+    solution = _field(row, "solution", str, index)
+    try:  # a valid ground truth scores 1 against itself; malformed ones raise
+        ok = rewards.accuracy_reward(solution, solution, problem_type) == 1.0
+    except ValueError as err:
+        raise DatasetError(f"row {index}: {err}") from None
+    if not ok:
+        raise DatasetError(f"row {index}: solution {solution!r} has no usable {problem_type!r} answer")
+    media_path = media_root / _field(row, "path", str, index)
+    if not media_path.exists():
+        raise DatasetError(f"row {index}: {data_type} not found: {media_path}")
+    return {**row, "problem": problem, "options": options, "media_path": str(media_path.resolve()), "row": index}
+
+
+def load_dataset_rows(dataset: str, media_root: str | None = None, on_bad_row: str = "error",
+                      cache_dir: str | None = None) -> Rows:
+    """Read and validate every row of `dataset` (file, directory, or cached hub id); see the module docstring.
+
+    media_root defaults to the folder holding the data file (or the directory / cached snapshot itself).
+    on_bad_row: "error" raises DatasetError at the first bad row; "skip" drops bad rows and counts them.
+    """
+    if on_bad_row not in ("error", "skip"):
+        raise ValueError(f"on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
+    source = Path(dataset)
+    if not source.exists():
+        if dataset.startswith((".", "/", "~")) or dataset.endswith(DATA_FILE_SUFFIXES):
+            raise DatasetError(f"dataset file or directory not found: {dataset}")
+        source = _local_dataset_dir(dataset)
+    root = Path(media_root) if media_root is not None else (source if source.is_dir() else source.parent)
+    if not root.is_dir():
+        raise DatasetError(f"media root is not a directory: {root}")
+    rows, skipped = [], []
+    for index, row in enumerate(_read_table(source, cache_dir)):
+        try:
+            rows.append(check_row(row, index, root))
+        except DatasetError as err:
+            if on_bad_row == "error":
+                raise DatasetError(f"{source}: {err} (pass --skip_bad_rows to skip and count bad rows)") from None
+            skipped.append(str(err))
+    if not rows:
+        raise DatasetError(f"{source}: no usable rows ({len(skipped)} bad rows skipped)")
+    return Rows(rows, skipped, str(source))
+
+
+def prompt_item(row: dict, max_frames: int = 16) -> dict:
+    """{"messages", "images", "videos", "fps"} for media.encode_prompts; media read now (errors name the row)."""
+    images, videos, fps = [], [], []
+    try:
+        if row["data_type"] == "image":
+            images.append(media.load_image(row["media_path"]))
+        else:
+            frames, rate = media.load_video(row["media_path"], max_frames=max_frames)
+            videos.append(frames)
+            fps.append(rate)
+    except (OSError, ValueError) as err:
+        raise DatasetError(f"row {row['row']}: {err}") from None
+    messages = media.build_messages(row["problem"], row["options"], len(images), len(videos),
+                                    problem_type=row["problem_type"])
+    return {"messages": messages, "images": images, "videos": videos, "fps": fps}
+
+
+def question_indices(num_rows: int, step: int, per_step: int, seed: int) -> list[int]:
+    """Rows for training step `step`: consecutive slices of per-epoch random permutations (epoch e seeded by
+    (seed, e)), so the choice depends on (seed, step) only and a resumed run sees the same questions."""
+    if per_step > num_rows:
+        raise ValueError(f"per_step_questions={per_step} exceeds the {num_rows} usable rows")
+    picked, start = [], step * per_step
+    while len(picked) < per_step:
+        epoch, offset = divmod(start + len(picked), num_rows)
+        order = torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        picked += order[offset:offset + per_step - len(picked)].tolist()
+    return picked
+
