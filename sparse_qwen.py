@@ -32,7 +32,7 @@ from transformers import AttentionInterface, DynamicCache
 from transformers.masking_utils import AttentionMaskInterface
 
 import kernels
-from sparse_attention import Selection, check_keep_p, mask_to_indices, token_ratio
+from sparse_attention import Selection, check_keep_p, mask_to_indices, sparse_attention, token_ratio
 
 ATTN_NAME = "zipr1_sparse"
 
@@ -134,7 +134,8 @@ def zipr1_attention(module, query, key, value, attention_mask, scaling=None, dro
     valid = torch.ones(bsz, key.shape[2], dtype=torch.bool, device=query.device) if attention_mask is None \
         else attention_mask.bool()  # (B, Lk)
     if state is None:
-        out = kernels.prefill_sparse_attention(query, key, value, valid, scale=scaling)  # dense over real tokens
+        every_query = torch.ones(bsz, seq, dtype=torch.bool, device=query.device)
+        out = sparse_attention(query, key, value, every_query, valid, scale=scaling)  # dense over the real tokens
     elif state.mode == "decode":
         out = kernels.decode_attention(query, key, value, state.cache.key_valid[layer], scale=scaling)  # (B, H, 1, D)
     else:
