@@ -1,0 +1,358 @@
+"""Accuracy against token ratio for Full / ZipVL / ZipR1, with KV memory, speed and pictures of what is kept.
+
+    python eval.py                     # toy model + 40 toy questions, offline, CPU
+    python eval.py --model Qwen/Qwen2.5-VL-3B-Instruct --zipr1 outputs/zipr1/checkpoint-1000 \
+                   --dataset data/eval.jsonl --keep-p 0.975 --sweep 0.9,0.95,0.975,1
+
+Methods, on the same questions and the same encoded prompts:
+  Full   the base model with stock attention ("sdpa"): every layer keeps all ℓ prompt tokens, τ = 1;
+  ZipVL  the same weights with Top-p sparse attention at threshold keep_p (Eq. 1-3) and a pruned KV cache;
+  ZipR1  the RL-trained checkpoint (--zipr1, else the newest one train.py wrote) with the same sparse attention.
+
+Per method: accuracy (rewards.accuracy_rewards on greedy answers), τ = mean_j k_j / ℓ (Eq. 2), KV-cache bytes per
+question after prefill (Full Σ_j ℓ·2·Hkv·d·bytes, sparse Σ_j k_j·2·Hkv·d·bytes, read from the caches), prefill
+latency per batch and decode tokens/s, each also as a ratio to Full measured in the same run.
+Timing is HF-`generate`-free and the same loop for every method (`timed_generate`): one prefill forward over the
+batch, timed alone, then greedy one-token forwards against the cache, timed alone. The sparse path uses the pieces
+of rollout.generate (equal greedy outputs, see tests); Full uses a DynamicCache and the growing padding mask. One
+untimed warm-up batch runs before each method.
+
+Writes to --out: results.json, results.md (the table), pareto.png (accuracy vs τ over --sweep, one line per model,
+Full as a star) and kept_tokens_<method>_<image|video>.png (the visual tokens each layer keeps, for one example).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import torch
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from transformers import AutoModelForImageTextToText, DynamicCache  # noqa: E402
+
+import data  # noqa: E402
+import media  # noqa: E402
+import rewards  # noqa: E402
+import train  # noqa: E402  (its defaults: toy model cache, output folders, checkpoint naming)
+from rollout import eos_ids_of, pad_id_of  # noqa: E402
+from sparse_attention import check_keep_p  # noqa: E402
+from sparse_qwen import (PrunedKVCache, continuation_positions, make_sparse, make_state, prompt_positions,  # noqa: E402
+                         sparse_forward, text_config)
+
+DEFAULT_SWEEP = "0.8,0.9,0.95,0.975,1.0"
+TOY_QUESTIONS = 40
+NOT_TRAINED = "not trained yet — run `python train.py`"
+
+
+# ------------------------------------------------------------------------------------------------ loading
+def set_attention(model, sparse: bool):
+    """Text decoder on Top-p sparse attention, or back on stock "sdpa" (same weights; the vision tower: sdpa)."""
+    if sparse:
+        return make_sparse(model)
+    model.set_attn_implementation({"text_config": "sdpa", "vision_config": "sdpa"})
+    return model
+
+
+def load_model(path, device, dtype, sparse: bool):
+    model = AutoModelForImageTextToText.from_pretrained(media.resolve_model_dir(str(path)), dtype=dtype)
+    return set_attention(model, sparse).to(device).eval()
+
+
+def zipr1_checkpoint(args):
+    """--zipr1 (must hold a saved model), else the newest checkpoint-<step> of train.py's default run, else None."""
+    if args.zipr1 is None:
+        root = train.TOY_PRESET["output_dir"] if args.model == "toy" else train.Config.output_dir
+        found = train.checkpoints(Path(root))
+        return found[-1] if found else None
+    path = media.resolve_model_dir(args.zipr1)  # ModelNotAvailable (an OSError) when it is not there
+    if not (path / "config.json").is_file():
+        raise ValueError(f"ZipR1 checkpoint {path} holds no config.json: pass a folder written by save_pretrained")
+    return path
+
+
+def load_questions(args):
+    """Validated rows (data.py) in batches; the toy default writes its questions (unseen in training) once."""
+    source = args.dataset
+    if source == "toy":
+        import toy
+        n, folder = args.limit or TOY_QUESTIONS, train.TOY_CACHE / f"toy-eval-{args.limit or TOY_QUESTIONS}-{args.seed}"
+        source = folder / "toy.jsonl"
+        source = str(source if source.is_file() else toy.write_toy_dataset(folder, n, seed=777_777 + args.seed))
+    if Path(source).is_file() and not any(line.strip() for line in open(source)):
+        raise ValueError(f"dataset {source} is empty")
+    rows = data.load_dataset_rows(source, media_root=args.media_root,
+                                  on_bad_row="skip" if args.skip_bad_rows else "error").rows[:args.limit]
+    return rows, [rows[i:i + args.batch_size] for i in range(0, len(rows), args.batch_size)]
+
+
+# ------------------------------------------------------------------------------------------------ generation
+def clock(device) -> float:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def dense_kv_bytes(cache, attention_mask) -> torch.Tensor:
+    """Bytes a full cache holds per sample: Σ_j ℓ·2·Hkv·d·bytes, ℓ = real (unpadded) prompt tokens.  (B,)"""
+    lengths = attention_mask.sum(-1)  # (B,)
+    return sum(lengths * 2 * layer.keys.shape[1] * layer.keys.shape[-1] * layer.keys.element_size()
+               for layer in cache.layers)
+
+
+@torch.no_grad()
+def timed_generate(model, inputs, keep_p=None, max_new_tokens=16, seed=0) -> dict:
+    """Greedy completions, prefill and decode timed apart. keep_p=None: dense (Full); else sparse (Eq. 1-3).
+
+    Returns tokens (B, T), tau (B,), kv_bytes (B,), selection (B, n_layers, P) bool or None, prefill_s, decode_s,
+    decode_tokens (B × the one-token forwards after the prefill).
+    """
+    sparse, mask = keep_p is not None, inputs["attention_mask"]
+    bsz, device = mask.shape[0], mask.device
+    positions, next_pos = prompt_positions(model, inputs)  # (3, B, P), (B,)
+    cache = PrunedKVCache(text_config(model)) if sparse else DynamicCache(config=text_config(model))
+    state = make_state(model, keep_p, batch_size=bsz, cache=cache, seed=seed) if sparse else None
+    active = (lambda: sparse_forward(state)) if sparse else contextlib.nullcontext  # noqa: E731
+    start = clock(device)
+    with active():
+        logits = model(**inputs, position_ids=positions, past_key_values=cache, use_cache=True,
+                       logits_to_keep=1).logits[:, -1]  # (B, V)
+    out = dict(prefill_s=clock(device) - start)
+    if sparse:
+        out.update(tau=state.token_ratio(), kv_bytes=cache.kv_bytes(),
+                   selection=torch.stack([state.selections[j].mask for j in sorted(state.selections)], 1))
+        state.mode = "decode"
+    else:
+        out.update(tau=torch.ones(bsz, device=device), kv_bytes=dense_kv_bytes(cache, mask), selection=None)
+    eos, pad = torch.tensor(eos_ids_of(model), device=device), pad_id_of(model)
+    tokens, done, start = [], torch.zeros(bsz, dtype=torch.bool, device=device), clock(device)
+    for t in range(max_new_tokens):
+        token = logits.argmax(-1).masked_fill(done, pad)  # (B,)
+        tokens.append(token)
+        done |= torch.isin(token, eos)
+        if bool(done.all()) or t + 1 == max_new_tokens:
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)  # (B, P+t+1)
+        step = dict(input_ids=token[:, None], position_ids=continuation_positions(next_pos, 1, t),
+                    past_key_values=cache, use_cache=True, **({} if sparse else {"attention_mask": mask}))
+        with active():
+            logits = model(**step).logits[:, -1]  # (B, V)
+    return dict(out, tokens=torch.stack(tokens, 1), decode_s=clock(device) - start, decode_tokens=bsz * t)
+
+
+# ------------------------------------------------------------------------------------------------ metrics
+def score(rows, texts, tau, kv_bytes) -> list[dict]:
+    """One record per question: its answer, r_acc (rewards.py, per problem_type), τ and KV bytes."""
+    acc = rewards.accuracy_rewards(texts, [r["solution"] for r in rows], [r["problem_type"] for r in rows])
+    return [dict(row=r["row"], completion=t, correct=float(a), tau=float(ta), kv_bytes=int(kv))
+            for r, t, a, ta, kv in zip(rows, texts, acc, tau, kv_bytes)]
+
+
+def summarize(records, prefill_s: list[float], decode_s: float, decode_tokens: int, keep_p) -> dict:
+    """accuracy, mean τ, mean KV bytes per question, mean prefill ms per batch, decode tokens per second."""
+    mean = lambda key: sum(r[key] for r in records) / len(records)  # noqa: E731
+    return dict(keep_p=keep_p, accuracy=mean("correct"), token_ratio=mean("tau"), kv_bytes=mean("kv_bytes"),
+                prefill_ms=1000 * sum(prefill_s) / len(prefill_s), decode_tokens_per_s=decode_tokens / decode_s,
+                questions=len(records), records=records)
+
+
+def evaluate_method(model, processor, batches, encoded, keep_p, max_new_tokens, seed=0, warmup=True) -> dict:
+    """Greedy answers to every question under one method (keep_p None = Full), scored and timed."""
+    if warmup:
+        timed_generate(model, encoded[0], keep_p, 2, seed)
+    records, prefill_s, decode_s, decode_tokens = [], [], 0.0, 0
+    for rows, inputs in zip(batches, encoded):
+        out = timed_generate(model, inputs, keep_p, max_new_tokens, seed)
+        records += score(rows, processor.batch_decode(out["tokens"], skip_special_tokens=True), out["tau"].tolist(),
+                         out["kv_bytes"].tolist())
+        prefill_s.append(out["prefill_s"])
+        decode_s, decode_tokens = decode_s + out["decode_s"], decode_tokens + out["decode_tokens"]
+    return summarize(records, prefill_s, max(decode_s, 1e-9), decode_tokens, keep_p)
+
+
+def add_ratios(methods: dict) -> dict:
+    """KV bytes / Full's, prefill speed-up (Full's latency / latency), decode speed-up (tokens/s / Full's)."""
+    full = methods["Full"]
+    for m in methods.values():
+        if "accuracy" in m:
+            m.update(kv_vs_full=m["kv_bytes"] / full["kv_bytes"], prefill_speedup=full["prefill_ms"] / m["prefill_ms"],
+                     decode_speedup=m["decode_tokens_per_s"] / full["decode_tokens_per_s"])
+    return methods
+
+
+def markdown_table(methods: dict, batch_size: int) -> str:
+    head = (f"| Method | keep_p | Accuracy | τ | KV cache / question | KV vs Full | Prefill ms / batch of {batch_size} "
+            "| Prefill speed-up | Decode tok/s | Decode speed-up |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for name, m in methods.items():
+        lines.append(f"| {name} | {m['status']} |" + " |" * 8 if "accuracy" not in m else
+                     f"| {name} | {m['keep_p'] or '—'} | {m['accuracy']:.3f} | {m['token_ratio']:.3f} | "
+                     f"{m['kv_bytes'] / 2**10:,.1f} KiB | {m['kv_vs_full']:.3f} | {m['prefill_ms']:.1f} | "
+                     f"{m['prefill_speedup']:.2f}× | {m['decode_tokens_per_s']:.1f} | {m['decode_speedup']:.2f}× |")
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------------ pictures
+def visual_token_grid(input_ids, grid_thw, token_id: int, merge: int):
+    """Prompt positions of a prompt's first image (or video) and its token grid (t, gh, gw) = (t, h/merge, w/merge).
+
+    The merger emits tokens row-major over (t, gh, gw) (Qwen2.5-VL undoes its window-attention order before the
+    merger output): token i is frame slot i // (gh·gw), row i // gw % gh, column i % gw — as the decoder's mRoPE says.
+    """
+    t, h, w = (int(x) for x in grid_thw[0])
+    shape = (t, h // merge, w // merge)
+    return (input_ids == token_id).nonzero().squeeze(-1)[:math.prod(shape)], shape  # (t·gh·gw,)
+
+
+def dim_dropped(image: np.ndarray, kept: np.ndarray, cell: int, strength: float = 0.75) -> np.ndarray:
+    """image (H, W, 3) uint8 with each cell×cell block whose token is dropped (kept (gh, gw) False) darkened."""
+    keep = np.kron(kept, np.ones((cell, cell), dtype=bool))[..., None]  # (H, W, 1)
+    return np.where(keep, image, image * (1 - strength)).astype(np.uint8)
+
+
+def kept_token_picture(model, processor, row, keep_p, path, title, max_frames=16, max_layers=8) -> np.ndarray:
+    """One example with the visual tokens each layer drops darkened, one panel per layer. Video: rows = layers
+    (at most max_layers, evenly spaced), columns = frame slots (the mean of the temporal_patch_size frames a token
+    covers). Returns kept (n_layers, t, gh, gw) bool."""
+    item, vision = data.prompt_item(row, max_frames), model.config.vision_config
+    inputs = media.encode_prompts(processor, [item]).to(model.device)
+    out, video = timed_generate(model, inputs, keep_p, max_new_tokens=1), bool(item["videos"])
+    positions, (t, gh, gw) = visual_token_grid(
+        inputs["input_ids"][0], inputs["video_grid_thw" if video else "image_grid_thw"],
+        model.config.video_token_id if video else model.config.image_token_id, vision.spatial_merge_size)
+    kept = out["selection"][0][:, positions].reshape(-1, t, gh, gw).cpu().numpy()  # (n_layers, t, gh, gw)
+    cell, tp = vision.patch_size * vision.spatial_merge_size, vision.temporal_patch_size
+    frames = [np.asarray(f.convert("RGB").resize((gw * cell, gh * cell)), dtype=np.float32)
+              for f in (item["videos"][0] if video else item["images"][:1])]
+    slots = [np.mean(frames[s * tp:(s + 1) * tp], 0).astype(np.uint8) for s in range(t)] if video else frames
+    layers = sorted({round(x) for x in np.linspace(0, len(kept) - 1, min(len(kept), max_layers))}) if video \
+        else range(len(kept))
+    panels = [(j, s) for j in layers for s in range(t)]
+    ncols = t if video else min(len(panels), 6)
+    fig, axes = plt.subplots(math.ceil(len(panels) / ncols), ncols, squeeze=False,
+                             figsize=(1.9 * ncols, 1.9 * math.ceil(len(panels) / ncols) + 0.5))
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (j, s) in zip(axes.flat, panels):
+        ax.imshow(dim_dropped(slots[s].astype(np.uint8), kept[j, s], cell))
+        ax.set_title(f"layer {j}" + (f", frames {s * tp}-{s * tp + tp - 1}" if video else "") +
+                     f": {kept[j, s].mean():.0%} kept", fontsize=7)
+    fig.suptitle(f"{title}: keep_p={keep_p}, τ={float(out['tau'][0]):.2f} (dark = visual token dropped)", fontsize=9)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return kept
+
+
+def pareto_plot(curves: dict, full: dict, path) -> None:
+    """Accuracy against τ: one line per model over the keep_p sweep (points labelled by keep_p), Full as a star."""
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for name, points in curves.items():
+        points = sorted(points, key=lambda p: p["token_ratio"])
+        ax.plot([p["token_ratio"] for p in points], [p["accuracy"] for p in points], "o-", label=name)
+        for p in points:
+            ax.annotate(f"{p['keep_p']:g}", (p["token_ratio"], p["accuracy"]), xytext=(3, 3),
+                        textcoords="offset points", fontsize=7)
+    ax.plot([1.0], [full["accuracy"]], "k*", markersize=12, label="Full")
+    ax.set(xlabel="token ratio τ (mean fraction of prompt tokens kept per layer)", ylabel="accuracy",
+           title="Accuracy vs token ratio (point labels: keep_p)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------------ command line
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Accuracy, token ratio, KV memory and speed of Full / ZipVL / ZipR1.")
+    p.add_argument("--model", default="toy", help="base model folder or hub id; toy = the offline tiny model")
+    p.add_argument("--zipr1", help="ZipR1 checkpoint folder (default: the newest train.py wrote, if any)")
+    p.add_argument("--dataset", default="toy", help="Video-R1-style .json/.jsonl/folder/cached hub id; toy = 40 "
+                                                    "rendered questions unseen in training")
+    p.add_argument("--media-root", help="folder the rows' 'path' is relative to (default: the dataset's folder)")
+    p.add_argument("--skip-bad-rows", "--skip_bad_rows", action="store_true", help="drop and count bad rows")
+    p.add_argument("--keep-p", type=float, default=0.975, help="Top-p threshold of ZipVL and ZipR1, in (0, 1]")
+    p.add_argument("--sweep", default=DEFAULT_SWEEP, help="comma-separated keep_p values for pareto.png ('' = none)")
+    p.add_argument("--limit", type=int, help="evaluate the first N questions only")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, help="default: 8 for the toy model, else 256")
+    p.add_argument("--max-frames", type=int, default=16, help="frames sampled per video")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), help="default: bf16 on GPU, fp32 on CPU")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random probe queries and the toy questions")
+    p.add_argument("--out", default="outputs/eval", help="folder for results.json/.md and the pictures")
+    return p.parse_args(argv)
+
+
+def check_args(args) -> list[float]:
+    """The cheap checks, before anything is loaded: thresholds in (0, 1], sizes; returns the sweep values."""
+    sweep = [float(v) for v in args.sweep.split(",") if v.strip()]
+    check_keep_p([args.keep_p, *sweep], 1 + len(sweep))  # ValueError naming the values unless all lie in (0, 1]
+    if args.batch_size < 1 or (args.limit is not None and args.limit < 1) or (args.max_new_tokens or 2) < 2:
+        raise ValueError("--batch-size and --limit must be >= 1, --max-new-tokens >= 2")
+    return sweep
+
+
+def run(args) -> dict:
+    sweep, zipr1 = check_args(args), zipr1_checkpoint(args)
+    rows, batches = load_questions(args)
+    if args.model == "toy":
+        import toy
+        base = toy.ensure_toy_model(train.TOY_CACHE / "toy-model")
+    else:
+        base = media.resolve_model_dir(args.model)
+    max_new, device = args.max_new_tokens or (8 if args.model == "toy" else 256), args.device
+    dtype = getattr(torch, args.dtype or ("float32" if device == "cpu" else "bfloat16"))
+    processor, out = media.load_processor(base), Path(args.out)
+    encoded = [media.encode_prompts(processor, [data.prompt_item(r, args.max_frames) for r in b]).to(device)
+               for b in batches]
+    evaluate = lambda model, p, warmup=True: evaluate_method(  # noqa: E731
+        model, processor, batches, encoded, p, max_new, args.seed, warmup)
+    model = load_model(base, device, dtype, sparse=False)
+    methods = {"Full": evaluate(model, None)}
+    models = {"ZipVL": set_attention(model, sparse=True)}
+    methods["ZipVL"] = evaluate(model, args.keep_p)
+    if zipr1 is not None:
+        models["ZipR1"] = load_model(zipr1, device, dtype, sparse=True)
+        methods["ZipR1"] = evaluate(models["ZipR1"], args.keep_p)
+    else:
+        methods["ZipR1"] = {"status": NOT_TRAINED}
+    add_ratios(methods)
+    curves = {name: [methods[name] if p == args.keep_p else evaluate(m, p, False) for p in sweep]
+              for name, m in models.items()}
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"table": out / "results.md", "json": out / "results.json"} | ({"pareto": out / "pareto.png"} if sweep else {})
+    if sweep:
+        pareto_plot(curves, methods["Full"], files["pareto"])
+    for kind in ("image", "video"):
+        row = next((r for r in rows if r["data_type"] == kind), None)
+        for name, m in models.items() if row else ():
+            files[f"kept_{name}_{kind}"] = out / f"kept_tokens_{name}_{kind}.png"
+            kept_token_picture(m, processor, row, args.keep_p, files[f"kept_{name}_{kind}"],
+                               f"{name}, question {row['row']}", args.max_frames)
+    table = markdown_table(methods, args.batch_size)
+    results = dict(config=dict(vars(args), base=str(base), zipr1=str(zipr1) if zipr1 else None, questions=len(rows),
+                               max_new_tokens=max_new), methods=methods, files={k: str(v) for k, v in files.items()},
+                   sweep={name: [{k: p[k] for k in ("keep_p", "accuracy", "token_ratio", "kv_bytes")} for p in ps]
+                          for name, ps in curves.items()})
+    files["table"].write_text(table)
+    files["json"].write_text(json.dumps(results, indent=1))
+    print(table + "\n" + "\n".join(f"wrote {f}" for f in files.values()))
+    return results
+
+
+def main(argv=None) -> dict:
+    try:
+        return run(parse_args(argv))
+    except (ValueError, OSError) as err:  # bad threshold, missing model/checkpoint/dataset, bad row: one line
+        raise SystemExit(f"eval.py: error: {err}") from None
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,289 @@
+"""eval.py and the lmms-eval adapter on a tiny random Qwen2.5-VL and a few toy questions (image and video).
+
+Checks: metrics from hand-written answers with known truth; at keep_p = 1 ZipVL answers exactly as Full, with τ = 1
+and the same KV bytes (Full's = Σ_j ℓ·2·Hkv·d·bytes by hand); the timed sparse loop equals rollout.generate; visual
+token layout against transformers' own mRoPE and vision position ids; the darkening of dropped tokens; an end-to-end
+run writes the table, JSON and non-blank pictures; bad input is one clear error. Adapter: lmms-eval-style requests
+(a fake Instance) answered as rollout.generate answers hand-built prompts, `until` cutting, batching in order,
+loglikelihood against a stock dense forward, and the lmms subclass with a stand-in lmms_eval package.
+"""
+import importlib
+import json
+import sys
+import types
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoModelForImageTextToText
+from transformers.vision_utils import get_vision_position_ids
+
+import data
+import eval as ev
+import media
+import toy
+from lmms_eval_zipr1 import engine
+from rollout import SamplingConfig, generate
+
+SIZES = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+             vision_hidden_size=32, vision_depth=1, vision_heads=1)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(model dir, jsonl of 4 toy rows: image, image, video, image, processor, encoded batch of all 4)."""
+    root = tmp_path_factory.mktemp("eval")
+    model_dir = toy.build_tiny_model_dir(root / "model", seed=0, **SIZES)
+    jsonl = toy.write_toy_dataset(root / "data", 4, seed=5, kinds=("color", "count", "video", "position"))
+    rows = data.load_dataset_rows(str(jsonl)).rows
+    processor = media.load_processor(model_dir)
+    inputs = media.encode_prompts(processor, [data.prompt_item(r, 4) for r in rows])
+    return SimpleNamespace(dir=model_dir, jsonl=jsonl, rows=rows, processor=processor, inputs=inputs)
+
+
+def test_metrics_on_answers_with_known_truth():
+    rows = [dict(row=0, solution="<answer>B</answer>", problem_type="multiple choice"),
+            dict(row=1, solution="<answer>3</answer>", problem_type="numerical"),
+            dict(row=2, solution="<answer>A</answer>", problem_type="multiple choice"),
+            dict(row=3, solution="<answer>red</answer>", problem_type="free-form")]
+    answers = ["<answer>B</answer>", "<answer>4</answer>", "<answer>A</answer><answer>B</answer>", "<answer>Red.</answer>"]
+    full = ev.summarize(ev.score(rows, answers, [1.0] * 4, [400] * 4), [0.2, 0.2], 2.0, 100, None)
+    sparse = ev.summarize(ev.score(rows, answers[:1] + ["<answer>3</answer>"] + answers[2:], [0.5, 0.25, 0.75, 0.5],
+                                   [200, 100, 300, 200]), [0.1, 0.1], 1.0, 150, 0.9)
+    methods = ev.add_ratios({"Full": full, "ZipVL": sparse, "ZipR1": {"status": ev.NOT_TRAINED}})
+    assert [r["correct"] for r in full["records"]] == [1.0, 0.0, 0.0, 1.0]  # hedged double answer scores 0
+    assert full["accuracy"] == 0.5 and sparse["accuracy"] == 0.75
+    assert sparse["token_ratio"] == 0.5 and sparse["kv_bytes"] == 200 and sparse["kv_vs_full"] == 0.5
+    assert sparse["prefill_ms"] == pytest.approx(100) and sparse["prefill_speedup"] == pytest.approx(2.0)
+    assert full["decode_tokens_per_s"] == 50 and sparse["decode_speedup"] == pytest.approx(3.0)
+    table = ev.markdown_table(methods, batch_size=2).splitlines()
+    assert len(table) == 5 and "| ZipVL | 0.9 | 0.750 | 0.500 | 0.2 KiB | 0.500 |" in table[3]
+    assert ev.NOT_TRAINED in table[4] and all(line.count("|") == 11 for line in table)
+
+
+def test_keep_p_one_answers_exactly_as_full(tiny):
+    model = ev.load_model(tiny.dir, "cpu", torch.float32, sparse=False)
+    full = ev.timed_generate(model, tiny.inputs, None, max_new_tokens=4)
+    cfg = model.config.text_config
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    by_hand = tiny.inputs["attention_mask"].sum(-1) * cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * head_dim * 4
+    assert torch.equal(full["kv_bytes"], by_hand)  # Σ_j ℓ·2·Hkv·d·bytes, fp32
+    sparse = ev.timed_generate(ev.set_attention(model, sparse=True), tiny.inputs, 1.0, max_new_tokens=4)
+    assert torch.equal(sparse["tokens"], full["tokens"])
+    assert torch.equal(sparse["tau"], torch.ones(4)) and torch.equal(sparse["kv_bytes"], full["kv_bytes"])
+    texts = tiny.processor.batch_decode(full["tokens"], skip_special_tokens=True)
+    records = [ev.score(tiny.rows, texts, o["tau"].tolist(), o["kv_bytes"].tolist()) for o in (full, sparse)]
+    assert records[0] == records[1]
+
+
+def test_timed_sparse_loop_equals_rollout_generate(tiny):
+    model = ev.load_model(tiny.dir, "cpu", torch.float32, sparse=True)
+    ours = ev.timed_generate(model, tiny.inputs, 0.6, max_new_tokens=5, seed=3)
+    ref = generate(model, tiny.inputs, 0.6, SamplingConfig(max_new_tokens=5, do_sample=False), seed=3)
+    assert torch.equal(ours["tokens"], ref.completion_ids) and torch.equal(ours["selection"], ref.selection)
+    assert torch.equal(ours["tau"], ref.token_ratio) and torch.equal(ours["kv_bytes"], ref.kv_bytes)
+    assert bool((ours["tau"] < 1).all()) and ours["decode_tokens"] == 4 * (ref.completion_ids.shape[1] - 1)
+
+
+@pytest.mark.parametrize("index", [1, 2])  # an image row, a video row
+def test_visual_token_grid_matches_transformers_positions(tiny, index):
+    model = ev.load_model(tiny.dir, "cpu", torch.float32, sparse=False)
+    inputs = media.encode_prompts(tiny.processor, [data.prompt_item(tiny.rows[index], 4)])
+    video = tiny.rows[index]["data_type"] == "video"
+    grid = inputs["video_grid_thw" if video else "image_grid_thw"]
+    token_id = model.config.video_token_id if video else model.config.image_token_id
+    positions, (t, gh, gw) = ev.visual_token_grid(inputs["input_ids"][0], grid, token_id, 2)
+    assert (t, gh, gw) == (4 // 2 if video else 1, 8, 8) and len(positions) == t * gh * gw
+    rope, _ = model.model.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"], image_grid_thw=inputs.get(
+        "image_grid_thw"), video_grid_thw=inputs.get("video_grid_thw"), second_per_grid_ts=inputs.get(
+        "second_per_grid_ts"), attention_mask=inputs["attention_mask"])
+    at = rope[:, 0, positions]  # (3, t·gh·gw): the decoder's (t, h, w) ids of each visual token
+    slot, row, col = np.unravel_index(np.arange(t * gh * gw), (t, gh, gw))
+    assert torch.equal(at[1] - at[1].min(), torch.tensor(row)) and torch.equal(at[2] - at[2].min(), torch.tensor(col))
+    assert torch.equal(torch.unique(at[0], return_inverse=True)[1], torch.tensor(slot))
+    patch_hw = get_vision_position_ids(grid, 2).view(-1, 4, 2)[:, 0] // 2  # vision tower: first patch of each token
+    assert torch.equal(patch_hw, torch.tensor(np.stack([row, col], 1)))
+
+
+def test_dim_dropped_darkens_exactly_the_dropped_cells():
+    image = np.random.default_rng(0).integers(0, 256, (6, 9, 3), dtype=np.uint8)
+    kept = np.array([[True, False, True], [False, True, False]])
+    out = ev.dim_dropped(image, kept, cell=3)
+    for r in range(2):
+        for c in range(3):
+            block, got = image[3 * r:3 * r + 3, 3 * c:3 * c + 3], out[3 * r:3 * r + 3, 3 * c:3 * c + 3]
+            assert np.array_equal(got, block if kept[r, c] else (block * 0.25).astype(np.uint8))
+
+
+def png(path):
+    return np.asarray(Image.open(path).convert("RGB")).astype(int)
+
+
+def test_end_to_end_run_writes_table_json_and_pictures(tiny, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # train.py's default run folder is empty here: ZipR1 "not trained yet"
+    results = ev.main(["--model", str(tiny.dir), "--dataset", str(tiny.jsonl), "--sweep", "0.5,1", "--keep-p", "0.9",
+                       "--max-new-tokens", "2", "--max-frames", "4", "--batch-size", "3", "--out", "out"])
+    assert results["methods"]["ZipR1"] == {"status": ev.NOT_TRAINED}
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["methods"]["ZipVL"]["questions"] == 4
+    assert "| Full | — |" in (tmp_path / "out" / "results.md").read_text()
+    assert [p["keep_p"] for p in results["sweep"]["ZipVL"]] == [0.5, 1.0] and results["sweep"]["ZipVL"][1][
+        "token_ratio"] == 1.0
+    for key in ("pareto", "kept_ZipVL_image", "kept_ZipVL_video"):
+        pixels = png(results["files"][key])
+        assert pixels.std() > 20 and len(np.unique(pixels.reshape(-1, 3), axis=0)) > 100, key  # not blank
+    blue = png(results["files"]["pareto"])
+    assert ((abs(blue - [31, 119, 180]).sum(-1)) < 30).sum() > 50  # the ZipVL line is drawn (matplotlib's C0)
+
+
+def test_kept_token_picture_returns_the_layers_selection(tiny, tmp_path):
+    model = ev.load_model(tiny.dir, "cpu", torch.float32, sparse=True)
+    kept = ev.kept_token_picture(model, tiny.processor, tiny.rows[2], 0.3, tmp_path / "v.png", "video", max_frames=4)
+    inputs = media.encode_prompts(tiny.processor, [data.prompt_item(tiny.rows[2], 4)])
+    ref = generate(model, inputs, 0.3, SamplingConfig(max_new_tokens=1, do_sample=False))
+    visual = inputs["input_ids"][0] == model.config.video_token_id
+    assert kept.shape == (2, 2, 8, 8) and np.array_equal(kept.reshape(2, -1), ref.selection[0][:, visual].numpy())
+    assert not kept.all()  # at keep_p 0.3 some visual tokens are dropped
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--keep-p", "0"], "keep_p must lie in"), (["--keep-p", "1.5"], "keep_p must lie in"),
+    (["--sweep", "0.9,2"], "keep_p must lie in"), (["--zipr1", "no/such/checkpoint"], "not available offline"),
+    (["--zipr1", "TMP"], "holds no config.json"),
+    (["--dataset", "EMPTY"], "empty.jsonl is empty"), (["--dataset", "BLANK"], "blank.jsonl"),
+    (["--dataset", "missing.jsonl"], "not found")])
+def test_bad_input_is_one_clear_error(tiny, tmp_path, argv, message):
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "blank.jsonl").write_text("[]\n")
+    argv = [str(tmp_path / f"{a.lower()}.jsonl") if a in ("EMPTY", "BLANK") else str(tmp_path) if a == "TMP" else a
+            for a in argv]
+    with pytest.raises(SystemExit) as err:
+        ev.main(["--model", str(tiny.dir), "--out", str(tmp_path / "out"), *argv])
+    assert str(err.value).startswith("eval.py: error:") and message in str(err.value) and "\n" not in str(err.value)
+
+
+# ------------------------------------------------------------------------------------------ lmms-eval adapter
+class FakeInstance:
+    """What the adapter reads from lmms-eval's Instance: the request payload in .args."""
+
+    def __init__(self, *args):
+        self.args = args
+
+
+@pytest.fixture(scope="module")
+def lmms(tiny, tmp_path_factory):
+    """Documents of a task "toy"/"test" (two images, one .npy video), and requests for them."""
+    frames, fps = media.load_video(tiny.rows[2]["media_path"], max_frames=4)
+    video = tmp_path_factory.mktemp("lmms") / "clip.npy"
+    np.save(video, np.stack([np.asarray(f) for f in frames]))
+    docs = [{"visual": media.load_image(tiny.rows[0]["media_path"])}, {"visual": str(video)},
+            {"visual": media.load_image(tiny.rows[3]["media_path"])}]
+    to_visual = lambda doc: [doc["visual"]]  # noqa: E731
+    greedy3, greedy2 = {"max_new_tokens": 3, "temperature": 0, "until": ["\n\n"]}, {"max_new_tokens": 2}
+    requests = [FakeInstance("<image>What color is the square?", greedy3, to_visual, 0, "toy", "test"),
+                FakeInstance("When does the square appear?", greedy3, to_visual, 1, "toy", "test"),
+                FakeInstance("Where is the square?", greedy2, to_visual, 2, "toy", "test")]
+    return SimpleNamespace(task_dict={"toy": {"test": docs}}, requests=requests, frames=frames, fps=fps)
+
+
+def test_adapter_answers_as_rollout_generate_on_hand_built_prompts(tiny, lmms):
+    eng = engine.SparseQwen(str(tiny.dir), keep_p=0.8, batch_size=2, max_new_tokens=9, device="cpu")
+    answers = eng.generate_until(lmms.requests, lmms.task_dict)  # requests 0+1 share a batch, 2 runs alone
+    expected = []
+    for request, media_entry in zip(lmms.requests, ("image", "video", "image")):
+        context, gen_kwargs, to_visual, doc_id = request.args[:4]
+        messages = [{"role": "user", "content": [{"type": media_entry},
+                                                 {"type": "text", "text": context.removeprefix("<image>")}]}]
+        visual = to_visual(lmms.task_dict["toy"]["test"][doc_id])[0]
+        item = {"messages": messages, "images": [visual] if media_entry == "image" else [],
+                "videos": [lmms.frames] if media_entry == "video" else [], "fps": [lmms.fps] * (media_entry == "video")}
+        ref = generate(eng.model, media.encode_prompts(tiny.processor, [item]), 0.8,
+                       SamplingConfig(max_new_tokens=gen_kwargs["max_new_tokens"], do_sample=False))
+        expected.append(tiny.processor.batch_decode(ref.completion_ids, skip_special_tokens=True)[0])
+        assert eng.token_ratios[len(expected) - 1] == pytest.approx(float(ref.token_ratio[0]))
+    assert answers == expected and len(eng.token_ratios) == 3
+
+
+def test_adapter_generation_settings_and_stop_strings():
+    assert engine.sampling_config({}, 7) == SamplingConfig(max_new_tokens=7, do_sample=False)
+    assert engine.sampling_config({"temperature": 0.7, "top_p": 0.9, "max_new_tokens": 5}, 7) == SamplingConfig(
+        max_new_tokens=5, do_sample=True, temperature=0.7, top_p=0.9)
+    stops = engine.stop_strings({"until": ["\n\n", "Because", ""]})
+    assert stops == ["Because"]  # "\n\n" is ignored as in lmms-eval's Qwen2.5-VL model
+    assert engine.cut_at_stops("A.\n\nBecause red.", stops) == "A.\n\n"
+    assert engine.stop_strings({"until": "ASSISTANT:"}) == ["ASSISTANT:"] and engine.stop_strings({}) == []
+    with pytest.raises(ValueError, match="until"):
+        engine.stop_strings({"until": 3})
+    with pytest.raises(ValueError, match="unsupported visual"):
+        engine.prompt_item("q", [np.zeros((2, 2, 3))])
+
+
+def test_adapter_loglikelihood_equals_a_stock_dense_forward_at_keep_p_one(tiny, lmms):
+    eng = engine.SparseQwen(str(tiny.dir), keep_p=1.0, device="cpu")
+    dense = AutoModelForImageTextToText.from_pretrained(tiny.dir, attn_implementation="sdpa").eval()
+    image = lmms.task_dict["toy"]["test"][0]["visual"]
+    item = {"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Color?"}]}],
+            "images": [image], "videos": [], "fps": []}
+    inputs = media.encode_prompts(tiny.processor, [item])
+    prompt_len = inputs["input_ids"].shape[1]
+    with torch.no_grad():
+        first = dense(**inputs).logits[0, -1].argmax()
+    targets = [tiny.processor.tokenizer.decode([int(first)]), " red square"]
+    for target in targets:
+        ids = tiny.processor.tokenizer(target, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        batch = dict(inputs, input_ids=torch.cat([inputs["input_ids"], ids], 1),
+                     attention_mask=torch.ones(1, prompt_len + ids.shape[1], dtype=torch.long),
+                     mm_token_type_ids=torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(ids)], 1))
+        with torch.no_grad():
+            logits = dense(**batch).logits[0, prompt_len - 1:-1]  # (T, V): the predictions of the target tokens
+        ref_logp = torch.log_softmax(logits, -1).gather(-1, ids[0][:, None]).sum()
+        requests = [FakeInstance("Color?", lambda doc, t=target: t, lambda doc: [doc["visual"]], 0, "toy", "test")]
+        (logp, greedy), = eng.loglikelihood(requests, lmms.task_dict)
+        assert logp == pytest.approx(float(ref_logp), abs=1e-4)
+        assert greedy == bool((logits.argmax(-1) == ids[0]).all())
+    assert eng.loglikelihood([FakeInstance("Color?", targets[0], lambda d: [d["visual"]], 0, "toy", "test")],
+                             lmms.task_dict)[0][1]  # the model's own first token is its greedy continuation
+
+
+def fake_lmms_eval(monkeypatch, registry):
+    """A stand-in for the parts of lmms-eval the `zipr1` class touches: the lmms base class and register_model."""
+    class BaseLMMs:
+        is_simple = True
+
+        def __init__(self):
+            self.task_dict = {}
+
+    def register_model(*names):
+        def decorate(cls):
+            registry.update({name: cls for name in names})
+            return cls
+        return decorate
+    modules = {name: types.ModuleType(name) for name in ("lmms_eval", "lmms_eval.api", "lmms_eval.api.model",
+                                                         "lmms_eval.api.registry")}
+    modules["lmms_eval.api.model"].lmms = BaseLMMs
+    modules["lmms_eval.api.registry"].register_model = register_model
+    for name, module in modules.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    return BaseLMMs
+
+
+def test_lmms_subclass_registers_as_zipr1_and_delegates(tiny, lmms, monkeypatch):
+    registry = {}
+    base = fake_lmms_eval(monkeypatch, registry)
+    plugin = importlib.import_module("lmms_eval_zipr1.models")
+    (name, cls_name), = plugin.AVAILABLE_MODELS.items()  # LMMS_EVAL_PLUGINS: <plugin>.models.<name>.<class>
+    sys.modules.pop(f"lmms_eval_zipr1.models.{name}", None)
+    try:
+        cls = getattr(importlib.import_module(f"lmms_eval_zipr1.models.{name}"), cls_name)
+    finally:
+        sys.modules.pop(f"lmms_eval_zipr1.models.{name}", None)  # bound to the stand-in: do not keep it
+    assert name == "zipr1" and registry == {"zipr1": cls} and issubclass(cls, base) and cls.is_simple
+    assert importlib.util.find_spec("lmms_eval_zipr1.tasks").submodule_search_locations  # lmms-eval's CLI needs it
+    model = cls(pretrained=str(tiny.dir), keep_p=0.8, batch_size=2, max_new_tokens=9, device="cpu")
+    model.task_dict = lmms.task_dict  # lmms-eval's evaluator sets it before calling the model
+    reference = engine.SparseQwen(str(tiny.dir), keep_p=0.8, batch_size=1, max_new_tokens=9, device="cpu")
+    assert model.generate_until(lmms.requests) == reference.generate_until(lmms.requests, lmms.task_dict)
+    assert model.batch_size == 2 and model.loglikelihood(lmms.requests[:0]) == []
+    with pytest.raises(ValueError, match="unknown model_args"):
+        cls(pretrained=str(tiny.dir), temprature=0.1)
