@@ -1,0 +1,175 @@
+"""train.py on a tiny random Qwen2.5-VL and a few toy rows read back through data.py.
+
+Checks: a 3-step run updates the language model (not the frozen vision tower), logs finite losses and the rollouts'
+token ratios, and writes a checkpoint plain transformers loads; the group gate (an all-wrong group earns no efficiency
+reward, so nothing is learned from it); gradients with gradient checkpointing equal those without; --resume after an
+interruption reproduces the next step's metrics; a model missing offline is one line, no traceback.
+"""
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import data
+import grpo
+import media
+import toy
+import train
+from rollout import score_completions
+
+REPO = Path(__file__).resolve().parents[1]
+SIZES = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+             vision_hidden_size=32, vision_depth=1, vision_heads=1)
+TIMING_KEYS = ("tokens_per_s", "seconds")
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    model_dir = toy.build_tiny_model_dir(root / "model", seed=0, **SIZES)
+    jsonl = toy.write_toy_dataset(root / "data", 4, seed=3, kinds=("color", "video"))
+    return model_dir, jsonl
+
+
+def config(sources, out, **kw):
+    model_dir, jsonl = sources
+    base = dict(model=str(model_dir), dataset=str(jsonl), num_generations=4, per_step_questions=1, max_new_tokens=3,
+                learning_rate=1e-2, steps=3, save_every=2, output_dir=str(out), progress=False, max_frames=4)
+    return train.check_config(train.Config(**{**base, **kw}))
+
+
+def weights(path):
+    return load_file(str(Path(path) / "model.safetensors"))
+
+
+def test_three_step_run_updates_the_policy_and_logs_tau(sources, tmp_path):
+    cfg = config(sources, tmp_path / "run", gate_efficiency=False)  # v1 reward: advantages from tau alone
+    metrics = train.train(cfg)
+    assert [m["step"] for m in metrics] == [1, 2, 3]
+    assert [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == metrics
+    assert all(torch.isfinite(torch.tensor(m["loss"])) and m["kl"] >= 0 for m in metrics)
+    assert (tmp_path / "run" / "metrics.png").stat().st_size > 0
+    before, after = weights(sources[0]), weights(tmp_path / "run" / "checkpoint-3")
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert any(k.startswith("model.layers.") for k in changed)  # the text decoder learned
+    assert changed and not any("visual" in k for k in changed)  # freeze_vision
+
+    # the logged tau is the step-1 rollout's: regenerate it from the initial weights and the same seed
+    table = data.load_dataset_rows(cfg.dataset)
+    rows = [table.rows[i] for i in data.question_indices(len(table), 0, 1, cfg.seed)]
+    policy, processor = train.load_policy(sources[0], cfg, "cpu"), media.load_processor(sources[0])
+    rollout, _ = train.sample_rollout(policy, processor, rows, cfg, 0, "cpu", train.contextlib.nullcontext())
+    tau = (rollout.kept.float() / rollout.lengths[:, None]).mean(1)  # Eq. 2 by hand: mean_j k_j / l
+    assert torch.allclose(rollout.token_ratio, tau)
+    assert metrics[0]["tau"] == pytest.approx(tau.mean().item(), rel=1e-5)
+    assert rollout.keep_p.tolist() == pytest.approx(list(train.PAPER_KEEP_P_GRID[:4]))
+    assert metrics[0]["tau_by_keep_p"] == pytest.approx({f"{p:.3f}": t for p, t in zip(train.PAPER_KEEP_P_GRID,
+                                                                                      tau.tolist())}, rel=1e-5)
+    assert metrics[0]["reward"] == pytest.approx(1 - tau.mean().item(), rel=1e-5)  # all wrong, no gate: 1 - tau
+
+    # the checkpoint loads with plain transformers (stock attention) in a fresh process
+    code = ("import sys; from transformers import AutoModelForImageTextToText as M; "
+            "m = M.from_pretrained(sys.argv[1]); assert 'sparse_qwen' not in sys.modules; "
+            "print(m.config.text_config._attn_implementation)")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "run" / "checkpoint-3")], capture_output=True,
+                         text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, check=True)
+    assert out.stdout.strip() == "sdpa"
+
+
+def test_all_wrong_group_earns_no_efficiency_reward(sources, tmp_path):
+    gated = train.train(config(sources, tmp_path / "gated", steps=1, beta=0.0))[0]
+    assert gated["accuracy"] == 0.0  # the untrained model answers nothing right
+    assert gated["reward"] == 0.0 and gated["gate"] == 0.0 and gated["zero_std_groups"] == 1.0
+    assert all(torch.equal(weights(sources[0])[k], v) for k, v in weights(tmp_path / "gated" / "checkpoint-1").items())
+    ungated = train.train(config(sources, tmp_path / "v1", steps=1, beta=0.0, gate_efficiency=False))[0]
+    assert ungated["reward"] == pytest.approx(1 - ungated["tau"]) and ungated["zero_std_groups"] == 0.0
+    assert not all(torch.equal(weights(sources[0])[k], v) for k, v in weights(tmp_path / "v1" / "checkpoint-1").items())
+
+
+def _gradients(policy, reference, rollout, advantages, cfg):
+    optimizer = torch.optim.SGD(policy.parameters(), lr=0.0)  # keeps the weights: gradients stay in .grad
+    train.policy_update(policy, reference, optimizer, rollout, advantages, cfg, train.contextlib.nullcontext())
+    return {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(sources, tmp_path):
+    cfg = config(sources, tmp_path, gradient_checkpointing=False, keep_p_grid=(0.5, 0.7, 0.9, 1.0))
+    table = data.load_dataset_rows(cfg.dataset)
+    processor = media.load_processor(sources[0])
+    plain = train.load_policy(sources[0], cfg, "cpu")
+    checkpointed = train.load_policy(sources[0], dataclasses.replace(cfg, gradient_checkpointing=True), "cpu")
+    reference = train.load_reference(sources[0], cfg, "cpu")
+    rollout, _ = train.sample_rollout(plain, processor, table.rows[1:2], cfg, 0, "cpu", train.contextlib.nullcontext())
+    assert rollout.token_ratio.min() < 1  # real sparsity, so a dense recomputation would differ
+    advantages = torch.tensor([1.0, -0.5, 0.25, -0.75])
+    want = _gradients(plain, reference, rollout, advantages, cfg)
+    got = _gradients(checkpointed, reference, rollout, advantages, cfg)
+    assert checkpointed.model.language_model.layers[0].gradient_checkpointing and want.keys() == got.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6, msg=name)
+
+    # the reason for the sparse_forward block around backward: outside it the recomputation runs dense attention,
+    # which torch's checkpoint catches as a forward/recompute mismatch
+    checkpointed.zero_grad(set_to_none=True)
+    logp = score_completions(checkpointed, rollout)
+    with pytest.raises(torch.utils.checkpoint.CheckpointError):
+        grpo.grpo_loss(logp, None, None, advantages, rollout.completion_mask, beta=0.0)[0].backward()
+
+
+def test_resume_reproduces_the_next_metrics(sources, tmp_path):
+    out = tmp_path / "run"
+    cfg = config(sources, out, gate_efficiency=False, keep_p_grid=(0.9, 0.95))  # checkpoints at steps 2 and 3
+    full = train.train(cfg)
+    shutil.rmtree(out / "checkpoint-3")  # interrupted after logging step 3, before saving it
+    with pytest.raises(FileExistsError, match="--resume"):
+        train.train(cfg)
+    resumed = train.train(dataclasses.replace(cfg, resume=True))
+    assert [m["step"] for m in resumed] == [1, 2, 3]
+    for key in full[2]:
+        if key not in TIMING_KEYS:
+            assert resumed[2][key] == pytest.approx(full[2][key], rel=1e-5), key
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 3  # step 3 logged once
+    assert train.train(dataclasses.replace(cfg, resume=True)) == resumed  # finished run: nothing more to do
+
+
+def test_config_from_the_command_line():
+    toy_cfg = train.parse_config([])
+    assert toy_cfg.model == "toy" and toy_cfg.learning_rate == train.TOY_PRESET["learning_rate"]
+    real = train.parse_config(["--model", "Qwen/Qwen2.5-VL-3B-Instruct", "--gate_efficiency", "false", "--bf16",
+                               "--keep_p_grid", "0.9,0.975", "--steps", "7"])
+    assert real.learning_rate == train.Config.learning_rate and real.max_new_tokens == train.Config.max_new_tokens
+    assert (real.gate_efficiency, real.bf16, real.keep_p_grid, real.steps) == (False, True, (0.9, 0.975), 7)
+    assert train.parse_config(["--learning_rate", "0.5"]).learning_rate == 0.5  # an explicit value beats the preset
+    assert train.PAPER_KEEP_P_GRID == pytest.approx([0.94, 0.945, 0.95, 0.955, 0.96, 0.965, 0.97, 0.975])
+    for bad in (["--keep_p_grid", "0.9,1.2"], ["--keep_p_low", "1"], ["--loss_type", "ppo"], ["--num_generations", "1"]):
+        with pytest.raises(train.ConfigError):
+            train.parse_config(bad)
+
+
+def test_keep_p_per_row():
+    cfg = train.Config(num_generations=3, keep_p_grid=(0.9, 0.95))
+    assert train.keep_p_for_rows(cfg, 2, 0).tolist() == pytest.approx([0.9, 0.95, 0.9] * 2)  # cycled per group
+    uniform = dataclasses.replace(cfg, keep_p_uniform=True, keep_p_low=0.6)
+    p = train.keep_p_for_rows(uniform, 200, 5)
+    assert bool(((p > 0.6) & (p <= 1)).all()) and p.std() > 0.1
+    assert torch.equal(p, train.keep_p_for_rows(uniform, 200, 5)) and not torch.equal(p, train.keep_p_for_rows(uniform, 200, 6))
+    assert train.keep_p_bucket(uniform, 0.934) == "0.9" and train.keep_p_bucket(cfg, 0.95) == "0.950"
+
+
+def test_model_missing_offline_is_one_line(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "PYTHONWARNINGS": "ignore"}
+    out = subprocess.run([sys.executable, "train.py", "--model", "Qwen/Qwen2.5-VL-3B-Instruct",
+                          "--output_dir", str(tmp_path / "out")], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1, out.stderr
+    assert "Qwen/Qwen2.5-VL-3B-Instruct" in lines[0] and "huggingface-cli download" in lines[0]
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,357 @@
+"""ZipR1 training: GRPO on a Top-p sparse policy, rewarded for right answers and for the tokens it drops.
+
+    python train.py                                            # offline default: tiny Qwen2.5-VL + toy task, CPU
+    python train.py --model Qwen/Qwen2.5-VL-3B-Instruct --dataset ./Video-R1-data/Video-R1-260k.json
+
+One step, for G = per_step_questions questions with N = num_generations answers each (rows group-contiguous):
+  1. rollout: the sparse policy samples answer n of every group under its own threshold p_n (the paper's grid,
+     cycled, or p ~ U(keep_p_low, 1]) and records its token ratio tau_n                (rollout.generate, Eq. 1-3)
+  2. rewards r = r_acc + C (1 - tau), C = 1 iff some answer of the group is right      (rewards.zipr1_rewards)
+  3. advantages A = (r - mean) / std within each group                                  (grpo.group_advantages, Eq. 4)
+  4. num_iterations (mu) AdamW updates of the clipped surrogate - beta KL(pi_theta || pi_ref): the policy's
+     log-probs under the rollout's sparsity, the frozen reference's under full attention   (grpo.grpo_loss, Eq. 5)
+Everything random is seeded by (seed, step), so --resume continues exactly where the last checkpoint left off.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+import data
+import grpo
+import media
+import rewards
+from rollout import SamplingConfig, generate, score_completions
+from sparse_qwen import make_sparse, make_state, sparse_forward
+
+PAPER_KEEP_P_GRID = tuple(round(0.94 + 0.005 * i, 3) for i in range(8))  # 0.94, 0.945, ..., 0.975
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work (reported as one line by main)."""
+
+
+@dataclass
+class Config:
+    model: str = "toy"  # HF hub id (in the local cache), or a local directory; "toy": the offline tiny Qwen2.5-VL
+    dataset: str = "toy"  # Video-R1-schema .json/.jsonl, a directory, or a cached hub id; "toy": rendered toy task
+    media_root: str | None = None  # where rows' "path" are resolved; default: the dataset's folder
+    skip_bad_rows: bool = False  # drop (and count) bad rows instead of stopping at the first one
+    max_frames: int = 16  # frames sampled per video
+    num_generations: int = 8  # N answers per question
+    keep_p_grid: tuple[float, ...] = PAPER_KEEP_P_GRID  # sparsity thresholds p, cycled over each group
+    keep_p_uniform: bool = False  # instead draw p = 1 - u (1 - keep_p_low), u ~ U[0, 1): p in (keep_p_low, 1]
+    keep_p_low: float = 0.0  # 0 is the method text's U(0, 1); 1 - u never gives p = 0
+    beta: float = 0.04  # KL weight; 0 skips the reference model entirely
+    epsilon: float = 0.2  # PPO clip range
+    learning_rate: float = 1e-6
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    per_step_questions: int = 1  # G questions per step (G * N rollout rows)
+    num_iterations: int = 1  # mu: updates per rollout batch; > 1 uses the rollout's log-probs as pi_old
+    max_new_tokens: int = 512
+    temperature: float = 1.0
+    loss_type: str = "grpo"  # grpo | bnpo | dapo | dr_grpo (see grpo.grpo_loss)
+    gate_efficiency: bool = True  # C: no efficiency reward for an all-wrong group
+    freeze_vision: bool = True  # train the language model only: the sparsity acts in the decoder
+    steps: int = 1000
+    save_every: int = 100
+    save_total_limit: int = 2  # checkpoints kept on disk
+    output_dir: str = "outputs/zipr1"
+    overwrite_output_dir: bool = False
+    seed: int = 0
+    bf16: bool | None = None  # autocast to bf16 (fp32 master weights); default: on with CUDA
+    gradient_checkpointing: bool | None = None  # default: on with CUDA
+    resume: bool = False  # continue from the last checkpoint in output_dir
+    progress: bool = True
+
+
+# the offline default: sizes that make `python train.py` a few-minute CPU run (toy.ensure_toy_model, toy.py)
+TOY_PRESET = dict(learning_rate=2e-4, per_step_questions=2, max_new_tokens=8, steps=40, save_every=20,
+                  output_dir="outputs/zipr1-toy", max_frames=8)
+TOY_TRAIN_ROWS, TOY_CACHE = 512, Path(".cache")
+
+
+def parse_config(argv=None) -> Config:
+    """argparse mirroring Config; fields not given on the command line take TOY_PRESET when --model is toy."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    for f in dataclasses.fields(Config):
+        kind = {"bool | None": "bool", "str | None": "str"}.get(str(f.type), str(f.type))
+        if kind == "bool":
+            parser.add_argument(f"--{f.name}", type=_bool, nargs="?", const=True, default=argparse.SUPPRESS)
+        elif f.name == "keep_p_grid":
+            parser.add_argument("--keep_p_grid", type=lambda s: tuple(float(x) for x in s.split(",")),
+                                default=argparse.SUPPRESS, help="comma separated, e.g. 0.94,0.95,0.975")
+        else:
+            parser.add_argument(f"--{f.name}", type={"int": int, "float": float}.get(kind, str),
+                                default=argparse.SUPPRESS)
+    given = vars(parser.parse_args(argv))
+    preset = TOY_PRESET if given.get("model", Config.model) == "toy" else {}
+    return check_config(Config(**{**preset, **given}))
+
+
+def _bool(text: str) -> bool:
+    if text.lower() not in ("1", "0", "true", "false", "yes", "no"):
+        raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+    return text.lower() in ("1", "true", "yes")
+
+
+def check_config(cfg: Config) -> Config:
+    """Clear errors for settings that cannot work; resolves the CUDA-dependent defaults."""
+    if not all(0 < p <= 1 for p in cfg.keep_p_grid) or not cfg.keep_p_grid:
+        raise ConfigError(f"keep_p_grid values must lie in (0, 1], got {cfg.keep_p_grid}")
+    if not 0 <= cfg.keep_p_low < 1:
+        raise ConfigError(f"keep_p_low must lie in [0, 1), got {cfg.keep_p_low}")
+    if cfg.num_generations < 2 or cfg.per_step_questions < 1 or cfg.num_iterations < 1 or cfg.steps < 1:
+        raise ConfigError("need num_generations >= 2 and per_step_questions, num_iterations, steps >= 1")
+    if cfg.loss_type not in grpo.LOSS_TYPES:
+        raise ConfigError(f"loss_type must be one of {grpo.LOSS_TYPES}, got {cfg.loss_type!r}")
+    cuda = torch.cuda.is_available()
+    return dataclasses.replace(cfg, bf16=cuda if cfg.bf16 is None else cfg.bf16, gradient_checkpointing=cuda
+                               if cfg.gradient_checkpointing is None else cfg.gradient_checkpointing)
+
+
+# ----------------------------------------------------------------------------------------------- setup
+def resolve_sources(cfg: Config) -> tuple[str, str]:
+    """(model directory, dataset) with "toy" replaced by the cached warmed-up tiny model and written toy data."""
+    model, dataset = cfg.model, cfg.dataset
+    if model == "toy":
+        import toy
+        model = str(toy.ensure_toy_model(TOY_CACHE / "toy-model", progress=cfg.progress))
+    else:
+        model = str(media.resolve_model_dir(model))  # ModelNotAvailable (one line) when not on disk offline
+    if dataset == "toy":
+        import toy
+        folder = TOY_CACHE / f"toy-data-{TOY_TRAIN_ROWS}"
+        jsonl = folder / "toy.jsonl"
+        dataset = str(jsonl if jsonl.is_file() else toy.write_toy_dataset(folder, TOY_TRAIN_ROWS, seed=1))
+    return model, dataset
+
+
+def load_policy(path, cfg: Config, device):
+    """The trainable policy: fp32 weights (bf16 runs autocast), Top-p sparse attention in the text decoder."""
+    from transformers import AutoModelForImageTextToText
+    policy = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).to(device)
+    make_sparse(policy)
+    if cfg.freeze_vision:
+        policy.model.visual.requires_grad_(False)
+    if cfg.gradient_checkpointing:
+        policy.activation_checkpointing_enable()  # non-reentrant; the backward runs inside sparse_forward
+    return policy
+
+
+def load_reference(path, cfg: Config, device):
+    """The frozen full-attention reference pi_ref (stock SDPA), or None when beta = 0."""
+    if cfg.beta == 0:
+        return None
+    from transformers import AutoModelForImageTextToText
+    dtype = torch.bfloat16 if cfg.bf16 else torch.float32
+    reference = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+    return reference.to(device).eval().requires_grad_(False)
+
+
+# ----------------------------------------------------------------------------------------------- one step
+def step_seed(cfg: Config, step: int) -> int:
+    return cfg.seed * 1_000_003 + step
+
+
+def keep_p_for_rows(cfg: Config, groups: int, step: int) -> torch.Tensor:
+    """Threshold p_n per rollout row: the grid cycled within each group, or p = 1 - u (1 - low).  (G*N,)"""
+    if cfg.keep_p_uniform:
+        u = torch.rand(groups * cfg.num_generations, generator=torch.Generator().manual_seed(step_seed(cfg, step)))
+        return 1 - u * (1 - cfg.keep_p_low)  # (G*N,) in (low, 1]
+    grid = [cfg.keep_p_grid[n % len(cfg.keep_p_grid)] for n in range(cfg.num_generations)]
+    return torch.tensor(grid * groups, dtype=torch.float32)  # (G*N,)
+
+
+def keep_p_bucket(cfg: Config, p: float) -> str:
+    """Key for per-threshold tau metrics: the grid value, or its tenth (e.g. "0.9") with uniform sampling."""
+    return f"{math.floor(p * 10) / 10:.1f}" if cfg.keep_p_uniform else f"{p:.3f}"
+
+
+def sample_rollout(policy, processor, rows, cfg: Config, step: int, device, autocast):
+    """Rollout of N answers per question with the sparse policy; returns (rollout, completion texts)."""
+    items = [data.prompt_item(row, cfg.max_frames) for row in rows]
+    inputs = media.encode_prompts(processor, [item for item in items for _ in range(cfg.num_generations)])
+    keep_p = keep_p_for_rows(cfg, len(rows), step).to(device)  # (G*N,)
+    sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature)
+    policy.eval()  # HF turns the KV cache off for checkpointed layers in train mode
+    with autocast:
+        rollout = generate(policy, inputs.to(device), keep_p, sampling, seed=step_seed(cfg, step))
+    texts = processor.batch_decode(rollout.completion_ids.cpu(), skip_special_tokens=True)
+    return rollout, texts
+
+
+def policy_update(policy, reference, optimizer, rollout, advantages, cfg: Config, autocast) -> dict:
+    """num_iterations AdamW steps on Eq. 5; gradient-checkpoint recomputation sees the rollout's sparsity."""
+    ref_logp = None
+    if reference is not None:
+        with torch.no_grad(), autocast:
+            ref_logp = score_completions(reference, rollout, sparse=False)  # (B, T) full attention
+    state = make_state(policy, rollout.keep_p, mode="teacher", prompt_len=rollout.inputs["input_ids"].shape[1],
+                       seed=rollout.seed)  # the same state score_completions builds: active during backward
+    policy.train()
+    history = []
+    for _ in range(cfg.num_iterations):
+        with sparse_forward(state):
+            with autocast:
+                logp = score_completions(policy, rollout)  # (B, T) under the rollout's sparsity
+            old_logp = rollout.logprobs if cfg.num_iterations > 1 else None  # mu = 1: logp.detach()
+            loss, stats = grpo.grpo_loss(logp, old_logp, ref_logp, advantages, rollout.completion_mask, cfg.epsilon,
+                                         beta=cfg.beta, loss_type=cfg.loss_type,
+                                         max_completion_length=cfg.max_new_tokens)  # Eq. 5
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
+        optimizer.step()
+        history.append({**stats, "loss": loss.item(), "grad_norm": grad_norm.item()})
+    return {k: sum(h[k] for h in history) / len(history) for k in history[0]}
+
+
+def train_step(policy, reference, processor, optimizer, rows, cfg: Config, step: int, device, autocast) -> dict:
+    """Rollout -> gated rewards -> group advantages -> policy update; returns the step's metrics."""
+    start = time.perf_counter()
+    rollout, texts = sample_rollout(policy, processor, rows, cfg, step, device, autocast)
+    n = cfg.num_generations
+    solutions = [row["solution"] for row in rows for _ in range(n)]
+    acc = rewards.accuracy_rewards(texts, solutions, [row["problem_type"] for row in rows for _ in range(n)])
+    tau = rollout.token_ratio.float().cpu()  # (G*N,)
+    parts = rewards.zipr1_rewards(acc, tau, n, cfg.gate_efficiency)  # r = r_acc + C (1 - tau)
+    advantages = grpo.group_advantages(parts["reward"], n).to(device)  # Eq. 4, (G*N,)
+    stats = policy_update(policy, reference, optimizer, rollout, advantages, cfg, autocast)
+    seconds = time.perf_counter() - start
+    by_p: dict[str, list[float]] = {}
+    for p, t in zip(rollout.keep_p.tolist(), tau.tolist()):
+        by_p.setdefault(keep_p_bucket(cfg, p), []).append(t)
+    groups = parts["reward"].reshape(-1, n)  # (G, N)
+    tokens = int(rollout.completion_mask.sum())
+    return {"step": step + 1, "reward": parts["reward"].mean().item(), "accuracy": acc.mean().item(),
+            "r_eff": parts["r_eff"].mean().item(), "gate": parts["gate"].mean().item(), "tau": tau.mean().item(),
+            "tau_by_keep_p": {k: sum(v) / len(v) for k, v in sorted(by_p.items())},
+            "kl": stats.pop("kl") if reference is not None else None,
+            "zero_std_groups": (groups.amax(1) == groups.amin(1)).float().mean().item(),
+            "completion_length": tokens / len(texts), **stats,
+            "tokens_per_s": tokens / seconds, "seconds": seconds}
+
+
+# ----------------------------------------------------------------------------------------------- checkpoints, plot
+def checkpoints(output_dir: Path) -> list[Path]:
+    """checkpoint-<step> folders of a run, oldest first."""
+    found = [p for p in output_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def save_checkpoint(policy, processor, optimizer, cfg: Config, step: int) -> Path:
+    """HF folder (save_pretrained: loadable by plain transformers) + optimizer state; keeps save_total_limit."""
+    output_dir = Path(cfg.output_dir)
+    path = output_dir / f"checkpoint-{step}"
+    policy.save_pretrained(path)
+    processor.save_pretrained(path)
+    torch.save({"step": step, "optimizer": optimizer.state_dict(), "config": dataclasses.asdict(cfg)},
+               path / "trainer_state.pt")
+    for old in checkpoints(output_dir)[:-cfg.save_total_limit]:
+        shutil.rmtree(old)
+    return path
+
+
+def read_metrics(path: Path, up_to_step: int | None = None) -> list[dict]:
+    lines = path.read_text().splitlines() if path.is_file() else []
+    rows = [json.loads(line) for line in lines if line.strip()]
+    return [r for r in rows if up_to_step is None or r["step"] <= up_to_step]
+
+
+def plot_metrics(metrics: list[dict], path: Path) -> None:
+    """PNG with reward, accuracy and token ratio tau over steps."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    steps = [m["step"] for m in metrics]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
+    for ax, key, label in zip(axes, ("reward", "accuracy", "tau"), ("reward r", "accuracy", "token ratio τ")):
+        ax.plot(steps, [m[key] for m in metrics])
+        ax.set(xlabel="step", title=label)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def prepare_output_dir(cfg: Config) -> tuple[Path | None, list[dict]]:
+    """(checkpoint to resume or None, metrics kept); refuses to write over an earlier run by accident."""
+    output_dir, metrics_path = Path(cfg.output_dir), Path(cfg.output_dir) / "metrics.jsonl"
+    existing = checkpoints(output_dir)
+    if cfg.resume and existing:
+        last = existing[-1]
+        kept = read_metrics(metrics_path, int(last.name.split("-")[-1]))  # later lines are redone
+        metrics_path.write_text("".join(json.dumps(m) + "\n" for m in kept))
+        return last, kept
+    if (existing or metrics_path.is_file()) and not (cfg.resume or cfg.overwrite_output_dir):
+        raise FileExistsError(f"output_dir {output_dir} already holds a run: pass --resume to continue it, "
+                              f"--overwrite_output_dir to start over, or another --output_dir")
+    shutil.rmtree(output_dir, ignore_errors=True)
+    output_dir.mkdir(parents=True)
+    return None, []
+
+
+# ----------------------------------------------------------------------------------------------- loop
+def train(cfg: Config) -> list[dict]:
+    """Run (or resume) ZipR1 training; returns the metrics of every step."""
+    torch.manual_seed(cfg.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model_dir, dataset = resolve_sources(cfg)
+    processor = media.load_processor(model_dir)
+    table = data.load_dataset_rows(dataset, cfg.media_root, "skip" if cfg.skip_bad_rows else "error")
+    print(f"data: {table.summary()}", file=sys.stderr)
+    for message in table.skipped[:5]:
+        print(f"  skipped {message}", file=sys.stderr)
+    resume_from, metrics = prepare_output_dir(cfg)
+    policy = load_policy(resume_from or model_dir, cfg, device)
+    reference = load_reference(model_dir, cfg, device)
+    params = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    start = 0
+    if resume_from is not None:
+        state = torch.load(resume_from / "trainer_state.pt", map_location=device, weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        start = state["step"]
+    autocast = torch.autocast(device.type, torch.bfloat16) if cfg.bf16 else contextlib.nullcontext()
+    metrics_path = Path(cfg.output_dir) / "metrics.jsonl"
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="ZipR1", disable=not cfg.progress)
+    with open(metrics_path, "a") as log:
+        for step in bar:
+            rows = [table.rows[i] for i in data.question_indices(len(table), step, cfg.per_step_questions, cfg.seed)]
+            m = train_step(policy, reference, processor, optimizer, rows, cfg, step, device, autocast)
+            metrics.append(m)
+            log.write(json.dumps(m) + "\n")
+            log.flush()
+            kl = "off" if m["kl"] is None else f"{m['kl']:.4f}"
+            bar.set_postfix(reward=f"{m['reward']:.3f}", acc=f"{m['accuracy']:.2f}", tau=f"{m['tau']:.3f}", kl=kl)
+            if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
+                save_checkpoint(policy, processor, optimizer, cfg, step + 1)
+                plot_metrics(metrics, Path(cfg.output_dir) / "metrics.png")
+    print(f"done: {len(table.skipped)} bad rows skipped; checkpoint {checkpoints(Path(cfg.output_dir))[-1]}, "
+          f"metrics {metrics_path}, plot {metrics_path.with_suffix('.png')}", file=sys.stderr)
+    return metrics
+
+
+def main(argv=None) -> None:
+    try:
+        cfg = parse_config(argv)
+        train(cfg)
+    except (media.ModelNotAvailable, data.DatasetError, ConfigError, FileExistsError) as err:
+        raise SystemExit(f"error: {err}") from None
+
+
+if __name__ == "__main__":
+    main()
