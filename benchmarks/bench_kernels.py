@@ -61,13 +61,30 @@ def bench(fn, device, repeats):
     return 1e3 * statistics.median(times)
 
 
-def dense_attention(q, k, v):
-    """Dense causal attention with SDPA's flash backend where it takes these inputs, else SDPA's own choice."""
+def flash(q, k, v, causal, enable_gqa=False):
+    """SDPA restricted to its flash backend (the dense baseline); SDPA's own choice where flash is unavailable."""
     try:
         with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, enable_gqa=True)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=enable_gqa)
     except RuntimeError:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, enable_gqa=True)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=enable_gqa)
+
+
+def dense_prefill(q, k, v):
+    """Dense causal attention over all ℓ tokens: flash with native GQA, else flash on K, V expanded per query head."""
+    try:
+        return flash(q, k, v, causal=True, enable_gqa=True)
+    except RuntimeError:
+        groups = q.shape[1] // k.shape[1]
+        return flash(q, k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1), causal=True)
+
+
+def dense_decode(q, k, v):
+    """One query per head against the full cache, as flash decoding does for GQA: the G query heads of a KV head
+    become G queries of one head, so K and V are read once.  q (B, H, 1, D) -> (B, H, 1, D)."""
+    bsz, heads, _, dim = q.shape
+    out = flash(q.reshape(bsz, k.shape[1], heads // k.shape[1], dim), k, v, causal=False)  # (B, Hkv, G, D)
+    return out.reshape(bsz, heads, 1, dim)
 
 
 def random_selection(batch, length, tau, device, seed=0):
@@ -96,7 +113,7 @@ def prefill_rows(q, k, v, args, device, peak_tflops):
     flops = lambda count: 2.0 * bsz * heads * dim * count * count  # noqa: E731  causal forward FLOPs
     tflops = lambda f, ms: f"{f / ms / 1e9:.0f} TFLOP/s" + (f" ({100 * f / ms / 1e9 / peak_tflops:.0f}%)"  # noqa: E731
                                                           if peak_tflops else "")
-    t_dense = bench(lambda: dense_attention(q, k, v), device, args.repeats)
+    t_dense = bench(lambda: dense_prefill(q, k, v), device, args.repeats)
     rows = [("prefill", length, 1.0, "dense SDPA", t_dense, 1.0, tflops(flops(length), t_dense))]
     t_sel_torch = bench(lambda: top_p_select(q, k, args.keep_p), device, args.repeats)
     t_sel = bench(lambda: kernels.top_p_select(q, k, args.keep_p, backend="triton"), device, args.repeats)
@@ -105,7 +122,7 @@ def prefill_rows(q, k, v, args, device, peak_tflops):
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
     grad_out = torch.randn_like(q)
     if args.backward:
-        t_dense_bwd = bench(with_backward(dense_attention, leaves, grad_out), device, args.repeats)
+        t_dense_bwd = bench(with_backward(dense_prefill, leaves, grad_out), device, args.repeats)
         rows.append(("fwd+bwd", length, 1.0, "dense SDPA", t_dense_bwd, 1.0, tflops(3.5 * flops(length), t_dense_bwd)))
     for tau in args.taus:
         mask, count = random_selection(bsz, length, tau, device)
@@ -136,7 +153,7 @@ def decode_rows(length, args, device, dtype, peak_tbps):
     cache_bytes = lambda n: 2 * bsz * args.kv_heads * n * d * q.element_size()  # noqa: E731  K and V
     tbps = lambda n, ms: f"{cache_bytes(n) / ms / 1e9:.2f} TB/s" + (  # noqa: E731
         f" ({100 * cache_bytes(n) / ms / 1e9 / peak_tbps:.0f}%)" if peak_tbps else "")
-    t_dense = bench(lambda: dense_attention(q, k, v), device, args.repeats)
+    t_dense = bench(lambda: dense_decode(q, k, v), device, args.repeats)
     rows = [("decode", length, 1.0, "dense SDPA", t_dense, 1.0, tbps(length, t_dense))]
     for tau in args.taus:
         keys = max(1, round(tau * length))

@@ -100,9 +100,14 @@ def prefill_sparse_attention(q, k, v, mask, scale: float | None = None, backend:
 
 
 def decode_attention_torch(q, k, v, key_valid, scale: float | None = None) -> torch.Tensor:
-    """Masked SDPA of one query per sample over the valid cache entries; a sample with no valid key gets 0."""
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_valid[:, None, None, :], scale=scale,
-                                         enable_gqa=q.shape[1] != k.shape[1])  # (B, H, 1, D)
+    """Masked SDPA of one query per sample over the valid cache entries; a sample with no valid key gets 0.
+
+    The G query heads sharing a KV head become G queries of that head (no causal mask at decode), so K and V are
+    read once and any SDPA backend applies."""
+    bsz, heads, _, dim = q.shape
+    queries = q.reshape(bsz, k.shape[1], heads // k.shape[1], dim)  # (B, Hkv, G, D)
+    out = F.scaled_dot_product_attention(queries, k, v, attn_mask=key_valid[:, None, None, :], scale=scale)
+    out = out.reshape(bsz, heads, 1, dim)  # (B, H, 1, D)
     return torch.where(key_valid.any(-1)[:, None, None, None], out, 0.0)
 
 

@@ -79,10 +79,10 @@ def _decode_combine(Acc, M, L, Out, H, n_splits, sob, soh,
 
 
 def num_splits(batch_kv_heads: int, n_keys: int, device: torch.device, block_n: int) -> int:
-    """Enough splits for ~2 programs per SM, each covering at least 4 key blocks."""
+    """Enough splits for ~2 programs per SM, each covering at least 2 key blocks."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
     want = triton.cdiv(2 * sms, max(batch_kv_heads, 1))
-    return max(1, min(want, triton.cdiv(n_keys, 4 * block_n)))
+    return max(1, min(want, triton.cdiv(n_keys, 2 * block_n)))
 
 
 def decode_attention_triton(q, k, v, key_valid, scale: float | None = None, splits: int | None = None):
