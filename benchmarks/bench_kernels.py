@@ -146,9 +146,9 @@ def prefill_rows(q, k, v, args, device, peak_tflops):
 
 def decode_rows(length, args, device, dtype, peak_tbps):
     """Dense decode over an ℓ-token cache vs sparse decode over the pruned τℓ-token cache."""
-    g = torch.Generator().manual_seed(1)
+    g = torch.Generator(device).manual_seed(1)
     bsz, d = args.decode_batch, args.head_dim
-    make = lambda h, n: torch.randn(bsz, h, n, d, generator=g).to(device, dtype)  # noqa: E731  (B, h, n, D)
+    make = lambda h, n: torch.randn(bsz, h, n, d, generator=g, device=device, dtype=dtype)  # noqa: E731  (B, h, n, D)
     q, k, v = make(args.heads, 1), make(args.kv_heads, length), make(args.kv_heads, length)
     cache_bytes = lambda n: 2 * bsz * args.kv_heads * n * d * q.element_size()  # noqa: E731  K and V
     tbps = lambda n, ms: f"{cache_bytes(n) / ms / 1e9:.2f} TB/s" + (  # noqa: E731
@@ -204,8 +204,9 @@ def main():
     print("| phase | ℓ | τ | method | ms | × vs dense | throughput |\n|---|---|---|---|---|---|---|")
     results = []
     for length in args.lengths:
-        g = torch.Generator().manual_seed(length)
-        make = lambda h: torch.randn(args.batch, h, length, args.head_dim, generator=g).to(device, dtype)  # noqa: E731
+        g = torch.Generator(device).manual_seed(length)
+        make = lambda h: torch.randn(args.batch, h, length, args.head_dim, generator=g, device=device,  # noqa: E731
+                                     dtype=dtype)
         q, k, v = make(args.heads), make(args.kv_heads), make(args.kv_heads)  # (B, H|Hkv, L, D)
         rows = prefill_rows(q, k, v, args, device, peak_tflops) + decode_rows(length, args, device, dtype, peak_tbps)
         for phase, ell, tau, method, ms, ratio, throughput in rows:

@@ -135,6 +135,8 @@ def probe_column_mass(q, k, valid, probe_idx, probe_ok, scale=None, backend: str
 def top_p_select(q, k, keep_p, valid=None, num_recent=ref.NUM_RECENT_PROBES, num_random=ref.NUM_RANDOM_PROBES,
                  seed=0, scale=None, backend: str = "auto") -> ref.Selection:
     """sparse_attention.top_p_select (Eq. 3), with the fused probe scoring on the Triton backend."""
+    shape_valid = valid.bool() if valid is not None else torch.ones(k.shape[0], k.shape[2], dtype=torch.bool)
+    check_attention_shapes(q, k, k, shape_valid, name="valid")
     if use_triton(q, backend):
         return _kernels("probe").top_p_select_triton(q, k, keep_p, valid, num_recent, num_random, seed, scale)
     return ref.top_p_select(q, k, keep_p, valid, num_recent, num_random, seed, scale)

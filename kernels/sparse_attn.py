@@ -99,6 +99,7 @@ def _sparse_attn_fwd(Q, K, V, Out, Lse, Idx, Count, qk_scale, H, GROUPS,
                      sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sob, soh, sol, s_idx, s_lse,
                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      UPCAST: tl.constexpr, PREC: tl.constexpr):
+    """O[idx[r]] for BLOCK_M query ranks r of one (sample, head), and their log-sum-exp for the backward."""
     bh, blocks_left = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
     count = tl.load(Count + b)  # k for this sample
@@ -122,7 +123,7 @@ def _sparse_attn_fwd(Q, K, V, Out, Lse, Idx, Count, qk_scale, H, GROUPS,
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, ranks_m, K, V, idx, count, skl, svl, offs_d, lo, lo + BLOCK_M,
                                qk_scale, True, BLOCK_N, UPCAST, PREC)
     keep = ranks_m < count
-    out = acc / l_i[:, None]  # (BLOCK_M, D)
+    out = acc / l_i[:, None]  # Eq. 1: softmax-weighted sum of the selected values  (BLOCK_M, D)
     tl.store(Out + b64 * sob + h64 * soh + pos_m[:, None] * sol + offs_d[None, :], out.to(Out.dtype.element_ty),
              mask=keep[:, None])
     tl.store(Lse + bh.to(tl.int64) * s_lse + ranks_m, m_i + tl.math.log2(l_i), mask=keep)  # base-2 log-sum-exp

@@ -219,6 +219,8 @@ def test_bad_inputs_get_one_clear_error():
         kernels.prefill_sparse_attention(q, k, v, mask, backend="cuda")
     with pytest.raises(ValueError, match="head_dim"):
         kernels.prefill_sparse_attention(q[..., :12], k[..., :12], v[..., :12], mask, backend="triton")
+    with pytest.raises(ValueError, match="valid must be"):
+        kernels.top_p_select(q, k, 0.9, valid=mask[:1], backend="triton")
     with pytest.raises(ValueError, match="one query"):
         kernels.decode_attention(q, k, v, mask)
     with pytest.raises(ValueError, match="no backward"):
