@@ -166,13 +166,22 @@ def top_p_select(q, k, keep_p, valid=None, num_recent=NUM_RECENT_PROBES, num_ran
         raise ValueError("a sample has no valid tokens to select from")
     probe_idx, probe_ok = probe_indices(valid, num_recent, num_random, seed)
     mass, seen_by = probe_column_mass(q, k, valid, probe_idx, probe_ok, scale)  # (B, L), (B, L)
+    return select_from_mass(mass, seen_by, valid, keep_p)
+
+
+def select_from_mass(mass, seen_by, valid, keep_p) -> Selection:
+    """Count from the raw column mass (Eq. 3), identity from the mass per probe that sees the key.
+
+    mass, seen_by: (B, L); valid: (B, L) bool; keep_p: (B,). The final valid position is always kept.
+    """
+    bsz, seq = valid.shape
+    length = valid.sum(-1)  # (B,)
     count = top_p_count(mass, keep_p, length)  # (B,)
-    score = mass / seen_by.clamp(min=1)  # identity: mass per probe that can see the key
+    score = (mass / seen_by.clamp(min=1)).masked_fill(~valid, float("-inf"))  # identity: mass per seeing probe
     last = seq - 1 - valid.flip(-1).float().argmax(-1)  # (B,) final valid position
-    score = score.masked_fill(~valid, float("-inf"))
-    score[torch.arange(bsz), last] = float("inf")  # the final position is always kept
+    score[torch.arange(bsz, device=valid.device), last] = float("inf")  # the final position is always kept
     order = score.argsort(dim=-1, descending=True)  # (B, L)
-    ranks = torch.arange(seq, device=q.device)[None, :] < count[:, None]  # (B, L): first k of the order
+    ranks = torch.arange(seq, device=valid.device)[None, :] < count[:, None]  # (B, L): first k of the order
     mask = torch.zeros_like(valid).scatter(1, order, ranks)  # (B, L)
     return Selection(mask=mask, count=count, length=length)
 
@@ -225,6 +234,6 @@ def attention_error_bound(kept_mass: torch.Tensor, v_norm_max: torch.Tensor) -> 
 
 __all__ = [
     "Selection", "check_keep_p", "sparse_attention", "token_budget", "token_ratio", "probe_indices",
-    "probe_column_mass", "top_p_count", "top_p_select", "mask_to_indices", "gathered_sparse_attention",
+    "probe_column_mass", "top_p_count", "top_p_select", "select_from_mass", "mask_to_indices", "gathered_sparse_attention",
     "attention_error_bound",
 ]

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from sparse_attention import Selection, check_keep_p, probe_indices, top_p_count, NUM_RANDOM_PROBES, NUM_RECENT_PROBES
+from sparse_attention import NUM_RANDOM_PROBES, NUM_RECENT_PROBES, Selection, check_keep_p, probe_indices, select_from_mass
 from .sparse_attn import INTERPRET, LOG2E, _dot, dot_flags
 
 
@@ -162,19 +162,12 @@ def top_p_select_triton(q, k, keep_p, valid=None, num_recent=NUM_RECENT_PROBES, 
     bsz, _, seq, _ = q.shape
     valid = torch.ones(bsz, seq, dtype=torch.bool, device=q.device) if valid is None else valid.bool()
     keep_p = check_keep_p(keep_p, bsz, q.device)
-    length = valid.sum(-1)  # (B,)
-    lengths = length.tolist()
+    lengths = valid.sum(-1).tolist()
     if min(lengths) == 0:
         raise ValueError("a sample has no valid tokens to select from")
     probe_idx, probe_ok = probe_positions(valid, lengths, num_recent, num_random, seed)  # (B, P)
     mass, seen_by = probe_column_mass_triton(q, k, valid, probe_idx, probe_ok, scale)  # (B, L), (B, L)
-    count = top_p_count(mass, keep_p, length)  # Eq. 3: (B,)
-    score = (mass / seen_by.clamp(min=1)).masked_fill(~valid, float("-inf"))  # identity: mass per seeing probe
-    last = seq - 1 - valid.flip(-1).float().argmax(-1)  # (B,) final valid position, always kept
-    score[torch.arange(bsz, device=q.device), last] = float("inf")
-    order = score.argsort(dim=-1, descending=True)  # (B, L)
-    ranks = torch.arange(seq, device=q.device)[None, :] < count[:, None]  # (B, L): first k of the order
-    return Selection(mask=torch.zeros_like(valid).scatter(1, order, ranks), count=count, length=length)
+    return select_from_mass(mass, seen_by, valid, keep_p)  # Eq. 3: count and identity, as the reference
 
 
 __all__ = ["probe_column_mass_triton", "top_p_select_triton", "probe_positions", "probe_ranks"]
