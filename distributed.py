@@ -48,6 +48,9 @@ class Dist:
         return self.rank == 0
 
 
+SINGLE = Dist()  # a plain single process (the default of every train.py function that takes a Dist)
+
+
 def init_distributed() -> Dist:
     """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT in the env).
 
@@ -170,8 +173,11 @@ def rank_questions(num_questions: int, dist: Dist) -> range:
 
 
 def question_seed(step_seed: int, position: int) -> int:
-    """Rollout seed of the question at `position` of a step's global question list: independent of the rank split."""
-    return (step_seed * 1_000_003 + position) % 2**62
+    """Rollout seed of the question at `position` of a step's global question list: independent of the rank split.
+
+    Position 0 keeps the step seed itself, so a one-question step samples exactly as a plain batched rollout would.
+    """
+    return (step_seed + 1_000_000_007 * position) % 2**62
 
 
 # ----------------------------------------------------------------------------------------------- loss, metrics
@@ -202,6 +208,12 @@ def loss_weight(local_count: int, global_count: int, dist: Dist) -> float:
     if global_count <= 0:
         return 0.0
     return dist.world_size * local_count / global_count
+
+
+def clip_grad_norm(parameters, max_norm: float) -> float:
+    """torch's clip_grad_norm_ (the norm over every rank's shards when the grads are FSDP DTensors), as a float."""
+    norm = torch.nn.utils.clip_grad_norm_(list(parameters), max_norm)
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
 
 def reduce_metrics(metrics: dict, dist: Dist) -> dict:
@@ -246,6 +258,8 @@ def full_state_dict(model, dist: Dist) -> dict | None:
 
 def save_pretrained(model, path, dist: Dist, **kwargs) -> None:
     """One consolidated Hugging Face folder written by rank 0 (loadable by plain `from_pretrained`)."""
+    if not dist.enabled:
+        return model.save_pretrained(path, **kwargs)
     state = full_state_dict(model, dist)
     if dist.is_main:
         model.save_pretrained(path, state_dict=state, **kwargs)
@@ -270,8 +284,8 @@ def load_optimizer_state(model, optimizer, state: dict, dist: Dist) -> None:
 
 
 __all__ = [
-    "Dist", "init_distributed", "shutdown", "barrier", "main_first", "broadcast", "block_modules", "shard_model",
-    "gathered_weights", "rank_questions", "question_seed", "all_sum", "loss_count", "loss_weight", "reduce_metrics",
-    "combine_metrics",
+    "Dist", "SINGLE", "init_distributed", "shutdown", "barrier", "main_first", "broadcast", "block_modules", "shard_model",
+    "gathered_weights", "rank_questions", "question_seed", "all_sum", "loss_count", "loss_weight", "clip_grad_norm",
+    "reduce_metrics", "combine_metrics",
     "full_state_dict", "save_pretrained", "optimizer_state", "load_optimizer_state",
 ]
