@@ -284,8 +284,8 @@ def load_optimizer_state(model, optimizer, state: dict, dist: Dist) -> None:
 
 
 __all__ = [
-    "Dist", "SINGLE", "init_distributed", "shutdown", "barrier", "main_first", "broadcast", "block_modules", "shard_model",
-    "gathered_weights", "rank_questions", "question_seed", "all_sum", "loss_count", "loss_weight", "clip_grad_norm",
-    "reduce_metrics", "combine_metrics",
-    "full_state_dict", "save_pretrained", "optimizer_state", "load_optimizer_state",
+    "Dist", "SINGLE", "init_distributed", "shutdown", "barrier", "main_first", "broadcast", "block_modules",
+    "shard_model", "gathered_weights", "rank_questions", "question_seed", "all_sum", "loss_count", "loss_weight",
+    "clip_grad_norm", "reduce_metrics", "combine_metrics", "full_state_dict", "save_pretrained", "optimizer_state",
+    "load_optimizer_state",
 ]

@@ -1,7 +1,7 @@
 """Real-size figures on the Qwen2.5-VL-3B architecture: sparse vs dense prefill, KV bytes, decode, one ZipR1 step.
 
-    python benchmarks/bench_3b.py                     # GPU, bf16: ℓ ∈ {8k, 16k, 32k}, τ ≈ 0.25, decode b ∈ {1, 8}, step
-    python benchmarks/bench_3b.py --smoke             # tiny sizes on the CPU: checks that the script runs
+    python benchmarks/bench_3b.py          # GPU, bf16: ℓ ∈ {8k,16k,32k}, τ ≈ 0.25, decode b ∈ {1,8}, ZipR1 step
+    python benchmarks/bench_3b.py --smoke  # tiny sizes on the CPU: checks that the script runs
 
 The model is built from Qwen2.5-VL-3B-Instruct's published config.json with random weights (nothing downloaded):
 LM 36 layers, hidden 2048, 16 query / 2 KV heads (d = 128), MLP 11008, vocabulary 151936, tied embeddings,
@@ -19,11 +19,16 @@ p used and the τ reached are printed in every row; `--keep-p X` fixes p instead
 Anchors: ZipVL prefill 2.3×, decode 2.8×; ZipR1 (later version) decode 3.3×, memory 3×.
 """
 import argparse
+import contextlib
+import json
 import os
 import statistics
 import sys
+import tempfile
 import time
+from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -59,7 +64,8 @@ def qwen25_vl_config(size: str, token_ids: dict = QWEN_TOKEN_IDS) -> Qwen2_5_VLC
     """The published architecture (module docstring) with mRoPE [16, 24, 24] (scaled down for "smoke"), θ = 1e6."""
     text, vision, tied = SIZES[size]
     half = text["hidden_size"] // text["num_attention_heads"] // 2  # 64 rotary frequencies at d = 128
-    section = [16, 24, 24] if half == 64 else [half // 4, (half - half // 4) // 2, half - half // 4 - (half - half // 4) // 2]
+    rest = half - half // 4
+    section = [16, 24, 24] if half == 64 else [half // 4, rest // 2, rest - rest // 2]  # Qwen's 1 : 1.5 : 1.5
     text = {**text, "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": section}}
     ids = {k: v for k, v in token_ids.items() if k in ("bos_token_id", "eos_token_id")}
     return Qwen2_5_VLConfig(text_config={**text, **ids}, vision_config=vision, tie_word_embeddings=tied,
@@ -107,8 +113,8 @@ def print_memory_estimates():
     for size, world in (("3b", 1), ("7b", 1), ("7b", 8)):
         total, lm = parameter_counts(qwen25_vl_config(size))
         mem = state_memory(total, lm, world)
-        print(f"| {size.upper()} | {world} | {total / 1e9:.2f}B ({lm / 1e9:.2f}B) | {mem['sharded states'] / GB:.1f} GB "
-              f"| {mem['total'] / GB:.1f} GB |")
+        print(f"| {size.upper()} | {world} | {total / 1e9:.2f}B ({lm / 1e9:.2f}B) | "
+              f"{mem['sharded states'] / GB:.1f} GB | {mem['total'] / GB:.1f} GB |")
 
 
 # ----------------------------------------------------------------------------------------------- timing helpers
@@ -166,7 +172,8 @@ def decode_tokens_per_s(model, inputs, steps, keep_p, device):
     """Greedy decode of `steps` tokens after a prefill (dense cache, or sparse with the pruned cache): tokens/s."""
     if keep_p is None:
         logits, cache = dense_prefill(model, inputs)
-        step = lambda tok, t: model(input_ids=tok[:, None], past_key_values=cache, use_cache=True).logits[:, -1]  # noqa: E731
+        def step(tok, t):
+            return model(input_ids=tok[:, None], past_key_values=cache, use_cache=True).logits[:, -1]
     else:
         logits, state, next_pos = prefill(model, inputs, keep_p)
         state.mode = "decode"
@@ -227,6 +234,73 @@ def decode_rows(model, args, device, chosen):
                   flush=True)
 
 
+def write_step_sources(root: Path, size: str, device, frames: int, frame_size: int) -> tuple[Path, Path]:
+    """A model folder train.py loads (random weights saved in bf16, the toy tokenizer, Qwen's default video sizes)
+    and a one-row Video-R1 JSONL whose video is `frames` random frame_size² frames (.npy)."""
+    import media
+    import toy
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    tokenizer = toy.build_tokenizer()
+    names = dict(bos_token_id="<|endoftext|>", eos_token_id="<|im_end|>", vision_start_token_id="<|vision_start|>",
+                 vision_end_token_id="<|vision_end|>", image_token_id="<|image_pad|>", video_token_id="<|video_pad|>")
+    ids = {key: tokenizer.convert_tokens_to_ids(token) for key, token in names.items()}
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = build_model(qwen25_vl_config(size, ids), device, dtype)
+    model.save_pretrained(root / "model")
+    del model
+    processor = media.FallbackProcessor(tokenizer, Qwen2VLImageProcessorPil(), media.VIDEO_DEFAULTS)
+    processor.save_pretrained(root / "model")
+    (root / "data").mkdir()
+    video = np.random.default_rng(0).integers(0, 256, (frames, frame_size, frame_size, 3), dtype=np.uint8)
+    np.save(root / "data" / "video.npy", video)  # (T, H, W, 3)
+    row = {"problem": "What happens in the video?", "options": ["A. a square moves", "B. nothing"],
+           "solution": "<answer>A</answer>", "problem_type": "multiple choice", "data_type": "video",
+           "path": "video.npy"}
+    (root / "data" / "rows.jsonl").write_text(json.dumps(row) + "\n")
+    return root / "model", root / "data" / "rows.jsonl"
+
+
+def zipr1_step_rows(args, device, size):
+    """Two train.train_step calls (the second is reported: kernels compiled, AdamW state allocated) with
+    train.py's own loading: fp32 policy + bf16 autocast, bf16 reference, gradient checkpointing, N answers."""
+    import data
+    import media
+    import train
+    print(f"\n## One ZipR1 step (train.train_step): N={args.step_n}, {args.step_new_tokens} new tokens, "
+          f"video {args.step_frames}x{args.step_frame_size}², paper keep_p grid, bf16 autocast, gradient checkpointing")
+    print("| step | prompt tokens | completion tokens | τ | rollout + update s | peak GB | held before the step GB |")
+    print("|---|---|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir, jsonl = write_step_sources(Path(tmp), size, device, args.step_frames, args.step_frame_size)
+        cfg = train.check_config(train.Config(
+            model=str(model_dir), dataset=str(jsonl), num_generations=args.step_n, per_step_questions=1,
+            max_new_tokens=args.step_new_tokens, max_frames=args.step_frames, gradient_checkpointing=True,
+            output_dir=str(Path(tmp) / "out"), progress=False))
+        processor, rows = media.load_processor(model_dir), data.load_dataset_rows(str(jsonl)).rows
+        prompt = media.encode_prompts(processor, [data.prompt_item(rows[0], cfg.max_frames)])["input_ids"].shape[1]
+        policy = train.load_policy(model_dir, cfg, device)
+        reference = train.load_reference(model_dir, cfg, device)
+        optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.learning_rate)
+        autocast = torch.autocast(device.type, torch.bfloat16) if cfg.bf16 else contextlib.nullcontext()
+        for step in range(2):
+            held = torch.cuda.memory_allocated(device) / GB if device.type == "cuda" else float("nan")
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            sync(device)
+            start = time.perf_counter()
+            try:
+                m = train.train_step(policy, reference, processor, optimizer, rows[:1], cfg, step, device, autocast)
+            except torch.cuda.OutOfMemoryError:
+                peak = torch.cuda.max_memory_allocated(device) / GB
+                print(f"| {step + 1} | {prompt} | out of memory | | | {peak:.1f} | {held:.1f} |", flush=True)
+                return
+            sync(device)
+            seconds = time.perf_counter() - start
+            peak = torch.cuda.max_memory_allocated(device) / GB if device.type == "cuda" else float("nan")
+            print(f"| {step + 1} | {prompt} | {m['completion_length']:.0f} x {args.step_n} | {m['tau']:.3f} | "
+                  f"{seconds:.2f} | {peak:.1f} | {held:.1f} |", flush=True)
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
@@ -238,12 +312,17 @@ def parse_args(argv=None):
     ap.add_argument("--decode-batches", type=ints, default=[1, 8])
     ap.add_argument("--decode-steps", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--step-n", type=int, default=8, help="answers per question in the ZipR1 step")
+    ap.add_argument("--step-new-tokens", type=int, default=256)
+    ap.add_argument("--step-frames", type=int, default=16)
+    ap.add_argument("--step-frame-size", type=int, default=336, help="pixels; 336² -> 144 tokens per 2 frames")
     ap.add_argument("--skip", default="", help="comma list of sections to skip: prefill,decode,step,memory")
     ap.add_argument("--smoke", action="store_true", help="tiny model and lengths on the CPU")
     args = ap.parse_args(argv)
     if args.smoke:
         args.lengths, args.decode_batches, args.decode_steps, args.repeats = [256, 512], [1, 2], 4, 1
         args.bisect_iters = 4
+        args.step_n, args.step_new_tokens, args.step_frames, args.step_frame_size = 4, 4, 4, 56
     args.decode_lengths = args.decode_lengths or args.lengths
     args.skip = set(filter(None, args.skip.split(",")))
     return args
@@ -267,6 +346,11 @@ def main(argv=None):
         prefill_rows(model, args, device, chosen)
     if "decode" not in args.skip:
         decode_rows(model, args, device, chosen)
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    if "step" not in args.skip:
+        zipr1_step_rows(args, device, size)
 
 
 if __name__ == "__main__":
