@@ -1,0 +1,304 @@
+"""Model inputs for Qwen2.5-VL / Qwen2-VL: processor (with or without torchvision), media loading, prompts.
+
+`load_processor` returns transformers' own AutoProcessor when it can be built. Without torchvision (the video
+processor needs it) it returns a `FallbackProcessor`: the tokenizer + the PIL image processor + `video_to_patches`,
+producing the same keys and tensors as HF's processor for text, images and pre-sampled video frames.
+"""
+import json
+import logging
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageSequence, UnidentifiedImageError
+from transformers import AutoProcessor, AutoTokenizer, BatchFeature
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+logger = logging.getLogger(__name__)
+IMAGE_TOKEN, VIDEO_TOKEN = "<|image_pad|>", "<|video_pad|>"
+DEFAULT_FPS = 2.0  # frames per second assumed for frame folders and .npy videos (no timing stored)
+HF_VIDEO_FPS = 24.0  # HF's VideoMetadata.sampled_fps when a video comes without fps
+VIDEO_DEFAULTS = {"size": {"shortest_edge": 128 * 28 * 28, "longest_edge": 28 * 28 * 768}}  # Qwen2VLVideoProcessor
+VIDEO_KEYS = ("size", "min_pixels", "max_pixels", "patch_size", "temporal_patch_size", "merge_size", "image_mean",
+              "image_std", "resample", "do_rescale", "rescale_factor", "do_normalize", "do_convert_rgb")
+TYPE_TEMPLATE = {  # Video-R1's answer-format instructions, per problem type
+    "multiple choice": "Please provide only the single option letter (e.g., A, B, C, D, etc.) within the <answer> </answer> tags.",
+    "numerical": "Please provide the numerical value (e.g., 42 or 3.14) within the <answer> </answer> tags.",
+    "free-form": "Please provide your text answer within the <answer> </answer> tags.",
+}
+_LOGGED = set()
+
+
+class ModelNotAvailable(OSError):
+    """The model is neither a local directory nor in the Hugging Face cache, and the hub cannot be used."""
+
+
+def _log_once(name, message):
+    if name not in _LOGGED:
+        _LOGGED.add(name)
+        logger.warning(message)
+
+
+def _hub_offline():
+    from huggingface_hub import constants
+    return bool(constants.HF_HUB_OFFLINE) or os.environ.get("TRANSFORMERS_OFFLINE", "0").upper() in ("1", "ON", "YES", "TRUE")
+
+
+def resolve_model_dir(name):
+    """Local directory holding `name` (a directory, or a hub id already in the HF cache); downloads only if online."""
+    if os.path.isdir(name):
+        return Path(name)
+    from huggingface_hub import snapshot_download
+    hint = (f"Model '{name}' is not available offline: download it with `huggingface-cli download {name}` "
+            "on a machine with internet, or pass a local directory.")
+    try:
+        return Path(snapshot_download(name, local_files_only=True))
+    except Exception:
+        if _hub_offline():
+            raise ModelNotAvailable(hint) from None
+    try:
+        return Path(snapshot_download(name))
+    except Exception as err:
+        raise ModelNotAvailable(f"{hint} ({type(err).__name__})") from None
+
+
+def _read_json(path):
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _video_config(model_dir):
+    """HF's lookup order: processor_config.json['video_processor'] -> video_preprocessor_config.json -> image's."""
+    nested = (_read_json(model_dir / "processor_config.json") or {}).get("video_processor")
+    found = nested or _read_json(model_dir / "video_preprocessor_config.json") or \
+        _read_json(model_dir / "preprocessor_config.json") or {}
+    return {**VIDEO_DEFAULTS, **{k: v for k, v in found.items() if k in VIDEO_KEYS}}
+
+
+def load_processor(model_name_or_dir):
+    """HF AutoProcessor when it can be built, else a FallbackProcessor; ModelNotAvailable when not on disk offline."""
+    model_dir = resolve_model_dir(str(model_name_or_dir))
+    try:
+        processor = AutoProcessor.from_pretrained(model_dir)
+        if getattr(processor, "video_processor", None) is None:
+            raise ImportError("the video processor needs torchvision")
+        _log_once(str(model_dir), f"media: using transformers' {type(processor).__name__} for {model_name_or_dir}")
+        return processor
+    except ImportError as err:  # torchvision missing: HF cannot build its video processor
+        reason = err
+    except ValueError as err:
+        if "torchvision" not in str(err).lower() and "video" not in str(err).lower():
+            raise
+        reason = err
+    processor = FallbackProcessor.from_pretrained(model_dir)
+    _log_once(str(model_dir), f"media: using FallbackProcessor (tokenizer + PIL image processor) for "
+                              f"{model_name_or_dir}; transformers' processor unavailable: {str(reason).strip().splitlines()[0]}")
+    return processor
+
+
+def video_to_patches(frames, video_processor):
+    """Flattened video patches exactly as HF's Qwen2-VL video processor lays them out.
+
+    frames: T RGB frames (PIL or (T,H,W,3) uint8); each is resized (smart_resize), rescaled and normalised by the
+    PIL image processor with temporal_patch_size=1; T is padded to a multiple of t_p by repeating the last frame.
+    Returns (patches (grid_t*grid_h*grid_w, C*t_p*p*p), grid (3,)), rows ordered (t, h/m, w/m, m_h, m_w).
+    """
+    tp = video_processor.temporal_patch_size
+    frames = list(frames) + [frames[-1]] * (-len(frames) % tp)  # pad T to a multiple of t_p
+    out = video_processor(frames, temporal_patch_size=1, return_tensors="pt")
+    per_frame, grids = out["pixel_values"], out["image_grid_thw"]  # (T*gh*gw, C*p*p), (T, 3)
+    if not bool((grids == grids[0]).all()):
+        raise ValueError(f"video frames must share one size, got grids {grids.tolist()}")
+    grid_h, grid_w = int(grids[0, 1]), int(grids[0, 2])
+    channels = 3
+    x = per_frame.view(len(frames) // tp, tp, grid_h * grid_w, channels, -1)  # (gt, tp, hw, C, p*p)
+    x = x.permute(0, 2, 3, 1, 4)  # (gt, hw, C, tp, p*p): temporal axis sits between channel and pixels, as HF
+    grid = torch.tensor([len(frames) // tp, grid_h, grid_w])
+    return x.reshape(grid.prod().item(), -1), grid
+
+
+class FallbackProcessor:
+    """The parts of Qwen2(.5)-VL's processor this project uses, built without torchvision."""
+
+    def __init__(self, tokenizer, image_processor, video_config, with_second_per_grid=True):
+        self.tokenizer, self.image_processor, self.video_config = tokenizer, image_processor, dict(video_config)
+        self.video_processor = Qwen2VLImageProcessorPil(**self.video_config)  # same resize/normalise, video sizes
+        self.with_second_per_grid = with_second_per_grid  # Qwen2.5-VL returns second_per_grid_ts, Qwen2-VL not
+        self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        self.video_token_id = tokenizer.convert_tokens_to_ids(VIDEO_TOKEN)
+        if tokenizer.unk_token_id in (self.image_token_id, self.video_token_id) or self.image_token_id is None:
+            raise ValueError(f"tokenizer lacks {IMAGE_TOKEN} / {VIDEO_TOKEN}; not a Qwen2-VL tokenizer")
+
+    @classmethod
+    def from_pretrained(cls, model_dir):
+        model_dir = Path(model_dir)
+        model_type = (_read_json(model_dir / "config.json") or {}).get("model_type", "qwen2_5_vl")
+        return cls(AutoTokenizer.from_pretrained(model_dir), Qwen2VLImageProcessorPil.from_pretrained(model_dir),
+                   _video_config(model_dir), with_second_per_grid=model_type != "qwen2_vl")
+
+    def save_pretrained(self, save_directory):
+        """Tokenizer files + an HF v5 processor_config.json, loadable by AutoProcessor where torchvision exists."""
+        os.makedirs(save_directory, exist_ok=True)
+        self.tokenizer.save_pretrained(save_directory)
+        self.image_processor.save_pretrained(save_directory)
+        video = {**self.video_processor.to_dict(), "video_processor_type": "Qwen2VLVideoProcessor"}
+        video.pop("image_processor_type", None)
+        name = "Qwen2_5_VLProcessor" if self.with_second_per_grid else "Qwen2VLProcessor"
+        config = {"processor_class": name, "image_processor": self.image_processor.to_dict(), "video_processor": video}
+        Path(save_directory, "processor_config.json").write_text(json.dumps(config, indent=2, default=str))
+
+    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True, **kwargs):
+        if tokenize:
+            raise ValueError("FallbackProcessor.apply_chat_template renders text only: call it with tokenize=False")
+        return self.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt, **kwargs)
+
+    def batch_decode(self, *args, **kwargs):
+        return self.tokenizer.batch_decode(*args, **kwargs)
+
+    def decode(self, *args, **kwargs):
+        return self.tokenizer.decode(*args, **kwargs)
+
+    def __call__(self, text, images=None, videos=None, padding=True, return_tensors="pt", padding_side="left",
+                 fps=None, video_metadata=None, do_sample_frames=False):
+        """Tokenise `text` with each <|image_pad|>/<|video_pad|> expanded to t*h*w/merge^2 copies, in order."""
+        text = [text] if isinstance(text, str) else list(text)
+        images, videos = list(images or []), list(videos or [])
+        if do_sample_frames:
+            raise ValueError("FallbackProcessor does not sample frames: pass already-sampled frames")
+        for token, media in ((IMAGE_TOKEN, images), (VIDEO_TOKEN, videos)):
+            found = sum(t.count(token) for t in text)
+            if found != len(media):
+                raise ValueError(f"prompts hold {found} {token} placeholders but {len(media)} items were passed")
+        data, counts = {}, {IMAGE_TOKEN: [], VIDEO_TOKEN: []}
+        merge = self.image_processor.merge_size ** 2
+        if images:
+            data.update(self.image_processor(images, return_tensors="pt"))
+            counts[IMAGE_TOKEN] = (data["image_grid_thw"].prod(-1) // merge).tolist()
+        if videos:
+            patches, grids = zip(*(video_to_patches(v, self.video_processor) for v in videos))
+            data["pixel_values_videos"], data["video_grid_thw"] = torch.cat(patches), torch.stack(grids)
+            counts[VIDEO_TOKEN] = (data["video_grid_thw"].prod(-1) // self.video_processor.merge_size ** 2).tolist()
+            if self.with_second_per_grid:
+                tp = self.video_processor.temporal_patch_size
+                data["second_per_grid_ts"] = [tp / f for f in _video_fps(fps, video_metadata, len(videos))]
+        text = _expand_placeholders(text, counts)
+        encoded = self.tokenizer(text, padding=padding, padding_side=padding_side, return_tensors=return_tensors)
+        ids = encoded["input_ids"]
+        types = [[1 if t == self.image_token_id else 2 if t == self.video_token_id else 0 for t in row]
+                 for row in (ids.tolist() if torch.is_tensor(ids) else ids)]  # 0 text, 1 image, 2 video
+        encoded["mm_token_type_ids"] = torch.tensor(types) if torch.is_tensor(ids) else types
+        return BatchFeature({**encoded, **data}, tensor_type=return_tensors)
+
+
+def _video_fps(fps, video_metadata, n):
+    """One fps per video: `fps` (number or list), else video_metadata[i]['fps'], else HF's default of 24."""
+    if fps is None and video_metadata is not None:
+        fps = [(m.get("fps") if isinstance(m, dict) else m.fps) or HF_VIDEO_FPS for m in video_metadata]
+    fps = [fps or HF_VIDEO_FPS] * n if fps is None or np.isscalar(fps) else list(fps)
+    if len(fps) != n or min(fps) <= 0:
+        raise ValueError(f"need one positive fps per video ({n} videos), got {fps}")
+    return [float(f) for f in fps]
+
+
+def _expand_placeholders(text, counts):
+    """Replace the i-th placeholder (across the batch, per kind) by counts[kind][i] copies of itself."""
+    pattern = re.compile(f"{re.escape(IMAGE_TOKEN)}|{re.escape(VIDEO_TOKEN)}")
+    queues = {k: iter(v) for k, v in counts.items()}
+    return [pattern.sub(lambda m: m.group() * int(next(queues[m.group()])), t) for t in text]
+
+
+def load_image(path):
+    """RGB PIL image; FileNotFoundError / ValueError naming the path when missing or unreadable."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image not found: {path}")
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except (UnidentifiedImageError, OSError) as err:
+        raise ValueError(f"cannot read image {path}: {err}") from None
+
+
+def _frames_from_file(path):
+    """(frames, fps) from an animated GIF/WebP, a .npy (T,H,W,3) uint8 array, or any video PyAV can decode."""
+    suffix = path.suffix.lower()
+    if suffix in (".gif", ".webp"):
+        with Image.open(path) as img:
+            frames = [f.convert("RGB") for f in ImageSequence.Iterator(img)]
+            duration_ms = img.info.get("duration") or 0
+        return frames, (1000.0 / duration_ms if duration_ms else DEFAULT_FPS)
+    if suffix == ".npy":
+        array = np.load(path)
+        if array.ndim != 4 or array.shape[-1] != 3 or array.dtype != np.uint8:
+            raise ValueError(f"{path}: expected a (T,H,W,3) uint8 array, got {array.shape} {array.dtype}")
+        return [Image.fromarray(a) for a in array], DEFAULT_FPS
+    try:
+        import av
+    except ImportError:
+        raise ValueError(f"cannot read video {path}: decoding {suffix or 'this format'} needs PyAV "
+                         "(`pip install av`); or pass a folder of frames, a .gif/.webp or a .npy") from None
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        frames = [f.to_image().convert("RGB") for f in container.decode(stream)]
+        return frames, float(stream.average_rate or DEFAULT_FPS)
+
+
+def load_video(path, max_frames=16):
+    """(frames, fps): RGB PIL frames, uniformly subsampled to <= max_frames, and the fps of the kept frames.
+
+    Sources: a folder of frame images (sorted by name, fps = DEFAULT_FPS), animated .gif/.webp (fps from the frame
+    duration), .npy (T,H,W,3) uint8 (fps = DEFAULT_FPS), other containers (mp4, ...) through PyAV when installed.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"video not found: {path}")
+    try:
+        if path.is_dir():
+            files = sorted(p for p in path.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp", ".bmp"))
+            frames, fps = [load_image(p) for p in files], DEFAULT_FPS
+        else:
+            frames, fps = _frames_from_file(path)
+    except (UnidentifiedImageError, OSError, EOFError) as err:
+        raise ValueError(f"cannot read video {path}: {err}") from None
+    if not frames:
+        raise ValueError(f"video {path} holds no frames")
+    keep = np.linspace(0, len(frames) - 1, min(max_frames, len(frames))).round().astype(int)  # uniform sampling
+    return [frames[i] for i in keep], fps * len(keep) / len(frames)
+
+
+def build_messages(problem, options=None, num_images=0, num_videos=0, system=None, problem_type=None):
+    """Qwen chat messages: media entries first, then the question in Video-R1's format (answer in <answer> tags)."""
+    problem_type = problem_type or ("multiple choice" if options else "free-form")
+    if problem_type not in TYPE_TEMPLATE:
+        raise ValueError(f"problem_type must be one of {sorted(TYPE_TEMPLATE)}, got {problem_type!r}")
+    question = problem + (" Options:\n" + "\n".join(options) if options else "")
+    content = [{"type": "image"}] * num_images + [{"type": "video"}] * num_videos
+    content = [dict(c) for c in content] + [{"type": "text", "text": f"{question}\n{TYPE_TEMPLATE[problem_type]}"}]
+    system_message = [{"role": "system", "content": [{"type": "text", "text": system}]}] if system else []
+    return system_message + [{"role": "user", "content": content}]
+
+
+def encode_prompts(processor, batch, completions=None):
+    """Left-padded model inputs for a batch of {"messages", "images": [PIL], "videos": [frames], "fps": [float]}.
+
+    `completions` (optional, one string per sample) is appended after the generation prompt (teacher forcing).
+    """
+    texts, images, videos, metadata = [], [], [], []
+    for i, item in enumerate(batch):
+        text = processor.apply_chat_template(item["messages"], tokenize=False, add_generation_prompt=True)
+        item_images, item_videos = list(item.get("images") or []), list(item.get("videos") or [])
+        fps = list(item.get("fps") or [DEFAULT_FPS] * len(item_videos))
+        if text.count(IMAGE_TOKEN) != len(item_images) or text.count(VIDEO_TOKEN) != len(item_videos):
+            raise ValueError(f"sample {i}: prompt has {text.count(IMAGE_TOKEN)} image / {text.count(VIDEO_TOKEN)} "
+                             f"video placeholders but {len(item_images)} images / {len(item_videos)} videos were given")
+        if len(fps) != len(item_videos):
+            raise ValueError(f"sample {i}: {len(item_videos)} videos but {len(fps)} fps values")
+        texts.append(text + (completions[i] if completions is not None else ""))
+        images += item_images
+        for frames, f in zip(item_videos, fps):
+            videos.append(np.stack([np.asarray(frame.convert("RGB")) for frame in frames]))  # (T, H, W, 3) uint8
+            metadata.append({"total_num_frames": len(frames), "fps": float(f), "frames_indices": list(range(len(frames)))})
+    kwargs = {"videos": videos, "video_metadata": metadata, "do_sample_frames": False} if videos else {}
+    return processor(text=texts, images=images or None, padding=True, return_tensors="pt", padding_side="left", **kwargs)
