@@ -1,6 +1,6 @@
 """Real-size figures on the Qwen2.5-VL-3B architecture: sparse vs dense prefill, KV bytes, decode, one ZipR1 step.
 
-    python benchmarks/bench_3b.py          # GPU, bf16: ℓ ∈ {8k,16k,32k}, τ ≈ 0.25, decode b ∈ {1,8}, ZipR1 step
+    python benchmarks/bench_3b.py          # GPU, bf16: ℓ 8k/16k/32k, τ ≈ 0.25, decode b = 1, 8, ZipR1 step
     python benchmarks/bench_3b.py --smoke  # tiny sizes on the CPU: checks that the script runs
 
 The model is built from Qwen2.5-VL-3B-Instruct's published config.json with random weights (nothing downloaded):
@@ -39,21 +39,17 @@ from sparse_qwen import continuation_positions, make_sparse, sparse_forward  # n
 
 QWEN_TOKEN_IDS = dict(bos_token_id=151643, eos_token_id=151645, vision_start_token_id=151652,
                       vision_end_token_id=151653, image_token_id=151655, video_token_id=151656)
-SIZES = {  # (text config, vision config, tie_word_embeddings); token ids added by qwen25_vl_config
+TEXT = dict(max_position_embeddings=128000, rms_norm_eps=1e-6)  # + the per-size fields below
+VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, patch_size=14, spatial_merge_size=2,
+              temporal_patch_size=2, window_size=112, fullatt_block_indexes=[7, 15, 23, 31], tokens_per_second=2)
+SIZES = {  # name: (text fields, vision fields, tie_word_embeddings); token ids are added by qwen25_vl_config
     "3b": (dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
-                num_attention_heads=16, num_key_value_heads=2, max_position_embeddings=128000, rms_norm_eps=1e-6),
-           dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, patch_size=14, spatial_merge_size=2,
-                temporal_patch_size=2, window_size=112, fullatt_block_indexes=[7, 15, 23, 31], tokens_per_second=2,
-                out_hidden_size=2048), True),
+                num_attention_heads=16, num_key_value_heads=2), dict(out_hidden_size=2048), True),
     "7b": (dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=128000, rms_norm_eps=1e-6),
-           dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, patch_size=14, spatial_merge_size=2,
-                temporal_patch_size=2, window_size=112, fullatt_block_indexes=[7, 15, 23, 31], tokens_per_second=2,
-                out_hidden_size=3584), False),
+                num_attention_heads=28, num_key_value_heads=4), dict(out_hidden_size=3584), False),
     "smoke": (dict(vocab_size=151936, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128000, rms_norm_eps=1e-6),
-              dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, patch_size=14, spatial_merge_size=2,
-                   temporal_patch_size=2, window_size=112, fullatt_block_indexes=[1], tokens_per_second=2,
+                   num_attention_heads=4, num_key_value_heads=2),
+              dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, fullatt_block_indexes=[1],
                    out_hidden_size=128), True),
 }
 ANCHORS = "anchors: ZipVL prefill 2.3x, decode 2.8x; ZipR1 later version decode 3.3x, memory 3x"
@@ -66,9 +62,9 @@ def qwen25_vl_config(size: str, token_ids: dict = QWEN_TOKEN_IDS) -> Qwen2_5_VLC
     half = text["hidden_size"] // text["num_attention_heads"] // 2  # 64 rotary frequencies at d = 128
     rest = half - half // 4
     section = [16, 24, 24] if half == 64 else [half // 4, rest // 2, rest - rest // 2]  # Qwen's 1 : 1.5 : 1.5
-    text = {**text, "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": section}}
+    text = {**TEXT, **text, "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": section}}
     ids = {k: v for k, v in token_ids.items() if k in ("bos_token_id", "eos_token_id")}
-    return Qwen2_5_VLConfig(text_config={**text, **ids}, vision_config=vision, tie_word_embeddings=tied,
+    return Qwen2_5_VLConfig(text_config={**text, **ids}, vision_config={**VISION, **vision}, tie_word_embeddings=tied,
                             **{k: v for k, v in token_ids.items() if k not in ids})
 
 
@@ -267,7 +263,8 @@ def zipr1_step_rows(args, device, size):
     import media
     import train
     print(f"\n## One ZipR1 step (train.train_step): N={args.step_n}, {args.step_new_tokens} new tokens, "
-          f"video {args.step_frames}x{args.step_frame_size}², paper keep_p grid, bf16 autocast, gradient checkpointing")
+          f"video {args.step_frames}x{args.step_frame_size}², paper keep_p grid, "
+          f"{'bf16 autocast' if device.type == 'cuda' else 'fp32'}, gradient checkpointing")
     print("| step | prompt tokens | completion tokens | τ | rollout + update s | peak GB | held before the step GB |")
     print("|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
