@@ -4,21 +4,16 @@
     python eval.py --model Qwen/Qwen2.5-VL-3B-Instruct --zipr1 outputs/zipr1/checkpoint-1000 \
                    --dataset data/eval.jsonl --keep-p 0.975 --sweep 0.9,0.95,0.975,1
 
-Methods, on the same questions and the same encoded prompts:
-  Full   the base model with stock attention ("sdpa"): every layer keeps all ℓ prompt tokens, τ = 1;
-  ZipVL  the same weights with Top-p sparse attention at threshold keep_p (Eq. 1-3) and a pruned KV cache;
-  ZipR1  the RL-trained checkpoint (--zipr1, else the newest one train.py wrote) with the same sparse attention.
-
-Per method: accuracy (rewards.accuracy_rewards on greedy answers), τ = mean_j k_j / ℓ (Eq. 2), KV-cache bytes per
-question after prefill (Full Σ_j ℓ·2·Hkv·d·bytes, sparse Σ_j k_j·2·Hkv·d·bytes, read from the caches), prefill
-latency per batch and decode tokens/s, each also as a ratio to Full measured in the same run.
-Timing is HF-`generate`-free and the same loop for every method (`timed_generate`): one prefill forward over the
-batch, timed alone, then greedy one-token forwards against the cache, timed alone. The sparse path uses the pieces
-of rollout.generate (equal greedy outputs, see tests); Full uses a DynamicCache and the growing padding mask. One
-untimed warm-up batch runs before each method.
-
+Methods, on the same encoded questions: Full = the base model with stock "sdpa" attention (τ = 1); ZipVL = the same
+weights with Top-p sparse attention at keep_p (Eq. 1-3) and a pruned KV cache; ZipR1 = the RL-trained checkpoint
+(--zipr1, else the newest train.py wrote) with the same sparse attention. Per method: accuracy (rewards.py, greedy
+answers), τ = mean_j k_j / ℓ (Eq. 2), KV bytes per question after prefill (Σ_j k_j·2·Hkv·d·bytes, k_j = ℓ for Full,
+read from the caches), prefill ms per batch and decode tokens/s (medians over batches), also as ratios to Full.
+Timing is HF-`generate`-free and one loop for all methods (`timed_generate`): a prefill forward over the batch, timed
+alone, then greedy one-token forwards against the cache, timed alone; the sparse path is rollout.generate's (equal
+greedy outputs, see tests), Full uses a DynamicCache and the growing padding mask; one untimed warm-up batch first.
 Writes to --out: results.json, results.md (the table), pareto.png (accuracy vs τ over --sweep, one line per model,
-Full as a star) and kept_tokens_<method>_<image|video>.png (the visual tokens each layer keeps, for one example).
+Full as a star), kept_tokens_<method>_<image|video>.png (the visual tokens each layer keeps, for one question).
 """
 from __future__ import annotations
 
@@ -26,25 +21,23 @@ import argparse
 import contextlib
 import json
 import math
+import statistics
 import sys
 import time
 from pathlib import Path
 
-import matplotlib
 import numpy as np
 import torch
+from matplotlib.figure import Figure  # pyplot-free: renders with Agg, no display needed
+from transformers import AutoModelForImageTextToText, DynamicCache
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from transformers import AutoModelForImageTextToText, DynamicCache  # noqa: E402
-
-import data  # noqa: E402
-import media  # noqa: E402
-import rewards  # noqa: E402
-import train  # noqa: E402  (its defaults: toy model cache, output folders, checkpoint naming)
-from rollout import eos_ids_of, pad_id_of  # noqa: E402
-from sparse_attention import check_keep_p  # noqa: E402
-from sparse_qwen import (PrunedKVCache, continuation_positions, make_sparse, make_state, prompt_positions,  # noqa: E402
+import data
+import media
+import rewards
+import train  # its defaults: the toy model cache, the output folders, checkpoint-<step> naming
+from rollout import eos_ids_of, pad_id_of
+from sparse_attention import check_keep_p
+from sparse_qwen import (PrunedKVCache, continuation_positions, make_sparse, make_state, prompt_positions,
                          sparse_forward, text_config)
 
 DEFAULT_SWEEP = "0.8,0.9,0.95,0.975,1.0"
@@ -78,14 +71,13 @@ def zipr1_checkpoint(args):
     return path
 
 
-def load_questions(args):
-    """Validated rows (data.py) in batches; the toy default writes its questions (unseen in training) once."""
+def load_questions(args, out: Path):
+    """Validated rows (data.py) in batches; the toy default first writes its questions (unseen in training)."""
     source = args.dataset
     if source == "toy":
         import toy
-        n, folder = args.limit or TOY_QUESTIONS, train.TOY_CACHE / f"toy-eval-{args.limit or TOY_QUESTIONS}-{args.seed}"
-        source = folder / "toy.jsonl"
-        source = str(source if source.is_file() else toy.write_toy_dataset(folder, n, seed=777_777 + args.seed))
+        n = args.limit or TOY_QUESTIONS
+        source = str(toy.write_toy_dataset(out / "toy_questions", n, seed=777_777 + args.seed))
     if Path(source).is_file() and not any(line.strip() for line in open(source)):
         raise ValueError(f"dataset {source} is empty")
     rows = data.load_dataset_rows(source, media_root=args.media_root,
@@ -155,11 +147,14 @@ def score(rows, texts, tau, kv_bytes) -> list[dict]:
             for r, t, a, ta, kv in zip(rows, texts, acc, tau, kv_bytes)]
 
 
-def summarize(records, prefill_s: list[float], decode_s: float, decode_tokens: int, keep_p) -> dict:
-    """accuracy, mean τ, mean KV bytes per question, mean prefill ms per batch, decode tokens per second."""
+def summarize(records, timings: list[dict], keep_p) -> dict:
+    """accuracy, mean τ, mean KV bytes per question; median over batches of the prefill ms and the decode tokens/s
+    (medians: a batch slowed by another process on a shared machine does not move them)."""
     mean = lambda key: sum(r[key] for r in records) / len(records)  # noqa: E731
+    rates = [t["decode_tokens"] / t["decode_s"] for t in timings if t["decode_tokens"]]
     return dict(keep_p=keep_p, accuracy=mean("correct"), token_ratio=mean("tau"), kv_bytes=mean("kv_bytes"),
-                prefill_ms=1000 * sum(prefill_s) / len(prefill_s), decode_tokens_per_s=decode_tokens / decode_s,
+                prefill_ms=1000 * statistics.median(t["prefill_s"] for t in timings),
+                decode_tokens_per_s=statistics.median(rates) if rates else float("nan"),
                 questions=len(records), records=records)
 
 
@@ -167,14 +162,13 @@ def evaluate_method(model, processor, batches, encoded, keep_p, max_new_tokens, 
     """Greedy answers to every question under one method (keep_p None = Full), scored and timed."""
     if warmup:
         timed_generate(model, encoded[0], keep_p, 2, seed)
-    records, prefill_s, decode_s, decode_tokens = [], [], 0.0, 0
+    records, timings = [], []
     for rows, inputs in zip(batches, encoded):
         out = timed_generate(model, inputs, keep_p, max_new_tokens, seed)
         records += score(rows, processor.batch_decode(out["tokens"], skip_special_tokens=True), out["tau"].tolist(),
                          out["kv_bytes"].tolist())
-        prefill_s.append(out["prefill_s"])
-        decode_s, decode_tokens = decode_s + out["decode_s"], decode_tokens + out["decode_tokens"]
-    return summarize(records, prefill_s, max(decode_s, 1e-9), decode_tokens, keep_p)
+        timings.append({k: out[k] for k in ("prefill_s", "decode_s", "decode_tokens")})
+    return summarize(records, timings, keep_p)
 
 
 def add_ratios(methods: dict) -> dict:
@@ -236,23 +230,24 @@ def kept_token_picture(model, processor, row, keep_p, path, title, max_frames=16
         else range(len(kept))
     panels = [(j, s) for j in layers for s in range(t)]
     ncols = t if video else min(len(panels), 6)
-    fig, axes = plt.subplots(math.ceil(len(panels) / ncols), ncols, squeeze=False,
-                             figsize=(1.9 * ncols, 1.9 * math.ceil(len(panels) / ncols) + 0.5))
+    nrows = math.ceil(len(panels) / ncols)
+    fig = Figure(figsize=(1.9 * ncols, 1.9 * nrows + 0.5))
+    axes = fig.subplots(nrows, ncols, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, (j, s) in zip(axes.flat, panels):
         ax.imshow(dim_dropped(slots[s].astype(np.uint8), kept[j, s], cell))
-        ax.set_title(f"layer {j}" + (f", frames {s * tp}-{s * tp + tp - 1}" if video else "") +
+        ax.set_title((f"L{j} frames {s * tp}-{s * tp + tp - 1}" if video else f"layer {j}") +
                      f": {kept[j, s].mean():.0%} kept", fontsize=7)
     fig.suptitle(f"{title}: keep_p={keep_p}, τ={float(out['tau'][0]):.2f} (dark = visual token dropped)", fontsize=9)
     fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
     return kept
 
 
 def pareto_plot(curves: dict, full: dict, path) -> None:
     """Accuracy against τ: one line per model over the keep_p sweep (points labelled by keep_p), Full as a star."""
-    fig, ax = plt.subplots(figsize=(5.5, 4))
+    fig = Figure(figsize=(5.5, 4))
+    ax = fig.subplots()
     for name, points in curves.items():
         points = sorted(points, key=lambda p: p["token_ratio"])
         ax.plot([p["token_ratio"] for p in points], [p["accuracy"] for p in points], "o-", label=name)
@@ -265,7 +260,6 @@ def pareto_plot(curves: dict, full: dict, path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
 
 
 # ------------------------------------------------------------------------------------------------ command line
@@ -299,46 +293,54 @@ def check_args(args) -> list[float]:
     return sweep
 
 
+def compare(args, base, zipr1, batches, processor, encoded, sweep):
+    """Every method's metrics at --keep-p, the sparse models, and their (keep_p, accuracy, τ) sweep curves."""
+    dtype = getattr(torch, args.dtype or ("float32" if args.device == "cpu" else "bfloat16"))
+    max_new = args.max_new_tokens or (8 if args.model == "toy" else 256)
+    evaluate = lambda model, p, warmup=True: evaluate_method(  # noqa: E731
+        model, processor, batches, encoded, p, max_new, args.seed, warmup)
+    model = load_model(base, args.device, dtype, sparse=False)
+    methods = {"Full": evaluate(model, None)}
+    models = {"ZipVL": set_attention(model, sparse=True)}
+    methods["ZipVL"] = evaluate(model, args.keep_p)
+    methods["ZipR1"] = {"status": NOT_TRAINED}
+    if zipr1 is not None:
+        models["ZipR1"] = load_model(zipr1, args.device, dtype, sparse=True)
+        if models["ZipR1"].config.get_text_config().vocab_size != model.config.get_text_config().vocab_size:
+            raise ValueError(f"ZipR1 checkpoint {zipr1} has another vocabulary than {base}: pass its base with --model")
+        methods["ZipR1"] = evaluate(models["ZipR1"], args.keep_p)
+    curves = {name: [methods[name] if p == args.keep_p else evaluate(m, p, False) for p in sweep]
+              for name, m in models.items()}
+    return add_ratios(methods), models, curves
+
+
 def run(args) -> dict:
     sweep, zipr1 = check_args(args), zipr1_checkpoint(args)
-    rows, batches = load_questions(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows, batches = load_questions(args, out)
     if args.model == "toy":
         import toy
         base = toy.ensure_toy_model(train.TOY_CACHE / "toy-model")
     else:
         base = media.resolve_model_dir(args.model)
-    max_new, device = args.max_new_tokens or (8 if args.model == "toy" else 256), args.device
-    dtype = getattr(torch, args.dtype or ("float32" if device == "cpu" else "bfloat16"))
-    processor, out = media.load_processor(base), Path(args.out)
-    encoded = [media.encode_prompts(processor, [data.prompt_item(r, args.max_frames) for r in b]).to(device)
+    processor = media.load_processor(base)
+    encoded = [media.encode_prompts(processor, [data.prompt_item(r, args.max_frames) for r in b]).to(args.device)
                for b in batches]
-    evaluate = lambda model, p, warmup=True: evaluate_method(  # noqa: E731
-        model, processor, batches, encoded, p, max_new, args.seed, warmup)
-    model = load_model(base, device, dtype, sparse=False)
-    methods = {"Full": evaluate(model, None)}
-    models = {"ZipVL": set_attention(model, sparse=True)}
-    methods["ZipVL"] = evaluate(model, args.keep_p)
-    if zipr1 is not None:
-        models["ZipR1"] = load_model(zipr1, device, dtype, sparse=True)
-        methods["ZipR1"] = evaluate(models["ZipR1"], args.keep_p)
-    else:
-        methods["ZipR1"] = {"status": NOT_TRAINED}
-    add_ratios(methods)
-    curves = {name: [methods[name] if p == args.keep_p else evaluate(m, p, False) for p in sweep]
-              for name, m in models.items()}
-    out.mkdir(parents=True, exist_ok=True)
-    files = {"table": out / "results.md", "json": out / "results.json"} | ({"pareto": out / "pareto.png"} if sweep else {})
+    methods, models, curves = compare(args, base, zipr1, batches, processor, encoded, sweep)
+    files = {"table": out / "results.md", "json": out / "results.json"}
     if sweep:
+        files["pareto"] = out / "pareto.png"
         pareto_plot(curves, methods["Full"], files["pareto"])
-    for kind in ("image", "video"):
+    for kind in ("image", "video"):  # the first image question and the first video question
         row = next((r for r in rows if r["data_type"] == kind), None)
-        for name, m in models.items() if row else ():
+        for name, model in models.items() if row else ():
             files[f"kept_{name}_{kind}"] = out / f"kept_tokens_{name}_{kind}.png"
-            kept_token_picture(m, processor, row, args.keep_p, files[f"kept_{name}_{kind}"],
+            kept_token_picture(model, processor, row, args.keep_p, files[f"kept_{name}_{kind}"],
                                f"{name}, question {row['row']}", args.max_frames)
     table = markdown_table(methods, args.batch_size)
-    results = dict(config=dict(vars(args), base=str(base), zipr1=str(zipr1) if zipr1 else None, questions=len(rows),
-                               max_new_tokens=max_new), methods=methods, files={k: str(v) for k, v in files.items()},
+    results = dict(config=dict(vars(args), base=str(base), zipr1=str(zipr1) if zipr1 else None, questions=len(rows)),
+                   methods=methods, files={k: str(v) for k, v in files.items()},
                    sweep={name: [{k: p[k] for k in ("keep_p", "accuracy", "token_ratio", "kv_bytes")} for p in ps]
                           for name, ps in curves.items()})
     files["table"].write_text(table)

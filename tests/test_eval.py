@@ -48,16 +48,21 @@ def test_metrics_on_answers_with_known_truth():
             dict(row=1, solution="<answer>3</answer>", problem_type="numerical"),
             dict(row=2, solution="<answer>A</answer>", problem_type="multiple choice"),
             dict(row=3, solution="<answer>red</answer>", problem_type="free-form")]
-    answers = ["<answer>B</answer>", "<answer>4</answer>", "<answer>A</answer><answer>B</answer>", "<answer>Red.</answer>"]
-    full = ev.summarize(ev.score(rows, answers, [1.0] * 4, [400] * 4), [0.2, 0.2], 2.0, 100, None)
+    answers = ["<answer>B</answer>", "<answer>4</answer>", "<answer>A</answer><answer>B</answer>",
+               "<answer>Red.</answer>"]
+    batch = lambda prefill, decode, tokens: dict(prefill_s=prefill, decode_s=decode, decode_tokens=tokens)  # noqa
+    full = ev.summarize(ev.score(rows, answers, [1.0] * 4, [400] * 4),
+                        [batch(0.2, 2.0, 100), batch(0.3, 1.0, 40), batch(0.1, 1.0, 60)], None)
     sparse = ev.summarize(ev.score(rows, answers[:1] + ["<answer>3</answer>"] + answers[2:], [0.5, 0.25, 0.75, 0.5],
-                                   [200, 100, 300, 200]), [0.1, 0.1], 1.0, 150, 0.9)
+                                   [200, 100, 300, 200]), [batch(0.1, 1.0, 150), batch(9.0, 9.0, 9)], 0.9)
     methods = ev.add_ratios({"Full": full, "ZipVL": sparse, "ZipR1": {"status": ev.NOT_TRAINED}})
     assert [r["correct"] for r in full["records"]] == [1.0, 0.0, 0.0, 1.0]  # hedged double answer scores 0
     assert full["accuracy"] == 0.5 and sparse["accuracy"] == 0.75
     assert sparse["token_ratio"] == 0.5 and sparse["kv_bytes"] == 200 and sparse["kv_vs_full"] == 0.5
-    assert sparse["prefill_ms"] == pytest.approx(100) and sparse["prefill_speedup"] == pytest.approx(2.0)
-    assert full["decode_tokens_per_s"] == 50 and sparse["decode_speedup"] == pytest.approx(3.0)
+    assert full["prefill_ms"] == pytest.approx(200) and full["decode_tokens_per_s"] == 50  # medians over batches
+    assert sparse["prefill_ms"] == pytest.approx(4550) and sparse["prefill_speedup"] == pytest.approx(200 / 4550)
+    assert sparse["decode_tokens_per_s"] == pytest.approx((150 + 1) / 2)
+    assert sparse["decode_speedup"] == pytest.approx(1.51)
     table = ev.markdown_table(methods, batch_size=2).splitlines()
     assert len(table) == 5 and "| ZipVL | 0.9 | 0.750 | 0.500 | 0.2 KiB | 0.500 |" in table[3]
     assert ev.NOT_TRAINED in table[4] and all(line.count("|") == 11 for line in table)
@@ -95,7 +100,7 @@ def test_visual_token_grid_matches_transformers_positions(tiny, index):
     grid = inputs["video_grid_thw" if video else "image_grid_thw"]
     token_id = model.config.video_token_id if video else model.config.image_token_id
     positions, (t, gh, gw) = ev.visual_token_grid(inputs["input_ids"][0], grid, token_id, 2)
-    assert (t, gh, gw) == (4 // 2 if video else 1, 8, 8) and len(positions) == t * gh * gw
+    assert (t, gh, gw) == (2 if video else 1, grid[0, 1] // 2, grid[0, 2] // 2) and len(positions) == t * gh * gw
     rope, _ = model.model.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"], image_grid_thw=inputs.get(
         "image_grid_thw"), video_grid_thw=inputs.get("video_grid_thw"), second_per_grid_ts=inputs.get(
         "second_per_grid_ts"), attention_mask=inputs["attention_mask"])
@@ -143,13 +148,15 @@ def test_kept_token_picture_returns_the_layers_selection(tiny, tmp_path):
     inputs = media.encode_prompts(tiny.processor, [data.prompt_item(tiny.rows[2], 4)])
     ref = generate(model, inputs, 0.3, SamplingConfig(max_new_tokens=1, do_sample=False))
     visual = inputs["input_ids"][0] == model.config.video_token_id
-    assert kept.shape == (2, 2, 8, 8) and np.array_equal(kept.reshape(2, -1), ref.selection[0][:, visual].numpy())
+    _, h, w = inputs["video_grid_thw"][0].tolist()
+    assert kept.shape == (2, 2, h // 2, w // 2)  # (layers, 4 frames / temporal patch 2, rows, columns)
+    assert np.array_equal(kept.reshape(2, -1), ref.selection[0][:, visual].numpy())
     assert not kept.all()  # at keep_p 0.3 some visual tokens are dropped
 
 
 @pytest.mark.parametrize("argv, message", [
     (["--keep-p", "0"], "keep_p must lie in"), (["--keep-p", "1.5"], "keep_p must lie in"),
-    (["--sweep", "0.9,2"], "keep_p must lie in"), (["--zipr1", "no/such/checkpoint"], "not available offline"),
+    (["--sweep", "0.9,2"], "keep_p must lie in"), (["--zipr1", "no/such/checkpoint"], "no/such/checkpoint"),
     (["--zipr1", "TMP"], "holds no config.json"),
     (["--dataset", "EMPTY"], "empty.jsonl is empty"), (["--dataset", "BLANK"], "blank.jsonl"),
     (["--dataset", "missing.jsonl"], "not found")])
@@ -252,7 +259,8 @@ def fake_lmms_eval(monkeypatch, registry):
         is_simple = True
 
         def __init__(self):
-            self.task_dict = {}
+            self.task_dict, self.cache_hook = {}, SimpleNamespace(add_partial=lambda *entry: registry.setdefault(
+                "cached", []).append(entry))
 
     def register_model(*names):
         def decorate(cls):
@@ -283,7 +291,9 @@ def test_lmms_subclass_registers_as_zipr1_and_delegates(tiny, lmms, monkeypatch)
     model = cls(pretrained=str(tiny.dir), keep_p=0.8, batch_size=2, max_new_tokens=9, device="cpu")
     model.task_dict = lmms.task_dict  # lmms-eval's evaluator sets it before calling the model
     reference = engine.SparseQwen(str(tiny.dir), keep_p=0.8, batch_size=1, max_new_tokens=9, device="cpu")
-    assert model.generate_until(lmms.requests) == reference.generate_until(lmms.requests, lmms.task_dict)
+    answers = model.generate_until(lmms.requests)
+    assert answers == reference.generate_until(lmms.requests, lmms.task_dict)
+    assert registry.pop("cached") == [("generate_until", r.args[:2], a) for r, a in zip(lmms.requests, answers)]
     assert model.batch_size == 2 and model.loglikelihood(lmms.requests[:0]) == []
     with pytest.raises(ValueError, match="unknown model_args"):
         cls(pretrained=str(tiny.dir), temprature=0.1)

@@ -28,7 +28,10 @@ class ZipR1(lmms):
         return self.engine.batch_size
 
     def generate_until(self, requests) -> list[str]:
-        return self.engine.generate_until(requests, self.task_dict)
+        answers = self.engine.generate_until(requests, self.task_dict)
+        for request, answer in zip(requests, answers):  # lmms-eval's response cache (--use_cache), as its models do
+            self.cache_hook.add_partial("generate_until", request.args[:2], answer)
+        return answers
 
     def loglikelihood(self, requests) -> list[tuple[float, bool]]:
         return self.engine.loglikelihood(requests, self.task_dict)
