@@ -89,13 +89,14 @@ def parse_config(argv=None) -> Config:
     for f in dataclasses.fields(Config):
         kind = {"bool | None": "bool", "str | None": "str"}.get(str(f.type), str(f.type))
         if kind == "bool":
-            parser.add_argument(f"--{f.name}", type=_bool, nargs="?", const=True, default=argparse.SUPPRESS)
+            parser.add_argument(f"--{f.name}", type=_bool, nargs="?", const=True, default=argparse.SUPPRESS,
+                                help=f"true/false (default: {f.default})")
         elif f.name == "keep_p_grid":
             parser.add_argument("--keep_p_grid", type=lambda s: tuple(float(x) for x in s.split(",")),
                                 default=argparse.SUPPRESS, help="comma separated, e.g. 0.94,0.95,0.975")
         else:
             parser.add_argument(f"--{f.name}", type={"int": int, "float": float}.get(kind, str),
-                                default=argparse.SUPPRESS)
+                                default=argparse.SUPPRESS, help=f"(default: {f.default})")
     given = vars(parser.parse_args(argv))
     preset = TOY_PRESET if given.get("model", Config.model) == "toy" else {}
     return check_config(Config(**{**preset, **given}))
@@ -134,8 +135,11 @@ def resolve_sources(cfg: Config) -> tuple[str, str]:
     if dataset == "toy":
         import toy
         folder = TOY_CACHE / f"toy-data-{TOY_TRAIN_ROWS}"
-        jsonl = folder / "toy.jsonl"
-        dataset = str(jsonl if jsonl.is_file() else toy.write_toy_dataset(folder, TOY_TRAIN_ROWS, seed=1))
+        if not (folder / "toy.jsonl").is_file():  # write aside, then rename: an interrupted write is not reused
+            building = folder.with_name(folder.name + ".building")
+            shutil.rmtree(building, ignore_errors=True)
+            toy.write_toy_dataset(building, TOY_TRAIN_ROWS, seed=1).parent.rename(folder)
+        dataset = str(folder / "toy.jsonl")
     return model, dataset
 
 
@@ -272,16 +276,22 @@ def read_metrics(path: Path, up_to_step: int | None = None) -> list[dict]:
 
 
 def plot_metrics(metrics: list[dict], path: Path) -> None:
-    """PNG with reward, accuracy and token ratio tau over steps."""
+    """PNG of reward, accuracy and token ratio tau over steps: per step (thin) and a moving average."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    steps = [m["step"] for m in metrics]
+    steps, window = [m["step"] for m in metrics], max(1, min(25, len(metrics) // 5))
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
     for ax, key, label in zip(axes, ("reward", "accuracy", "tau"), ("reward r", "accuracy", "token ratio τ")):
-        ax.plot(steps, [m[key] for m in metrics])
+        values = torch.tensor([m[key] for m in metrics], dtype=torch.float64)
+        smooth = values.cumsum(0)
+        smooth[window:] = smooth[window:] - smooth[:-window].clone()
+        smooth /= torch.arange(1, len(values) + 1).clamp(max=window)  # mean of the last `window` steps
+        ax.plot(steps, values, lw=0.6, alpha=0.4)
+        ax.plot(steps, smooth, lw=1.8, label=f"mean of {window}")
         ax.set(xlabel="step", title=label)
         ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -299,8 +309,10 @@ def prepare_output_dir(cfg: Config) -> tuple[Path | None, list[dict]]:
     if (existing or metrics_path.is_file()) and not (cfg.resume or cfg.overwrite_output_dir):
         raise FileExistsError(f"output_dir {output_dir} already holds a run: pass --resume to continue it, "
                               f"--overwrite_output_dir to start over, or another --output_dir")
-    shutil.rmtree(output_dir, ignore_errors=True)
-    output_dir.mkdir(parents=True)
+    for old in existing:  # only what a run writes, never the folder itself
+        shutil.rmtree(old)
+    metrics_path.unlink(missing_ok=True)
+    output_dir.mkdir(parents=True, exist_ok=True)
     return None, []
 
 
@@ -325,6 +337,10 @@ def train(cfg: Config) -> list[dict]:
         state = torch.load(resume_from / "trainer_state.pt", map_location=device, weights_only=False)
         optimizer.load_state_dict(state["optimizer"])
         start = state["step"]
+        changed = [k for k, v in dataclasses.asdict(cfg).items() if k not in ("steps", "resume", "progress")
+                   and state["config"].get(k) != v]
+        if changed:
+            print(f"warning: resuming {resume_from} with changed settings {changed}: not a replay", file=sys.stderr)
     autocast = torch.autocast(device.type, torch.bfloat16) if cfg.bf16 else contextlib.nullcontext()
     metrics_path = Path(cfg.output_dir) / "metrics.jsonl"
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="ZipR1", disable=not cfg.progress)
