@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from matplotlib.figure import Figure  # pyplot-free: renders with Agg, no display needed
-from transformers import AutoModelForImageTextToText, DynamicCache
+from transformers import AutoConfig, AutoModelForImageTextToText, DynamicCache
 
 import data
 import media
@@ -69,6 +69,19 @@ def zipr1_checkpoint(args):
     if not (path / "config.json").is_file():
         raise ValueError(f"ZipR1 checkpoint {path} holds no config.json: pass a folder written by save_pretrained")
     return path
+
+
+def matching_checkpoint(zipr1, base, explicit: bool):
+    """(checkpoint, table status): a checkpoint with another vocabulary than the base is an error when given with
+    --zipr1, and reported in the table when found in train.py's default folder (e.g. trained on an older toy)."""
+    if zipr1 is None:
+        return None, NOT_TRAINED
+    vocab = [AutoConfig.from_pretrained(p).get_text_config().vocab_size for p in (zipr1, base)]
+    if vocab[0] == vocab[1]:
+        return zipr1, ""
+    if explicit:
+        raise ValueError(f"ZipR1 checkpoint {zipr1} has another vocabulary than {base}: pass its base with --model")
+    return None, f"{zipr1} was trained from another base model — rerun `python train.py`"
 
 
 def load_questions(args, out: Path):
@@ -293,7 +306,7 @@ def check_args(args) -> list[float]:
     return sweep
 
 
-def compare(args, base, zipr1, batches, processor, encoded, sweep):
+def compare(args, base, zipr1, zipr1_status, batches, processor, encoded, sweep):
     """Every method's metrics at --keep-p, the sparse models, and their (keep_p, accuracy, τ) sweep curves."""
     dtype = getattr(torch, args.dtype or ("float32" if args.device == "cpu" else "bfloat16"))
     max_new = args.max_new_tokens or (8 if args.model == "toy" else 256)
@@ -303,11 +316,9 @@ def compare(args, base, zipr1, batches, processor, encoded, sweep):
     methods = {"Full": evaluate(model, None)}
     models = {"ZipVL": set_attention(model, sparse=True)}
     methods["ZipVL"] = evaluate(model, args.keep_p)
-    methods["ZipR1"] = {"status": NOT_TRAINED}
+    methods["ZipR1"] = {"status": zipr1_status}
     if zipr1 is not None:
         models["ZipR1"] = load_model(zipr1, args.device, dtype, sparse=True)
-        if models["ZipR1"].config.get_text_config().vocab_size != model.config.get_text_config().vocab_size:
-            raise ValueError(f"ZipR1 checkpoint {zipr1} has another vocabulary than {base}: pass its base with --model")
         methods["ZipR1"] = evaluate(models["ZipR1"], args.keep_p)
     curves = {name: [methods[name] if p == args.keep_p else evaluate(m, p, False) for p in sweep]
               for name, m in models.items()}
@@ -327,7 +338,8 @@ def run(args) -> dict:
     processor = media.load_processor(base)
     encoded = [media.encode_prompts(processor, [data.prompt_item(r, args.max_frames) for r in b]).to(args.device)
                for b in batches]
-    methods, models, curves = compare(args, base, zipr1, batches, processor, encoded, sweep)
+    zipr1, status = matching_checkpoint(zipr1, base, explicit=args.zipr1 is not None)
+    methods, models, curves = compare(args, base, zipr1, status, batches, processor, encoded, sweep)
     files = {"table": out / "results.md", "json": out / "results.json"}
     if sweep:
         files["pareto"] = out / "pareto.png"

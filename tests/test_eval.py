@@ -9,8 +9,10 @@ loglikelihood against a stock dense forward, and the lmms subclass with a stand-
 """
 import importlib
 import json
+import shutil
 import sys
 import types
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -24,6 +26,7 @@ import data
 import eval as ev
 import media
 import toy
+import train
 from lmms_eval_zipr1 import engine
 from rollout import SamplingConfig, generate
 
@@ -126,6 +129,28 @@ def png(path):
     return np.asarray(Image.open(path).convert("RGB")).astype(int)
 
 
+def other_vocabulary_checkpoint(tiny, path):
+    """A copy of the tiny model whose config claims one more token (as a checkpoint of another base would)."""
+    shutil.copytree(tiny.dir, path)
+    config = json.loads((path / "config.json").read_text())
+    config["text_config"]["vocab_size"] += 1
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+def test_zipr1_checkpoint_discovery(tiny, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = ev.parse_args(["--model", str(tiny.dir)])
+    assert ev.zipr1_checkpoint(args) is None  # nothing under train.py's default folder
+    assert ev.matching_checkpoint(None, tiny.dir, explicit=False) == (None, ev.NOT_TRAINED)
+    for step in (3, 12):
+        shutil.copytree(tiny.dir, tmp_path / train.Config.output_dir / f"checkpoint-{step}")
+    assert ev.zipr1_checkpoint(args) == Path(train.Config.output_dir) / "checkpoint-12"  # the newest step
+    assert ev.matching_checkpoint(tiny.dir, tiny.dir, explicit=False) == (tiny.dir, "")
+    other = other_vocabulary_checkpoint(tiny, tmp_path / "other")
+    assert "rerun `python train.py`" in ev.matching_checkpoint(other, tiny.dir, explicit=False)[1]
+
+
 def test_end_to_end_run_writes_table_json_and_pictures(tiny, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # train.py's default run folder is empty here: ZipR1 "not trained yet"
     results = ev.main(["--model", str(tiny.dir), "--dataset", str(tiny.jsonl), "--sweep", "0.5,1", "--keep-p", "0.9",
@@ -157,14 +182,15 @@ def test_kept_token_picture_returns_the_layers_selection(tiny, tmp_path):
 @pytest.mark.parametrize("argv, message", [
     (["--keep-p", "0"], "keep_p must lie in"), (["--keep-p", "1.5"], "keep_p must lie in"),
     (["--sweep", "0.9,2"], "keep_p must lie in"), (["--zipr1", "no/such/checkpoint"], "no/such/checkpoint"),
-    (["--zipr1", "TMP"], "holds no config.json"),
+    (["--zipr1", "TMP"], "holds no config.json"), (["--zipr1", "OTHER"], "has another vocabulary"),
     (["--dataset", "EMPTY"], "empty.jsonl is empty"), (["--dataset", "BLANK"], "blank.jsonl"),
     (["--dataset", "missing.jsonl"], "not found")])
 def test_bad_input_is_one_clear_error(tiny, tmp_path, argv, message):
     (tmp_path / "empty.jsonl").write_text("")
     (tmp_path / "blank.jsonl").write_text("[]\n")
-    argv = [str(tmp_path / f"{a.lower()}.jsonl") if a in ("EMPTY", "BLANK") else str(tmp_path) if a == "TMP" else a
-            for a in argv]
+    other = other_vocabulary_checkpoint(tiny, tmp_path / "other")
+    argv = [str(tmp_path / f"{a.lower()}.jsonl") if a in ("EMPTY", "BLANK") else str(tmp_path) if a == "TMP" else
+            str(other) if a == "OTHER" else a for a in argv]
     with pytest.raises(SystemExit) as err:
         ev.main(["--model", str(tiny.dir), "--out", str(tmp_path / "out"), *argv])
     assert str(err.value).startswith("eval.py: error:") and message in str(err.value) and "\n" not in str(err.value)
