@@ -160,37 +160,50 @@ def score(rows, texts, tau, kv_bytes) -> list[dict]:
             for r, t, a, ta, kv in zip(rows, texts, acc, tau, kv_bytes)]
 
 
+def rate(timing: dict) -> float:
+    """Decode tokens per second of one batch (0 when it decoded nothing)."""
+    return timing["decode_tokens"] / timing["decode_s"] if timing["decode_tokens"] else 0.0
+
+
 def summarize(records, timings: list[dict], keep_p) -> dict:
     """accuracy, mean τ, mean KV bytes per question; median over batches of the prefill ms and the decode tokens/s
     (medians: a batch slowed by another process on a shared machine does not move them)."""
     mean = lambda key: sum(r[key] for r in records) / len(records)  # noqa: E731
-    rates = [t["decode_tokens"] / t["decode_s"] for t in timings if t["decode_tokens"]]
+    rates = [rate(t) for t in timings if t["decode_tokens"]]
     return dict(keep_p=keep_p, accuracy=mean("correct"), token_ratio=mean("tau"), kv_bytes=mean("kv_bytes"),
                 prefill_ms=1000 * statistics.median(t["prefill_s"] for t in timings),
                 decode_tokens_per_s=statistics.median(rates) if rates else float("nan"),
-                questions=len(records), records=records)
+                questions=len(records), records=records, timings=timings)
 
 
-def evaluate_method(model, processor, batches, encoded, keep_p, max_new_tokens, seed=0, warmup=True) -> dict:
-    """Greedy answers to every question under one method (keep_p None = Full), scored and timed."""
-    if warmup:
-        timed_generate(model, encoded[0], keep_p, 2, seed)
-    records, timings = [], []
+def evaluate_methods(methods: dict, processor, batches, encoded, max_new_tokens, seed=0, warmup=True) -> dict:
+    """Greedy answers to every question under each method {name: (model, keep_p or None = dense)}, scored and timed.
+
+    Round robin: each batch runs under every method in turn, so a slow spell of a shared machine hits all alike.
+    """
+    records, timings = {name: [] for name in methods}, {name: [] for name in methods}
+    for name, (model, keep_p) in methods.items() if warmup else ():
+        timed_generate(set_attention(model, keep_p is not None), encoded[0], keep_p, 2, seed)
     for rows, inputs in zip(batches, encoded):
-        out = timed_generate(model, inputs, keep_p, max_new_tokens, seed)
-        records += score(rows, processor.batch_decode(out["tokens"], skip_special_tokens=True), out["tau"].tolist(),
-                         out["kv_bytes"].tolist())
-        timings.append({k: out[k] for k in ("prefill_s", "decode_s", "decode_tokens")})
-    return summarize(records, timings, keep_p)
+        for name, (model, keep_p) in methods.items():
+            out = timed_generate(set_attention(model, keep_p is not None), inputs, keep_p, max_new_tokens, seed)
+            texts = processor.batch_decode(out["tokens"], skip_special_tokens=True)
+            records[name] += score(rows, texts, out["tau"].tolist(), out["kv_bytes"].tolist())
+            timings[name].append({k: out[k] for k in ("prefill_s", "decode_s", "decode_tokens")})
+    return {name: summarize(records[name], timings[name], keep_p) for name, (_, keep_p) in methods.items()}
 
 
 def add_ratios(methods: dict) -> dict:
-    """KV bytes / Full's, prefill speed-up (Full's latency / latency), decode speed-up (tokens/s / Full's)."""
+    """KV bytes / Full's; prefill speed-up = median over batches of Full's latency / latency; decode speed-up =
+    median over batches of tokens/s / Full's tokens/s (the batches ran back to back, see evaluate_methods)."""
     full = methods["Full"]
     for m in methods.values():
         if "accuracy" in m:
-            m.update(kv_vs_full=m["kv_bytes"] / full["kv_bytes"], prefill_speedup=full["prefill_ms"] / m["prefill_ms"],
-                     decode_speedup=m["decode_tokens_per_s"] / full["decode_tokens_per_s"])
+            pairs = list(zip(full["timings"], m["timings"]))
+            m.update(kv_vs_full=m["kv_bytes"] / full["kv_bytes"],
+                     prefill_speedup=statistics.median(f["prefill_s"] / t["prefill_s"] for f, t in pairs),
+                     decode_speedup=statistics.median([rate(t) / rate(f) for f, t in pairs if rate(f) and rate(t)]
+                                                      or [float("nan")]))
     return methods
 
 
@@ -228,7 +241,7 @@ def kept_token_picture(model, processor, row, keep_p, path, title, max_frames=16
     """One example with the visual tokens each layer drops darkened, one panel per layer. Video: rows = layers
     (at most max_layers, evenly spaced), columns = frame slots (the mean of the temporal_patch_size frames a token
     covers). Returns kept (n_layers, t, gh, gw) bool."""
-    item, vision = data.prompt_item(row, max_frames), model.config.vision_config
+    item, vision = data.prompt_item(row, max_frames), set_attention(model, sparse=True).config.vision_config
     inputs = media.encode_prompts(processor, [item]).to(model.device)
     out, video = timed_generate(model, inputs, keep_p, max_new_tokens=1), bool(item["videos"])
     positions, (t, gh, gw) = visual_token_grid(
@@ -261,12 +274,12 @@ def pareto_plot(curves: dict, full: dict, path) -> None:
     """Accuracy against τ: one line per model over the keep_p sweep (points labelled by keep_p), Full as a star."""
     fig = Figure(figsize=(5.5, 4))
     ax = fig.subplots()
-    for name, points in curves.items():
+    for i, (name, points) in enumerate(curves.items()):
         points = sorted(points, key=lambda p: p["token_ratio"])
         ax.plot([p["token_ratio"] for p in points], [p["accuracy"] for p in points], "o-", label=name)
-        for p in points:
-            ax.annotate(f"{p['keep_p']:g}", (p["token_ratio"], p["accuracy"]), xytext=(3, 3),
-                        textcoords="offset points", fontsize=7)
+        for p in points:  # labels of the second model below its points, so coinciding points stay readable
+            ax.annotate(f"{p['keep_p']:g}", (p["token_ratio"], p["accuracy"]), xytext=(3, 3 - 12 * (i % 2)),
+                        textcoords="offset points", fontsize=7, color=f"C{i}")
     ax.plot([1.0], [full["accuracy"]], "k*", markersize=12, label="Full")
     ax.set(xlabel="token ratio τ (mean fraction of prompt tokens kept per layer)", ylabel="accuracy",
            title="Accuracy vs token ratio (point labels: keep_p)")
@@ -310,18 +323,16 @@ def compare(args, base, zipr1, zipr1_status, batches, processor, encoded, sweep)
     """Every method's metrics at --keep-p, the sparse models, and their (keep_p, accuracy, τ) sweep curves."""
     dtype = getattr(torch, args.dtype or ("float32" if args.device == "cpu" else "bfloat16"))
     max_new = args.max_new_tokens or (8 if args.model == "toy" else 256)
-    evaluate = lambda model, p, warmup=True: evaluate_method(  # noqa: E731
-        model, processor, batches, encoded, p, max_new, args.seed, warmup)
-    model = load_model(base, args.device, dtype, sparse=False)
-    methods = {"Full": evaluate(model, None)}
-    models = {"ZipVL": set_attention(model, sparse=True)}
-    methods["ZipVL"] = evaluate(model, args.keep_p)
-    methods["ZipR1"] = {"status": zipr1_status}
+    models = {"ZipVL": load_model(base, args.device, dtype, sparse=True)}  # Full: the same model, stock attention
     if zipr1 is not None:
         models["ZipR1"] = load_model(zipr1, args.device, dtype, sparse=True)
-        methods["ZipR1"] = evaluate(models["ZipR1"], args.keep_p)
-    curves = {name: [methods[name] if p == args.keep_p else evaluate(m, p, False) for p in sweep]
-              for name, m in models.items()}
+    at = lambda p: {name: (model, p) for name, model in models.items()}  # noqa: E731
+    methods = evaluate_methods({"Full": (models["ZipVL"], None), **at(args.keep_p)}, processor, batches, encoded,
+                               max_new, args.seed)
+    methods.setdefault("ZipR1", {"status": zipr1_status})
+    points = {p: methods if p == args.keep_p else evaluate_methods(at(p), processor, batches, encoded, max_new,
+                                                                   args.seed, warmup=False) for p in sweep}
+    curves = {name: [points[p][name] for p in sweep] for name in models}
     return add_ratios(methods), models, curves
 
 

@@ -57,17 +57,19 @@ def test_metrics_on_answers_with_known_truth():
     full = ev.summarize(ev.score(rows, answers, [1.0] * 4, [400] * 4),
                         [batch(0.2, 2.0, 100), batch(0.3, 1.0, 40), batch(0.1, 1.0, 60)], None)
     sparse = ev.summarize(ev.score(rows, answers[:1] + ["<answer>3</answer>"] + answers[2:], [0.5, 0.25, 0.75, 0.5],
-                                   [200, 100, 300, 200]), [batch(0.1, 1.0, 150), batch(9.0, 9.0, 9)], 0.9)
+                                   [200, 100, 300, 200]), [batch(0.1, 1.0, 150), batch(9.0, 9.0, 9),
+                                                           batch(0.05, 0.5, 60)], 0.9)
     methods = ev.add_ratios({"Full": full, "ZipVL": sparse, "ZipR1": {"status": ev.NOT_TRAINED}})
     assert [r["correct"] for r in full["records"]] == [1.0, 0.0, 0.0, 1.0]  # hedged double answer scores 0
     assert full["accuracy"] == 0.5 and sparse["accuracy"] == 0.75
     assert sparse["token_ratio"] == 0.5 and sparse["kv_bytes"] == 200 and sparse["kv_vs_full"] == 0.5
-    assert full["prefill_ms"] == pytest.approx(200) and full["decode_tokens_per_s"] == 50  # medians over batches
-    assert sparse["prefill_ms"] == pytest.approx(4550) and sparse["prefill_speedup"] == pytest.approx(200 / 4550)
-    assert sparse["decode_tokens_per_s"] == pytest.approx((150 + 1) / 2)
-    assert sparse["decode_speedup"] == pytest.approx(1.51)
+    assert full["prefill_ms"] == pytest.approx(200) and sparse["prefill_ms"] == pytest.approx(100)  # medians
+    assert full["decode_tokens_per_s"] == 50 and sparse["decode_tokens_per_s"] == 120  # of 50, 40, 60 / 150, 1, 120
+    assert sparse["prefill_speedup"] == pytest.approx(2.0)  # median of 0.2/0.1, 0.3/9, 0.1/0.05 (batch by batch)
+    assert sparse["decode_speedup"] == pytest.approx(2.0)  # median of 150/50, 1/40, 120/60
     table = ev.markdown_table(methods, batch_size=2).splitlines()
-    assert len(table) == 5 and "| ZipVL | 0.9 | 0.750 | 0.500 | 0.2 KiB | 0.500 |" in table[3]
+    assert len(table) == 5 and "| ZipVL | 0.9 | 0.750 | 0.500 | 0.2 KiB | 0.500 | 100.0 | 2.00× | 120.0 | 2.00× |" \
+        in table[3]
     assert ev.NOT_TRAINED in table[4] and all(line.count("|") == 11 for line in table)
 
 
