@@ -50,6 +50,8 @@ def resolve_model_dir(name):
     """Local directory holding `name` (a directory, or a hub id already in the HF cache); downloads only if online."""
     if os.path.isdir(name):
         return Path(name)
+    if name.startswith(("/", ".", "~")) or name.count("/") > 1:
+        raise ModelNotAvailable(f"model directory {name} does not exist")
     from huggingface_hub import snapshot_download
     hint = (f"Model '{name}' is not available offline: download it with `huggingface-cli download {name}` "
             "on a machine with internet, or pass a local directory.")
@@ -86,14 +88,10 @@ def load_processor(model_name_or_dir):
         _log_once(str(model_dir), f"media: using transformers' {type(processor).__name__} for {model_name_or_dir}")
         return processor
     except ImportError as err:  # torchvision missing: HF cannot build its video processor
-        reason = err
-    except ValueError as err:
-        if "torchvision" not in str(err).lower() and "video" not in str(err).lower():
-            raise
-        reason = err
+        reason = "torchvision is not installed" if "torchvision" in str(err).lower() else str(err).splitlines()[0]
     processor = FallbackProcessor.from_pretrained(model_dir)
     _log_once(str(model_dir), f"media: using FallbackProcessor (tokenizer + PIL image processor) for "
-                              f"{model_name_or_dir}; transformers' processor unavailable: {str(reason).strip().splitlines()[0]}")
+                              f"{model_name_or_dir}: transformers' processor unavailable ({reason})")
     return processor
 
 
@@ -148,6 +146,10 @@ class FallbackProcessor:
         config = {"processor_class": name, "image_processor": self.image_processor.to_dict(), "video_processor": video}
         Path(save_directory, "processor_config.json").write_text(json.dumps(config, indent=2, default=str))
 
+    @property
+    def chat_template(self):
+        return self.tokenizer.chat_template
+
     def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True, **kwargs):
         if tokenize:
             raise ValueError("FallbackProcessor.apply_chat_template renders text only: call it with tokenize=False")
@@ -164,7 +166,8 @@ class FallbackProcessor:
                  fps=None, video_metadata=None, do_sample_frames=False):
         """Tokenise `text` with each <|image_pad|>/<|video_pad|> expanded to t*h*w/merge^2 copies, in order."""
         text = [text] if isinstance(text, str) else list(text)
-        images, videos = list(images or []), list(videos or [])
+        images = [images] if isinstance(images, Image.Image) else list(images or [])
+        videos = list(videos or [])
         if do_sample_frames:
             raise ValueError("FallbackProcessor does not sample frames: pass already-sampled frames")
         for token, media in ((IMAGE_TOKEN, images), (VIDEO_TOKEN, videos)):

@@ -1,0 +1,316 @@
+"""The offline default: a tiny random Qwen2.5-VL with its own tokenizer, a rendered visual-QA task, and a warm-up.
+
+`ensure_toy_model()` builds the tiny model, teaches it the toy task with teacher-forced cross-entropy on the answer
+tokens, and caches it as a Hugging Face directory, so the RL code has a policy that can already answer.
+Toy rows follow the Video-R1-260k schema: problem, options, solution "<answer>X</answer>", problem_type, data_type.
+"""
+import json
+import math
+import random
+import re
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+from tqdm.auto import tqdm
+from transformers import (AutoModelForImageTextToText, PreTrainedTokenizerFast, Qwen2_5_VLConfig,
+                          Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig, Qwen2VLForConditionalGeneration)
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+import media
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                  "<|image_pad|>", "<|video_pad|>"]
+ANSWER_TAGS = ["<answer>", "</answer>"]  # ordinary (non-special) tokens: they survive skip_special_tokens
+CHAT_TEMPLATE = (  # Qwen2.5-VL's chat template (content lists with image / video entries)
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n{% else %}"
+    "{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: "
+    "{% endif %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+DEFAULT_SIZES = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+                     num_key_value_heads=2, vision_hidden_size=64, vision_depth=2, vision_heads=2, rope_theta=10.0)
+# rope_theta 10 (Qwen: 1e6): mRoPE gives the image width the lowest head_dim/2 frequencies; with 8 frequencies a
+# large theta would leave them nearly still across an 8-token-wide image, hiding left from right.
+CANVAS, PATCH = 224, 14  # 224x224 -> 16x16 patches -> 8x8 = 64 visual tokens after the 2x2 merge
+VIDEO_SIZE = 112  # video frames: 8x8 patches -> 16 tokens per 2 frames (4-8 frames: 32-64 tokens)
+COLORS = {"red": (220, 30, 30), "green": (30, 170, 50), "blue": (30, 70, 230), "yellow": (235, 205, 20)}
+SHAPES, POSITIONS, HALVES = ("square", "circle", "triangle"), ("left", "right", "top", "bottom"), ("first", "second")
+KINDS = ("color", "shape", "position", "count", "video")
+VIDEO_FPS = 2.0
+
+
+# ----------------------------------------------------------------------------------------------- tokenizer, model
+def _corpus():
+    """Every text the toy task produces (questions, options, chat scaffolding), for training the BPE merges."""
+    words = [*COLORS, *SHAPES, *POSITIONS, *(f"{h} half" for h in HALVES), "1", "2", "3"]
+    texts = ["system\nYou are a helpful assistant.", "user\n", "assistant\n"]
+    for kind in KINDS:
+        problem, options, _, _ = _question(kind, random.Random(0))
+        ptype = "multiple choice" if options else "numerical"
+        texts += [m["text"] for m in media.build_messages(problem, options, problem_type=ptype)[0]["content"]]
+    texts += [f"{letter}. {w}" for letter in "ABCD" for w in words]
+    return texts * 4
+
+
+def build_tokenizer():
+    """Byte-level BPE trained on the toy texts (each toy word ends up one token) + Qwen's special tokens."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=2048, min_frequency=1, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_corpus(), trainer)
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in ANSWER_TAGS])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   extra_special_tokens=SPECIAL_TOKENS[3:], chat_template=CHAT_TEMPLATE,
+                                   model_max_length=32768)
+
+
+def tiny_config(tokenizer, arch="qwen2_5_vl", **sizes):
+    """Config of a ~1M-parameter Qwen2.5-VL (or Qwen2-VL) whose special token ids match `tokenizer`."""
+    unknown = set(sizes) - set(DEFAULT_SIZES)
+    if unknown or arch not in ("qwen2_5_vl", "qwen2_vl"):
+        raise ValueError(f"unknown size keys {sorted(unknown)} or arch {arch!r} (qwen2_5_vl | qwen2_vl)")
+    s = {**DEFAULT_SIZES, **sizes}
+    head_dim = s["hidden_size"] // s["num_attention_heads"]
+    half = head_dim // 2  # mRoPE splits the head_dim/2 frequencies into (t, h, w) sections
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    text = dict(vocab_size=len(tokenizer), hidden_size=s["hidden_size"], intermediate_size=s["intermediate_size"],
+                num_hidden_layers=s["num_hidden_layers"], num_attention_heads=s["num_attention_heads"],
+                num_key_value_heads=s["num_key_value_heads"], max_position_embeddings=4096,
+                rope_parameters={"rope_type": "default", "rope_theta": s["rope_theta"],
+                                 "mrope_section": [half - 2 * (half * 3 // 8), half * 3 // 8, half * 3 // 8]},
+                bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
+    vision = dict(depth=s["vision_depth"], num_heads=s["vision_heads"], patch_size=PATCH, spatial_merge_size=2,
+                  temporal_patch_size=2, in_channels=3)
+    if arch == "qwen2_5_vl":
+        vision.update(hidden_size=s["vision_hidden_size"], intermediate_size=2 * s["vision_hidden_size"],
+                      out_hidden_size=s["hidden_size"], window_size=CANVAS, tokens_per_second=2,
+                      fullatt_block_indexes=[s["vision_depth"] - 1])
+        config_cls = Qwen2_5_VLConfig
+    else:
+        vision.update(embed_dim=s["vision_hidden_size"], hidden_size=s["hidden_size"], mlp_ratio=2)
+        config_cls = Qwen2VLConfig
+    return config_cls(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
+                      video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+                      vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False)
+
+
+def build_tiny_model_dir(path, arch="qwen2_5_vl", seed=0, **sizes):
+    """Save a tiny random model + tokenizer + processor configs to `path` (loadable with from_pretrained)."""
+    path = Path(path)
+    tokenizer = build_tokenizer()
+    torch.manual_seed(seed)
+    config = tiny_config(tokenizer, arch, **sizes)
+    model_cls = Qwen2_5_VLForConditionalGeneration if arch == "qwen2_5_vl" else Qwen2VLForConditionalGeneration
+    model = model_cls(config)
+    model.generation_config.update(eos_token_id=[config.text_config.eos_token_id, tokenizer.pad_token_id],
+                                   pad_token_id=tokenizer.pad_token_id, do_sample=False)
+    model.save_pretrained(path)
+    pixels = dict(min_pixels=56 * 56, max_pixels=CANVAS * CANVAS)  # a 224x224 image or frame is kept as is
+    image_processor = Qwen2VLImageProcessorPil(**pixels)
+    media.FallbackProcessor(tokenizer, image_processor, pixels, arch == "qwen2_5_vl").save_pretrained(path)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------- toy task
+def _question(kind, rng):
+    """(problem, options or [], answer text, frames) where frames = per-frame lists of (shape, color, cx, cy, size)."""
+    color, shape = rng.choice(list(COLORS)), rng.choice(SHAPES)
+    anywhere = lambda: rng.randint(40, CANVAS - 40)  # noqa: E731
+    if kind == "color":
+        return "What is the color of the square?", list(COLORS), color, [[
+            ("square", color, anywhere(), anywhere(), rng.randint(36, 56))]]
+    if kind == "shape":
+        return "What shape is shown in the image?", list(SHAPES), shape, [[
+            (shape, color, rng.randint(56, CANVAS - 56), rng.randint(56, CANVAS - 56), rng.randint(64, 96))]]
+    if kind == "position":
+        where = rng.choice(POSITIONS)
+        near, mid = rng.randint(36, 60), rng.randint(84, CANVAS - 84)
+        cx, cy = {"left": (near, mid), "right": (CANVAS - near, mid), "top": (mid, near), "bottom": (mid, CANVAS - near)}[where]
+        return "Where is the square in the image?", list(POSITIONS), where, [[("square", color, cx, cy, 40)]]
+    if kind == "count":
+        cells = rng.sample(range(9), rng.randint(1, 3))  # distinct cells of a 3x3 grid: squares never overlap
+        squares = [("square", color, 37 + 75 * (c % 3) + rng.randint(-4, 4), 37 + 75 * (c // 3) + rng.randint(-4, 4),
+                    56) for c in cells]
+        return "How many squares are in the image?", [], str(len(cells)), [squares]
+    if kind == "video":
+        n_frames = rng.choice((4, 6, 8))
+        shown = rng.randrange(n_frames)  # the square is visible in this frame only
+        cx, cy = rng.randint(16, VIDEO_SIZE - 16), rng.randint(16, VIDEO_SIZE - 16)
+        frames = [[("square", color, cx, cy, 24)] if t == shown else [] for t in range(n_frames)]
+        return "In which half of the video does the square appear?", [f"{h} half" for h in HALVES], \
+            f"{HALVES[shown >= n_frames // 2]} half", frames
+    raise ValueError(f"unknown toy kind {kind!r}; choose from {KINDS}")
+
+
+def _draw(draw, shape, color, cx, cy, size):
+    r = size // 2
+    box = [cx - r, cy - r, cx + r, cy + r]
+    if shape == "square":
+        draw.rectangle(box, fill=COLORS[color])
+    elif shape == "circle":
+        draw.ellipse(box, fill=COLORS[color])
+    else:
+        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=COLORS[color])
+
+
+def render(objects, rng, clutter, size=CANVAS):
+    """size x size RGB: grey noisy background, thin grey clutter strokes, then the objects."""
+    np_rng = np.random.default_rng(rng.randrange(2**32))
+    base = np.full((size, size, 3), rng.randint(205, 235), np.int16)
+    noise = np_rng.integers(-10, 11, (size, size, 1), dtype=np.int16)  # grey noise, same on all channels
+    image = Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    for x0, y0, x1, y1, grey in clutter:
+        draw.line([x0, y0, x1, y1], fill=(grey, grey, grey), width=2)
+    for obj in objects:
+        _draw(draw, *obj)
+    return image
+
+
+def toy_example(kind, rng, index=0):
+    """One Video-R1-style row with its media in memory ("image": PIL, or "video": frames + "fps")."""
+    problem, choices, answer, frames = _question(kind, rng)
+    if choices:  # fixed option order per kind, so the letter is a function of the picture
+        options = [f"{chr(65 + i)}. {c}" for i, c in enumerate(choices)]
+        solution = chr(65 + choices.index(answer))
+    else:
+        options, solution = [], answer
+    size = VIDEO_SIZE if kind == "video" else CANVAS
+    clutter = [(*(rng.randint(0, size) for _ in range(4)), rng.randint(90, 170)) for _ in range(rng.randint(4, 10))]
+    row = {"problem_id": index, "problem": problem, "options": options, "solution": f"<answer>{solution}</answer>",
+           "problem_type": "multiple choice" if options else "numerical",
+           "data_type": "video" if kind == "video" else "image", "data_source": f"toy/{kind}", "kind": kind}
+    images = [render(objects, rng, clutter, size) for objects in frames]
+    return {**row, "video": images, "fps": VIDEO_FPS} if kind == "video" else {**row, "image": images[0]}
+
+
+def toy_examples(n, seed=0, kinds=KINDS):
+    """n toy rows, kinds cycling in order, deterministic in `seed`."""
+    rng = random.Random(seed)
+    return [toy_example(kinds[i % len(kinds)], rng, index=i) for i in range(n)]
+
+
+def prompt_item(row):
+    """{"messages", "images", "videos", "fps"} for media.encode_prompts from an in-memory toy / Video-R1 row."""
+    images, videos = ([row["image"]] if "image" in row else []), ([row["video"]] if "video" in row else [])
+    messages = media.build_messages(row["problem"], row["options"], len(images), len(videos),
+                                    problem_type=row["problem_type"])
+    return {"messages": messages, "images": images, "videos": videos, "fps": [row.get("fps", VIDEO_FPS)] * len(videos)}
+
+
+def write_toy_dataset(out_dir, n, seed=0, kinds=KINDS):
+    """Video-R1 layout: out_dir/toy.jsonl + images/*.png, videos/*.webp (lossless, fps 2); "path" relative."""
+    out_dir = Path(out_dir)
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    (out_dir / "videos").mkdir(exist_ok=True)
+    jsonl = out_dir / "toy.jsonl"
+    with open(jsonl, "w") as f:
+        for row in toy_examples(n, seed, kinds):
+            if "image" in row:
+                rel = f"images/{row['problem_id']:06d}.png"
+                row.pop("image").save(out_dir / rel)
+            else:
+                rel, frames = f"videos/{row['problem_id']:06d}.webp", row.pop("video")
+                frames[0].save(out_dir / rel, save_all=True, append_images=frames[1:], lossless=True,
+                               duration=int(1000 / row.pop("fps")), loop=0)
+            f.write(json.dumps({**row, "path": rel}) + "\n")
+    return jsonl
+
+
+# ----------------------------------------------------------------------------------------------- warm-up
+def answer_batch(processor, rows):
+    """Teacher-forced inputs for prompt + "<answer>X</answer><|im_end|>"; labels keep only the completion tokens."""
+    completions = [row["solution"] + "<|im_end|>" for row in rows]
+    inputs = media.encode_prompts(processor, [prompt_item(r) for r in rows], completions=completions)
+    labels = torch.full_like(inputs["input_ids"], -100)  # (B, L)
+    for i, text in enumerate(completions):
+        n = len(processor.tokenizer(text, add_special_tokens=False)["input_ids"])
+        labels[i, -n:] = inputs["input_ids"][i, -n:]  # left padding: the completion ends every row
+    return inputs, labels
+
+
+def answer_loss(model, inputs, labels):
+    """Mean cross-entropy of the labelled (trailing) tokens; logits only for the last K positions."""
+    keep = labels.shape[1] - int((labels != -100).any(0).int().argmax()) + 1  # K: labelled tail + 1
+    logits = model(**inputs, logits_to_keep=keep).logits  # (B, K, V); position j predicts token j+1
+    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1 - keep:].flatten())
+
+
+def train_answers(model, processor, steps, batch_size=16, lr=3e-3, seed=0, kinds=KINDS, progress=True):
+    """AdamW, linear warm-up then cosine decay, fresh rows of every kind each step; returns per-step losses."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    warm = max(1, steps // 20)
+    schedule = lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * s / steps))  # noqa: E731
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    model.train()
+    losses, bar = [], tqdm(range(steps), desc="toy warm-up", disable=not progress)
+    for step in bar:
+        rows = toy_examples(batch_size, seed=seed * 1_000_003 + step, kinds=kinds[step % len(kinds):] + kinds)
+        loss = answer_loss(model, *answer_batch(processor, rows))
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    model.eval()
+    return losses
+
+
+def extract_answer(text):
+    found = re.search(r"<answer>\s*(.*?)\s*</answer>", text, re.S)
+    return found.group(1) if found else None
+
+
+@torch.no_grad()
+def toy_accuracy(model, processor, n_per_kind=40, seed=12345, kinds=KINDS, batch_size=20):
+    """Greedy-decoding accuracy per kind on fresh toy rows."""
+    accuracy = {}
+    for kind in kinds:
+        rows, correct = toy_examples(n_per_kind, seed=seed, kinds=(kind,)), 0
+        for i in range(0, n_per_kind, batch_size):
+            chunk = rows[i:i + batch_size]
+            inputs = media.encode_prompts(processor, [prompt_item(r) for r in chunk])
+            out = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+            texts = processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+            correct += sum(extract_answer(t) == extract_answer(r["solution"]) for t, r in zip(texts, chunk))
+        accuracy[kind] = correct / n_per_kind
+    return accuracy
+
+
+def ensure_toy_model(cache_dir=".cache/toy-model", steps=600, seed=0, progress=True, batch_size=16, lr=3e-3,
+                     arch="qwen2_5_vl", **sizes):
+    """Tiny model warmed up on the toy task, cached under `cache_dir`; same settings -> returned at once."""
+    cache_dir = Path(cache_dir)
+    settings = {"version": 1, "steps": steps, "seed": seed, "batch_size": batch_size, "lr": lr, "arch": arch,
+                "sizes": {**DEFAULT_SIZES, **sizes}, "kinds": list(KINDS)}
+    marker = cache_dir / "toy_settings.json"
+    if marker.is_file() and json.loads(marker.read_text()).get("settings") == settings:
+        return cache_dir
+    work = cache_dir.with_name(cache_dir.name + ".building")
+    shutil.rmtree(work, ignore_errors=True)
+    build_tiny_model_dir(work, arch=arch, seed=seed, **sizes)
+    model, processor = AutoModelForImageTextToText.from_pretrained(work), media.load_processor(work)
+    start = time.time()
+    losses = train_answers(model, processor, steps, batch_size, lr, seed, progress=progress)
+    model.save_pretrained(work)
+    record = {"settings": settings, "train_seconds": round(time.time() - start, 1), "final_loss": losses[-1]}
+    (work / "toy_settings.json").write_text(json.dumps(record, indent=2))
+    shutil.rmtree(cache_dir, ignore_errors=True)
+    work.rename(cache_dir)
+    return cache_dir
