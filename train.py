@@ -234,6 +234,7 @@ def train_step(policy, reference, processor, optimizer, rows, cfg: Config, step:
     parts = rewards.zipr1_rewards(acc, tau, n, cfg.gate_efficiency)  # r = r_acc + C (1 - tau)
     advantages = grpo.group_advantages(parts["reward"], n).to(device)  # Eq. 4, (G*N,)
     stats = policy_update(policy, reference, optimizer, rollout, advantages, cfg, autocast)
+    kl = stats.pop("kl")  # masked mean of k3; nan without a reference
     seconds = time.perf_counter() - start
     by_p: dict[str, list[float]] = {}
     for p, t in zip(rollout.keep_p.tolist(), tau.tolist()):
@@ -243,7 +244,7 @@ def train_step(policy, reference, processor, optimizer, rows, cfg: Config, step:
     return {"step": step + 1, "reward": parts["reward"].mean().item(), "accuracy": acc.mean().item(),
             "r_eff": parts["r_eff"].mean().item(), "gate": parts["gate"].mean().item(), "tau": tau.mean().item(),
             "tau_by_keep_p": {k: sum(v) / len(v) for k, v in sorted(by_p.items())},
-            "kl": stats.pop("kl") if reference is not None else None,
+            "kl": kl if reference is not None else None,
             "zero_std_groups": (groups.amax(1) == groups.amin(1)).float().mean().item(),
             "completion_length": tokens / len(texts), **stats,
             "tokens_per_s": tokens / seconds, "seconds": seconds}

@@ -61,6 +61,19 @@ def evaluate(args) -> dict:
         "--sweep", "", "--out", str(Path(args.output_dir) / "eval")]))
 
 
+def training_trend(path: Path, keep_p: float, window: int = 25) -> dict:
+    """Rollout accuracy, KL and tau (at keep_p when it is a grid value, else all rows) over the first and last
+    `window` training steps: whether the run moved at all, independent of the held-out evaluation."""
+    metrics = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    key = f"{keep_p:.3f}"
+    tau = lambda m: m["tau_by_keep_p"].get(key, m["tau"])  # noqa: E731
+    mean = lambda rows, f: sum(f(m) for m in rows) / len(rows)  # noqa: E731
+    parts = {"first": metrics[:window], "last": metrics[-window:]}
+    return {name: {"steps": f"{rows[0]['step']}-{rows[-1]['step']}", "tau": mean(rows, tau),
+                   "rollout_accuracy": mean(rows, lambda m: m["accuracy"]), "kl": mean(rows, lambda m: m["kl"] or 0.0)}
+            for name, rows in parts.items()}
+
+
 def report(args, results: dict, train_seconds: float | None) -> dict:
     m = results["methods"]
     full, zipvl, zipr1 = m["Full"], m["ZipVL"], m["ZipR1"]
@@ -75,13 +88,17 @@ def report(args, results: dict, train_seconds: float | None) -> dict:
         "accuracy_drop_vs_zipvl_points": 100 * (zipvl["accuracy"] - zipr1["accuracy"]),
         "accuracy_drop_vs_full_points": 100 * (full["accuracy"] - zipr1["accuracy"]),
     }
+    summary["training"] = training_trend(Path(args.output_dir) / "train" / "metrics.jsonl", args.keep_p)
     summary["goal_met"] = summary["tau_after_over_before"] <= 0.5 and summary["accuracy_drop_vs_full_points"] <= 1
     lines = ["| Method | keep_p | Accuracy | τ |", "|---|---|---|---|"]
     lines += [f"| {name} | {args.keep_p if name != 'Full' else '—'} | {summary['accuracy'][name]:.3f} | "
               f"{summary['tau'][name]:.3f} |" for name in ("Full", "ZipVL", "ZipR1")]
     lines += ["", f"τ after / before: {summary['tau_after_over_before']:.3f} (goal ≤ 0.5); accuracy ZipR1 vs Full: "
               f"{-summary['accuracy_drop_vs_full_points']:+.1f} points, vs ZipVL: "
-              f"{-summary['accuracy_drop_vs_zipvl_points']:+.1f} points (goal ≥ −1); goal met: {summary['goal_met']}"]
+              f"{-summary['accuracy_drop_vs_zipvl_points']:+.1f} points (goal ≥ −1); "
+              f"goal met: {summary['goal_met']}"]
+    lines += [f"training rollouts, steps {t['steps']}: accuracy {t['rollout_accuracy']:.3f}, τ {t['tau']:.3f}, "
+              f"KL {t['kl']:.4f}" for t in summary["training"].values()]
     out = Path(args.output_dir)
     (out / "reproduction.json").write_text(json.dumps(summary, indent=1))
     (out / "reproduction.md").write_text("\n".join(lines) + "\n")

@@ -76,7 +76,8 @@ def test_json_array_folder_and_saved_dataset_give_the_same_rows(fixture_dir, tmp
 
 
 def test_prompt_item_reads_the_media_of_each_row(fixture_dir, tmp_path):
-    table = data.load_dataset_rows(str(write_jsonl(fixture_dir / "t.jsonl", good_rows())), cache_dir=str(tmp_path / "c"))
+    table = data.load_dataset_rows(str(write_jsonl(fixture_dir / "t.jsonl", good_rows())),
+                                   cache_dir=str(tmp_path / "c"))
     image = data.prompt_item(table.rows[0])
     assert image["videos"] == [] and len(image["images"]) == 1
     assert np.asarray(image["images"][0]).shape == (84, 56, 3)
@@ -136,7 +137,8 @@ def test_missing_sources_give_one_line_errors(fixture_dir, tmp_path):
 
 
 def test_unreadable_media_at_batch_time_names_the_row(fixture_dir, tmp_path):
-    table = data.load_dataset_rows(str(write_jsonl(fixture_dir / "t.jsonl", good_rows())), cache_dir=str(tmp_path / "c"))
+    table = data.load_dataset_rows(str(write_jsonl(fixture_dir / "t.jsonl", good_rows())),
+                                   cache_dir=str(tmp_path / "c"))
     (fixture_dir / "imgs" / "blue.png").write_bytes(b"not a png")
     with pytest.raises(data.DatasetError, match="row 2.*blue.png"):
         data.prompt_item(table.rows[2])
