@@ -28,6 +28,7 @@ import media
 import toy
 import train
 from lmms_eval_zipr1 import engine
+from pictures import dim_dropped, kept_token_picture, visual_token_grid
 from rollout import SamplingConfig, generate
 
 SIZES = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
@@ -104,7 +105,7 @@ def test_visual_token_grid_matches_transformers_positions(tiny, index):
     video = tiny.rows[index]["data_type"] == "video"
     grid = inputs["video_grid_thw" if video else "image_grid_thw"]
     token_id = model.config.video_token_id if video else model.config.image_token_id
-    positions, (t, gh, gw) = ev.visual_token_grid(inputs["input_ids"][0], grid, token_id, 2)
+    positions, (t, gh, gw) = visual_token_grid(inputs["input_ids"][0], grid, token_id, 2)
     assert (t, gh, gw) == (2 if video else 1, grid[0, 1] // 2, grid[0, 2] // 2) and len(positions) == t * gh * gw
     rope, _ = model.model.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"], image_grid_thw=inputs.get(
         "image_grid_thw"), video_grid_thw=inputs.get("video_grid_thw"), second_per_grid_ts=inputs.get(
@@ -120,7 +121,7 @@ def test_visual_token_grid_matches_transformers_positions(tiny, index):
 def test_dim_dropped_darkens_exactly_the_dropped_cells():
     image = np.random.default_rng(0).integers(0, 256, (6, 9, 3), dtype=np.uint8)
     kept = np.array([[True, False, True], [False, True, False]])
-    out = ev.dim_dropped(image, kept, cell=3)
+    out = dim_dropped(image, kept, cell=3)
     for r in range(2):
         for c in range(3):
             block, got = image[3 * r:3 * r + 3, 3 * c:3 * c + 3], out[3 * r:3 * r + 3, 3 * c:3 * c + 3]
@@ -171,7 +172,7 @@ def test_end_to_end_run_writes_table_json_and_pictures(tiny, tmp_path, monkeypat
 
 def test_kept_token_picture_returns_the_layers_selection(tiny, tmp_path):
     model = ev.load_model(tiny.dir, "cpu", torch.float32, sparse=True)
-    kept = ev.kept_token_picture(model, tiny.processor, tiny.rows[2], 0.3, tmp_path / "v.png", "video", max_frames=4)
+    kept = kept_token_picture(model, tiny.processor, tiny.rows[2], 0.3, tmp_path / "v.png", "video", max_frames=4)
     inputs = media.encode_prompts(tiny.processor, [data.prompt_item(tiny.rows[2], 4)])
     ref = generate(model, inputs, 0.3, SamplingConfig(max_new_tokens=1, do_sample=False))
     visual = inputs["input_ids"][0] == model.config.video_token_id
