@@ -11,6 +11,9 @@ One step, for G = per_step_questions questions with N = num_generations answers 
   4. num_iterations (mu) AdamW updates of the clipped surrogate - beta KL(pi_theta || pi_ref): the policy's
      log-probs under the rollout's sparsity, the frozen reference's under full attention   (grpo.grpo_loss, Eq. 5)
 Everything random is seeded by (seed, step), so --resume continues exactly where the last checkpoint left off.
+Each question's group is rolled out and trained as one micro-batch, seeded by its place in the step's batch.
+
+    torchrun --nproc_per_node 8 train.py --model Qwen/Qwen2.5-VL-7B-Instruct ...   # FSDP2, see distributed.py
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -29,6 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 import data
+import distributed
 import grpo
 import media
 import rewards
@@ -116,6 +121,10 @@ def check_config(cfg: Config) -> Config:
         raise ConfigError(f"keep_p_low must lie in [0, 1), got {cfg.keep_p_low}")
     if cfg.num_generations < 2 or cfg.per_step_questions < 1 or cfg.num_iterations < 1 or cfg.steps < 1:
         raise ConfigError("need num_generations >= 2 and per_step_questions, num_iterations, steps >= 1")
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's process count
+    if cfg.per_step_questions % world:
+        raise ConfigError(f"per_step_questions={cfg.per_step_questions} must be a multiple of the {world} processes "
+                          f"(each takes whole question groups, the same number)")
     if cfg.loss_type not in grpo.LOSS_TYPES:
         raise ConfigError(f"loss_type must be one of {grpo.LOSS_TYPES}, got {cfg.loss_type!r}")
     cuda = torch.cuda.is_available()
@@ -143,8 +152,9 @@ def resolve_sources(cfg: Config) -> tuple[str, str]:
     return model, dataset
 
 
-def load_policy(path, cfg: Config, device):
-    """The trainable policy: fp32 weights (bf16 runs autocast), Top-p sparse attention in the text decoder."""
+def load_policy(path, cfg: Config, device, dist=distributed.SINGLE):
+    """The trainable policy: fp32 weights (bf16 runs autocast), Top-p sparse attention in the text decoder;
+    sharded over the ranks with FSDP2 under torchrun (bf16 runs gather and compute in bf16)."""
     from transformers import AutoModelForImageTextToText
     policy = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).to(device)
     make_sparse(policy)
@@ -152,17 +162,17 @@ def load_policy(path, cfg: Config, device):
         policy.model.visual.requires_grad_(False)
     if cfg.gradient_checkpointing:
         policy.activation_checkpointing_enable()  # non-reentrant; the backward runs inside sparse_forward
-    return policy
+    return distributed.shard_model(policy, dist, torch.bfloat16 if cfg.bf16 else None)
 
 
-def load_reference(path, cfg: Config, device):
-    """The frozen full-attention reference pi_ref (stock SDPA), or None when beta = 0."""
+def load_reference(path, cfg: Config, device, dist=distributed.SINGLE):
+    """The frozen full-attention reference pi_ref (stock SDPA), or None when beta = 0; sharded under torchrun."""
     if cfg.beta == 0:
         return None
     from transformers import AutoModelForImageTextToText
     dtype = torch.bfloat16 if cfg.bf16 else torch.float32
     reference = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
-    return reference.to(device).eval().requires_grad_(False)
+    return distributed.shard_model(reference.to(device).eval().requires_grad_(False), dist)
 
 
 # ----------------------------------------------------------------------------------------------- one step
@@ -184,70 +194,95 @@ def keep_p_bucket(cfg: Config, p: float) -> str:
     return f"{math.floor(p * 10) / 10:.1f}" if cfg.keep_p_uniform else f"{p:.3f}"
 
 
-def sample_rollout(policy, processor, rows, cfg: Config, step: int, device, autocast):
-    """Rollout of N answers per question with the sparse policy; returns (rollout, completion texts)."""
+def sample_rollout(policy, processor, rows, cfg: Config, step: int, device, autocast, position: int = 0):
+    """Rollout of N answers per question with the sparse policy; returns (rollout, completion texts).
+
+    `rows` start at `position` in the step's global question list: their thresholds and sampling seed are theirs
+    in the global batch, whichever rank rolls them out.
+    """
     items = [data.prompt_item(row, cfg.max_frames) for row in rows]
     inputs = media.encode_prompts(processor, [item for item in items for _ in range(cfg.num_generations)])
-    keep_p = keep_p_for_rows(cfg, len(rows), step).to(device)  # (G*N,)
+    keep_p = keep_p_for_rows(cfg, position + len(rows), step)[position * cfg.num_generations:].to(device)  # (G*N,)
+    seed = distributed.question_seed(step_seed(cfg, step), position)
     sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature)
     policy.eval()  # HF turns the KV cache off for checkpointed layers in train mode
     with autocast:
-        rollout = generate(policy, inputs.to(device), keep_p, sampling, seed=step_seed(cfg, step))
+        rollout = generate(policy, inputs.to(device), keep_p, sampling, seed=seed)
     texts = processor.batch_decode(rollout.completion_ids.cpu(), skip_special_tokens=True)
     return rollout, texts
 
 
-def policy_update(policy, reference, optimizer, rollout, advantages, cfg: Config, autocast) -> dict:
-    """num_iterations AdamW steps on Eq. 5; gradient-checkpoint recomputation sees the rollout's sparsity."""
-    ref_logp = None
+def policy_update(policy, reference, optimizer, rollouts, advantages, cfg: Config, autocast,
+                  dist=distributed.SINGLE) -> dict:
+    """num_iterations AdamW steps on Eq. 5, one micro-batch per answer group (a Rollout, or lists of Rollouts and
+    advantages). Each micro-batch loss is weighted so the step's gradient is that of the loss over the global batch
+    on all ranks (distributed.loss_weight); gradient-checkpoint recomputation sees each rollout's sparsity."""
+    if not isinstance(rollouts, list):
+        rollouts, advantages = [rollouts], [advantages]
+    ref_logps = [None] * len(rollouts)
     if reference is not None:
         with torch.no_grad(), autocast:
-            ref_logp = score_completions(reference, rollout, sparse=False)  # (B, T) full attention
-    state = make_state(policy, rollout.keep_p, mode="teacher", prompt_len=rollout.inputs["input_ids"].shape[1],
-                       seed=rollout.seed)  # the same state score_completions builds: active during backward
+            ref_logps = [score_completions(reference, r, sparse=False) for r in rollouts]  # (N, T) full attention
+    states = [make_state(policy, r.keep_p, mode="teacher", prompt_len=r.inputs["input_ids"].shape[1], seed=r.seed)
+              for r in rollouts]  # the states score_completions builds: active during backward
+    counts = [distributed.loss_count(r.completion_mask, cfg.loss_type) for r in rollouts]
+    total = distributed.all_sum(sum(counts), dist)  # the global batch's normaliser
     policy.train()
     history = []
     for _ in range(cfg.num_iterations):
-        with sparse_forward(state):
-            with autocast:
-                logp = score_completions(policy, rollout)  # (B, T) under the rollout's sparsity
-            old_logp = rollout.logprobs if cfg.num_iterations > 1 else None  # mu = 1: logp.detach()
-            loss, stats = grpo.grpo_loss(logp, old_logp, ref_logp, advantages, rollout.completion_mask, cfg.epsilon,
-                                         beta=cfg.beta, loss_type=cfg.loss_type,
-                                         max_completion_length=cfg.max_new_tokens)  # Eq. 5
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
+        optimizer.zero_grad(set_to_none=True)
+        parts = []
+        for rollout, adv, ref_logp, state, count in zip(rollouts, advantages, ref_logps, states, counts):
+            with sparse_forward(state):
+                with autocast:
+                    logp = score_completions(policy, rollout)  # (N, T) under the rollout's sparsity
+                old_logp = rollout.logprobs if cfg.num_iterations > 1 else None  # mu = 1: logp.detach()
+                loss, stats = grpo.grpo_loss(logp, old_logp, ref_logp, adv, rollout.completion_mask, cfg.epsilon,
+                                             beta=cfg.beta, loss_type=cfg.loss_type,
+                                             max_completion_length=cfg.max_new_tokens)  # Eq. 5
+                weight = distributed.loss_weight(count, total, dist)
+                (weight * loss).backward()
+            parts.append({**stats, "loss": weight * loss.item()})  # mean over ranks of Σ: the global loss
+        grad_norm = distributed.clip_grad_norm(policy.parameters(), cfg.max_grad_norm)
         optimizer.step()
-        history.append({**stats, "loss": loss.item(), "grad_norm": grad_norm.item()})
+        merged = {k: sum(p[k] for p in parts) / len(parts) for k in parts[0] if k != "loss"}  # mean over groups
+        history.append({**merged, "loss": sum(p["loss"] for p in parts), "grad_norm": grad_norm})
     return {k: sum(h[k] for h in history) / len(history) for k in history[0]}
 
 
-def train_step(policy, reference, processor, optimizer, rows, cfg: Config, step: int, device, autocast) -> dict:
-    """Rollout -> gated rewards -> group advantages -> policy update; returns the step's metrics."""
+def train_step(policy, reference, processor, optimizer, rows, cfg: Config, step: int, device, autocast,
+               dist=distributed.SINGLE, first: int = 0) -> dict:
+    """Rollout -> gated rewards -> group advantages -> policy update; returns the step's metrics (over all ranks).
+
+    `rows` are this rank's questions, starting at position `first` of the step's global list; one rollout each.
+    """
     start = time.perf_counter()
-    rollout, texts = sample_rollout(policy, processor, rows, cfg, step, device, autocast)
+    with distributed.gathered_weights(policy, dist):  # ranks stop decoding at different lengths
+        sampled = [sample_rollout(policy, processor, [row], cfg, step, device, autocast, first + j)
+                   for j, row in enumerate(rows)]
+    rollouts, texts = [r for r, _ in sampled], [t for _, group_texts in sampled for t in group_texts]
     n = cfg.num_generations
     solutions = [row["solution"] for row in rows for _ in range(n)]
     acc = rewards.accuracy_rewards(texts, solutions, [row["problem_type"] for row in rows for _ in range(n)])
-    tau = rollout.token_ratio.float().cpu()  # (G*N,)
+    tau = torch.cat([r.token_ratio for r in rollouts]).float().cpu()  # (G*N,)
     parts = rewards.zipr1_rewards(acc, tau, n, cfg.gate_efficiency)  # r = r_acc + C (1 - tau)
     advantages = grpo.group_advantages(parts["reward"], n).to(device)  # Eq. 4, (G*N,)
-    stats = policy_update(policy, reference, optimizer, rollout, advantages, cfg, autocast)
+    stats = policy_update(policy, reference, optimizer, rollouts, list(advantages.split(n)), cfg, autocast, dist)
     kl = stats.pop("kl")  # masked mean of k3; nan without a reference
     seconds = time.perf_counter() - start
     by_p: dict[str, list[float]] = {}
-    for p, t in zip(rollout.keep_p.tolist(), tau.tolist()):
+    for p, t in zip(torch.cat([r.keep_p for r in rollouts]).tolist(), tau.tolist()):
         by_p.setdefault(keep_p_bucket(cfg, p), []).append(t)
     groups = parts["reward"].reshape(-1, n)  # (G, N)
-    tokens = int(rollout.completion_mask.sum())
-    return {"step": step + 1, "reward": parts["reward"].mean().item(), "accuracy": acc.mean().item(),
-            "r_eff": parts["r_eff"].mean().item(), "gate": parts["gate"].mean().item(), "tau": tau.mean().item(),
-            "tau_by_keep_p": {k: sum(v) / len(v) for k, v in sorted(by_p.items())},
-            "kl": kl if reference is not None else None,
-            "zero_std_groups": (groups.amax(1) == groups.amin(1)).float().mean().item(),
-            "completion_length": tokens / len(texts), **stats,
-            "tokens_per_s": tokens / seconds, "seconds": seconds}
+    tokens = sum(int(r.completion_mask.sum()) for r in rollouts)
+    metrics = {"step": step + 1, "reward": parts["reward"].mean().item(), "accuracy": acc.mean().item(),
+               "r_eff": parts["r_eff"].mean().item(), "gate": parts["gate"].mean().item(), "tau": tau.mean().item(),
+               "tau_by_keep_p": {k: sum(v) / len(v) for k, v in sorted(by_p.items())},
+               "kl": kl if reference is not None else None,
+               "zero_std_groups": (groups.amax(1) == groups.amin(1)).float().mean().item(),
+               "completion_length": tokens / len(texts), **stats,
+               "tokens_per_s": tokens / seconds, "seconds": seconds}
+    return distributed.reduce_metrics(metrics, dist)  # the same dict, over every rank's groups
 
 
 # ----------------------------------------------------------------------------------------------- checkpoints, plot
@@ -257,16 +292,20 @@ def checkpoints(output_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
 
 
-def save_checkpoint(policy, processor, optimizer, cfg: Config, step: int) -> Path:
-    """HF folder (save_pretrained: loadable by plain transformers) + optimizer state; keeps save_total_limit."""
+def save_checkpoint(policy, processor, optimizer, cfg: Config, step: int, dist=distributed.SINGLE) -> Path:
+    """HF folder (save_pretrained: loadable by plain transformers) + optimizer state; keeps save_total_limit.
+    Under torchrun every rank joins the gathers and rank 0 writes one consolidated checkpoint."""
     output_dir = Path(cfg.output_dir)
     path = output_dir / f"checkpoint-{step}"
-    policy.save_pretrained(path)
-    processor.save_pretrained(path)
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), "config": dataclasses.asdict(cfg)},
-               path / "trainer_state.pt")
-    for old in checkpoints(output_dir)[:-cfg.save_total_limit]:
-        shutil.rmtree(old)
+    distributed.save_pretrained(policy, path, dist)
+    optimizer_state = distributed.optimizer_state(policy, optimizer, dist)  # full, keyed by parameter name
+    if dist.is_main:
+        processor.save_pretrained(path)
+        torch.save({"step": step, "optimizer": optimizer_state, "config": dataclasses.asdict(cfg)},
+                   path / "trainer_state.pt")
+        for old in checkpoints(output_dir)[:-cfg.save_total_limit]:
+            shutil.rmtree(old)
+    distributed.barrier(dist)
     return path
 
 
@@ -320,45 +359,56 @@ def prepare_output_dir(cfg: Config) -> tuple[Path | None, list[dict]]:
 # ----------------------------------------------------------------------------------------------- loop
 def train(cfg: Config) -> list[dict]:
     """Run (or resume) ZipR1 training; returns the metrics of every step."""
+    dist = distributed.init_distributed()  # torchrun: join the process group; plain python: one process
     torch.manual_seed(cfg.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model_dir, dataset = resolve_sources(cfg)
-    processor = media.load_processor(model_dir)
-    table = data.load_dataset_rows(dataset, cfg.media_root, "skip" if cfg.skip_bad_rows else "error")
-    print(f"data: {table.summary()}", file=sys.stderr)
-    for message in table.skipped[:5]:
-        print(f"  skipped {message}", file=sys.stderr)
-    resume_from, metrics = prepare_output_dir(cfg)
-    policy = load_policy(resume_from or model_dir, cfg, device)
-    reference = load_reference(model_dir, cfg, device)
+    device = dist.device
+    with distributed.main_first(dist):  # rank 0 builds the toy model / data caches first
+        model_dir, dataset = resolve_sources(cfg)
+        processor = media.load_processor(model_dir)
+        table = data.load_dataset_rows(dataset, cfg.media_root, "skip" if cfg.skip_bad_rows else "error")
+    if dist.is_main:
+        print(f"data: {table.summary()}", file=sys.stderr)
+        for message in table.skipped[:5]:
+            print(f"  skipped {message}", file=sys.stderr)
+    resume_from, metrics = distributed.broadcast(prepare_output_dir(cfg) if dist.is_main else None, dist)
+    policy = load_policy(resume_from or model_dir, cfg, device, dist)
+    reference = load_reference(model_dir, cfg, device, dist)
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     start = 0
     if resume_from is not None:
-        state = torch.load(resume_from / "trainer_state.pt", map_location=device, weights_only=False)
-        optimizer.load_state_dict(state["optimizer"])
+        state = torch.load(resume_from / "trainer_state.pt", map_location="cpu", weights_only=False,
+                           mmap=True)  # ranks share the file's pages; each keeps only its shard
+        distributed.load_optimizer_state(policy, optimizer, state["optimizer"], dist)
         start = state["step"]
         changed = [k for k, v in dataclasses.asdict(cfg).items() if k not in ("steps", "resume", "progress")
                    and state["config"].get(k) != v]
-        if changed:
+        if changed and dist.is_main:
             print(f"warning: resuming {resume_from} with changed settings {changed}: not a replay", file=sys.stderr)
     autocast = torch.autocast(device.type, torch.bfloat16) if cfg.bf16 else contextlib.nullcontext()
     metrics_path = Path(cfg.output_dir) / "metrics.jsonl"
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="ZipR1", disable=not cfg.progress)
-    with open(metrics_path, "a") as log:
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="ZipR1",
+               disable=not cfg.progress or not dist.is_main)
+    with open(metrics_path if dist.is_main else os.devnull, "a") as log:
         for step in bar:
-            rows = [table.rows[i] for i in data.question_indices(len(table), step, cfg.per_step_questions, cfg.seed)]
-            m = train_step(policy, reference, processor, optimizer, rows, cfg, step, device, autocast)
+            indices = data.question_indices(len(table), step, cfg.per_step_questions, cfg.seed)
+            mine = distributed.rank_questions(len(indices), dist)  # whole groups: this rank's block of questions
+            rows = [table.rows[indices[q]] for q in mine]
+            m = train_step(policy, reference, processor, optimizer, rows, cfg, step, device, autocast, dist,
+                           mine.start)
             metrics.append(m)
             log.write(json.dumps(m) + "\n")
             log.flush()
             kl = "off" if m["kl"] is None else f"{m['kl']:.4f}"
             bar.set_postfix(reward=f"{m['reward']:.3f}", acc=f"{m['accuracy']:.2f}", tau=f"{m['tau']:.3f}", kl=kl)
             if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
-                save_checkpoint(policy, processor, optimizer, cfg, step + 1)
-                plot_metrics(metrics, Path(cfg.output_dir) / "metrics.png")
-    print(f"done: {len(table.skipped)} bad rows skipped; checkpoint {checkpoints(Path(cfg.output_dir))[-1]}, "
-          f"metrics {metrics_path}, plot {metrics_path.with_suffix('.png')}", file=sys.stderr)
+                save_checkpoint(policy, processor, optimizer, cfg, step + 1, dist)
+                if dist.is_main:
+                    plot_metrics(metrics, Path(cfg.output_dir) / "metrics.png")
+    if dist.is_main:
+        print(f"done: {len(table.skipped)} bad rows skipped; checkpoint {checkpoints(Path(cfg.output_dir))[-1]}, "
+              f"metrics {metrics_path}, plot {metrics_path.with_suffix('.png')}", file=sys.stderr)
+    distributed.shutdown(dist)
     return metrics
 
 
