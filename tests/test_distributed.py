@@ -5,6 +5,7 @@ The 2-process part launches this file with torchrun; `worker()` below is what ea
 """
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -111,31 +112,83 @@ def test_combine_metrics_means_sums_and_maxes():
 
 
 # ----------------------------------------------------------------------------------------------- 2 processes, gloo
+SIZES = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+             vision_hidden_size=32, vision_depth=1, vision_heads=1)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _torchrun(nproc, args, env_extra=None, timeout=240):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(ROOT), **(env_extra or {})}
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
-           f"--master_port={_free_port()}", str(Path(__file__).resolve()), *args]
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def train_args(model_dir, jsonl, out_dir) -> list[str]:
+    """A deterministic 2-step run: 2 questions × 4 answers per step, sharded reference (beta > 0), checkpointing,
+    clipping active (‖g‖ > max_grad_norm = 1), v1 reward so the untrained model still gets nonzero advantages."""
+    return ["--model", str(model_dir), "--dataset", str(jsonl), "--output_dir", str(out_dir), "--steps", "2",
+            "--save_every", "1", "--per_step_questions", "2", "--num_generations", "4", "--max_new_tokens", "4",
+            "--learning_rate", "1e-2", "--gate_efficiency", "false", "--gradient_checkpointing", "true",
+            "--max_frames", "4", "--progress", "false"]
 
 
 @pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
+def runs(tmp_path_factory):
+    """One torchrun launch of 2 gloo processes (this file's worker: FSDP checks, then train.py's main), and the
+    same training in this process alone, run while the launch is under way."""
     import toy
-    return toy.build_tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model")
+    import train
+    root = tmp_path_factory.mktemp("dist")
+    model_dir = toy.build_tiny_model_dir(root / "model", **SIZES)
+    jsonl = toy.write_toy_dataset(root / "data", 4, seed=3, kinds=("color", "video"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={_free_port()}", __file__, str(model_dir), str(root / "checks"),
+           *train_args(model_dir, jsonl, root / "two")]
+    (root / "checks").mkdir()
+    launch = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    one = train.train(train.parse_config(train_args(model_dir, jsonl, root / "one")))
+    log, _ = launch.communicate(timeout=300)
+    assert launch.returncode == 0, log[-5000:]
+    return {"root": root, "one": one, "model_dir": model_dir, "jsonl": jsonl, "log": log}
 
 
-def test_fsdp2_on_gloo_matches_the_unsharded_model(tiny_model_dir, tmp_path):
-    proc = _torchrun(2, ["mechanics", str(tiny_model_dir), str(tmp_path)])
-    out, _ = proc.communicate(timeout=240)
-    assert proc.returncode == 0, out[-4000:]
-    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+def weights(path):
+    from safetensors.torch import load_file
+    return load_file(str(Path(path) / "model.safetensors"))
+
+
+def test_two_processes_make_the_same_update_as_one(runs):
+    root = runs["root"]
+    initial = weights(runs["model_dir"])
+    for step in (1, 2):
+        one, two = weights(root / "one" / f"checkpoint-{step}"), weights(root / "two" / f"checkpoint-{step}")
+        assert one.keys() == two.keys() == initial.keys()  # one consolidated HF checkpoint, the same tensors
+        moved = max((one[k] - initial[k]).abs().max().item() for k in one)
+        assert moved > 1e-3  # the step really changed the policy
+        for name in one:
+            torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-5, msg=name)
+    logged = [json.loads(line) for line in (root / "two" / "metrics.jsonl").read_text().splitlines()]
+    for mine, alone in zip(logged, runs["one"]):  # rank-averaged metrics == the single process's global ones
+        for key in ("reward", "accuracy", "tau", "r_eff", "completion_length", "loss", "kl", "grad_norm"):
+            assert mine[key] == pytest.approx(alone[key], rel=1e-4, abs=1e-6), key
+    assert logged[0]["grad_norm"] > 1.0  # clipping was active, so the global norm had to be right
+
+
+def test_a_two_process_checkpoint_resumes_in_one_process(runs, tmp_path):
+    import train
+    shutil.copytree(runs["root"] / "two", tmp_path / "run")
+    shutil.rmtree(tmp_path / "run" / "checkpoint-2")
+    cfg = train.parse_config(train_args(runs["model_dir"], runs["jsonl"], tmp_path / "run") + ["--resume"])
+    resumed = train.train(cfg)
+    assert resumed[1]["loss"] == pytest.approx(runs["one"][1]["loss"], rel=1e-4)
+    one, again = weights(runs["root"] / "one" / "checkpoint-2"), weights(tmp_path / "run" / "checkpoint-2")
+    for name in one:  # step 2 from the consolidated weights + AdamW state == the uninterrupted run
+        torch.testing.assert_close(again[name], one[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_fsdp2_on_gloo_matches_the_unsharded_model(runs):
+    results = [json.loads((runs["root"] / "checks" / f"rank{r}.json").read_text()) for r in range(2)]
     for r, res in enumerate(results):
         assert res["sharded_params"] and res["shard_fraction"] < 0.75  # each rank holds about half of every block
         assert res["logits_max_diff"] < 1e-5  # sharded forward == the unsharded model on the same inputs
@@ -144,6 +197,14 @@ def test_fsdp2_on_gloo_matches_the_unsharded_model(tiny_model_dir, tmp_path):
         assert res["metrics"] == {"reward": 0.5, "tokens_per_s": 3.0, "seconds": 1.0, "step": 1}
     assert results[0]["state_dict_max_diff"] == 0.0 and results[0]["state_dict_keys_match"]  # rank 0: full copy
     assert results[1]["state_dict_is_none"]
+
+
+def test_uneven_question_split_is_a_config_error(monkeypatch):
+    import train
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it: checked before any process group is joined
+    with pytest.raises(train.ConfigError, match="per_step_questions=3 must be a multiple of the 2 processes"):
+        train.parse_config(["--model", "some/model", "--per_step_questions", "3"])
+    assert train.parse_config(["--model", "some/model", "--per_step_questions", "4"]).per_step_questions == 4
 
 
 def mechanics(model_dir, out_dir):
@@ -177,9 +238,10 @@ def mechanics(model_dir, out_dir):
         result["state_dict_keys_match"] = set(state) == set(reference)
         result["state_dict_max_diff"] = max((state[k] - reference[k]).abs().max().item() for k in reference)
     Path(out_dir, f"rank{dist.rank}.json").write_text(json.dumps(result))
-    distributed.shutdown(dist)
 
 
-if __name__ == "__main__":  # run by torchrun from the tests above
+if __name__ == "__main__":  # each torchrun rank: FSDP checks, then `train.py <args>` exactly as the command line
     torch.set_num_threads(1)
-    {"mechanics": mechanics}[sys.argv[1]](*sys.argv[2:])
+    mechanics(sys.argv[1], sys.argv[2])
+    import train
+    train.main(sys.argv[3:])
