@@ -66,6 +66,13 @@ def sample_next(logits: torch.Tensor, cfg: SamplingConfig, generator=None) -> to
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
 
 
+def without_placeholders(model, logits: torch.Tensor) -> torch.Tensor:
+    """Forbid the image/video placeholder tokens: a sampled one would be read as a visual slot when the completion
+    is scored teacher-forced. The policy's distribution is over the rest of the vocabulary, in rollout and scoring."""
+    ids = torch.tensor([model.config.image_token_id, model.config.video_token_id], device=logits.device)
+    return logits.index_fill(-1, ids, float("-inf"))
+
+
 def eos_ids_of(model) -> list[int]:
     eos = model.generation_config.eos_token_id if model.generation_config.eos_token_id is not None \
         else text_config(model).eos_token_id
@@ -112,10 +119,11 @@ def generate(model, inputs, keep_p, sampling: SamplingConfig = SamplingConfig(),
     done = torch.zeros(bsz, dtype=torch.bool, device=device)
     state.mode = "decode"
     for t in range(sampling.max_new_tokens):
+        raw.append(logits.float()) if return_logits else None
+        logits = without_placeholders(model, logits)
         token = sample_next(logits, sampling, generator).masked_fill(done, pad)  # (B,)
         logps.append(torch.log_softmax(logits.float() / sampling.temperature, -1).gather(-1, token[:, None])[:, 0])
         tokens.append(token)
-        raw.append(logits.float()) if return_logits else None
         done |= torch.isin(token, eos)
         if bool(done.all()) or t + 1 == sampling.max_new_tokens:
             break
@@ -159,4 +167,5 @@ def score_completions(model, rollout: Rollout, sparse: bool = True, keep_p=None)
         context = sparse_forward(state)
     with context:
         logits = model(**batch, logits_to_keep=steps + 1).logits[:, :-1]  # (B, T, V): predicts completion tokens
+    logits = without_placeholders(model, logits)
     return token_logprobs(logits, rollout.completion_ids, rollout.temperature) * rollout.completion_mask

@@ -36,8 +36,9 @@ def items(kind):
 
 
 def hf_greedy(model, inputs):
+    placeholders = [model.config.image_token_id, model.config.video_token_id]  # never sampled (rollout.py)
     out = model.generate(**inputs, max_new_tokens=STEPS, do_sample=False, output_logits=True,
-                         return_dict_in_generate=True)
+                         return_dict_in_generate=True, suppress_tokens=placeholders)
     return out.sequences[:, inputs["input_ids"].shape[1]:], torch.stack(out.logits, 1)  # (B, T), (B, T, V)
 
 
@@ -124,6 +125,8 @@ def test_teacher_forced_logprobs_equal_rollout_logprobs(tiny):
     sampling = SamplingConfig(max_new_tokens=8, do_sample=True, temperature=0.8, top_k=50, top_p=0.95)
     out = generate(model, inputs, torch.tensor([0.6, 0.94, 0.975]), sampling, seed=5)
     torch.testing.assert_close(score_completions(model, out), out.logprobs, atol=1e-5, rtol=0)
+    placeholders = torch.tensor([model.config.image_token_id, model.config.video_token_id])
+    assert not bool(torch.isin(out.completion_ids, placeholders).any())  # never sampled: scoring stays well-formed
     dense = score_completions(load(), out, sparse=False)  # the full-attention reference sees something else
     assert not torch.allclose(dense, out.logprobs, atol=1e-3)
 
