@@ -24,7 +24,8 @@ VIDEO_DEFAULTS = {"size": {"shortest_edge": 128 * 28 * 28, "longest_edge": 28 * 
 VIDEO_KEYS = ("size", "min_pixels", "max_pixels", "patch_size", "temporal_patch_size", "merge_size", "image_mean",
               "image_std", "resample", "do_rescale", "rescale_factor", "do_normalize", "do_convert_rgb")
 TYPE_TEMPLATE = {  # Video-R1's answer-format instructions, per problem type
-    "multiple choice": "Please provide only the single option letter (e.g., A, B, C, D, etc.) within the <answer> </answer> tags.",
+    "multiple choice": "Please provide only the single option letter (e.g., A, B, C, D, etc.) "
+                       "within the <answer> </answer> tags.",
     "numerical": "Please provide the numerical value (e.g., 42 or 3.14) within the <answer> </answer> tags.",
     "free-form": "Please provide your text answer within the <answer> </answer> tags.",
 }
@@ -43,7 +44,8 @@ def _log_once(name, message):
 
 def _hub_offline():
     from huggingface_hub import constants
-    return bool(constants.HF_HUB_OFFLINE) or os.environ.get("TRANSFORMERS_OFFLINE", "0").upper() in ("1", "ON", "YES", "TRUE")
+    transformers_offline = os.environ.get("TRANSFORMERS_OFFLINE", "0").upper() in ("1", "ON", "YES", "TRUE")
+    return bool(constants.HF_HUB_OFFLINE) or transformers_offline
 
 
 def resolve_model_dir(name):
@@ -100,6 +102,7 @@ def video_to_patches(frames, video_processor):
 
     frames: T RGB frames (PIL or (T,H,W,3) uint8); each is resized (smart_resize), rescaled and normalised by the
     PIL image processor with temporal_patch_size=1; T is padded to a multiple of t_p by repeating the last frame.
+    (HF resizes videos with torchvision, so when a resize happens pixels may differ from HF's by interpolation.)
     Returns (patches (grid_t*grid_h*grid_w, C*t_p*p*p), grid (3,)), rows ordered (t, h/m, w/m, m_h, m_w).
     """
     tp = video_processor.temporal_patch_size
@@ -109,8 +112,7 @@ def video_to_patches(frames, video_processor):
     if not bool((grids == grids[0]).all()):
         raise ValueError(f"video frames must share one size, got grids {grids.tolist()}")
     grid_h, grid_w = int(grids[0, 1]), int(grids[0, 2])
-    channels = 3
-    x = per_frame.view(len(frames) // tp, tp, grid_h * grid_w, channels, -1)  # (gt, tp, hw, C, p*p)
+    x = per_frame.view(len(frames) // tp, tp, grid_h * grid_w, 3, -1)  # (gt, tp, hw, C, p*p)
     x = x.permute(0, 2, 3, 1, 4)  # (gt, hw, C, tp, p*p): temporal axis sits between channel and pixels, as HF
     grid = torch.tensor([len(frames) // tp, grid_h, grid_w])
     return x.reshape(grid.prod().item(), -1), grid
@@ -302,6 +304,8 @@ def encode_prompts(processor, batch, completions=None):
         images += item_images
         for frames, f in zip(item_videos, fps):
             videos.append(np.stack([np.asarray(frame.convert("RGB")) for frame in frames]))  # (T, H, W, 3) uint8
-            metadata.append({"total_num_frames": len(frames), "fps": float(f), "frames_indices": list(range(len(frames)))})
+            metadata.append({"total_num_frames": len(frames), "fps": float(f),
+                             "frames_indices": list(range(len(frames)))})  # HF: sampled_fps = f
     kwargs = {"videos": videos, "video_metadata": metadata, "do_sample_frames": False} if videos else {}
-    return processor(text=texts, images=images or None, padding=True, return_tensors="pt", padding_side="left", **kwargs)
+    return processor(text=texts, images=images or None, padding=True, return_tensors="pt", padding_side="left",
+                     **kwargs)

@@ -3,9 +3,15 @@
 `ensure_toy_model()` builds the tiny model, teaches it the toy task with teacher-forced cross-entropy on the answer
 tokens, and caches it as a Hugging Face directory, so the RL code has a policy that can already answer.
 Toy rows follow the Video-R1-260k schema: problem, options, solution "<answer>X</answer>", problem_type, data_type.
+
+Choices that make ~600 warm-up steps enough (measured per kind in toy_settings.json): weights drawn with std 0.2
+(HF's 0.02 is meant for wide models and leaves attention uniform for hundreds of steps); a small rope_theta (below);
+video temporal positions one apart (tokens_per_second=1); options in a fixed order per kind; shapes and counted
+squares aligned to the 28 px visual-token grid, so they give the same token patterns wherever they are.
 """
 import json
 import math
+import os
 import random
 import re
 import shutil
@@ -40,15 +46,17 @@ CHAT_TEMPLATE = (  # Qwen2.5-VL's chat template (content lists with image / vide
     "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 DEFAULT_SIZES = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
-                     num_key_value_heads=2, vision_hidden_size=64, vision_depth=2, vision_heads=2, rope_theta=10.0)
-# rope_theta 10 (Qwen: 1e6): mRoPE gives the image width the lowest head_dim/2 frequencies; with 8 frequencies a
+                     num_key_value_heads=2, vision_hidden_size=64, vision_depth=2, vision_heads=2, rope_theta=10.0,
+                     init_std=0.2)
+# rope_theta 10 (Qwen: 1e6): mRoPE gives the image width the lowest of the head_dim/2 frequencies; with 8 of them a
 # large theta would leave them nearly still across an 8-token-wide image, hiding left from right.
-CANVAS, PATCH = 224, 14  # 224x224 -> 16x16 patches -> 8x8 = 64 visual tokens after the 2x2 merge
-VIDEO_SIZE = 112  # video frames: 8x8 patches -> 16 tokens per 2 frames (4-8 frames: 32-64 tokens)
+CANVAS, PATCH, TOKEN = 224, 14, 28  # 224x224 -> 16x16 patches -> 8x8 = 64 visual tokens of 28x28 px
+VIDEO_SIZE, VIDEO_FRAMES = 112, 8  # video: 8 frames of 8x8 patches -> 4 x 16 = 64 visual tokens
 COLORS = {"red": (220, 30, 30), "green": (30, 170, 50), "blue": (30, 70, 230), "yellow": (235, 205, 20)}
 SHAPES, POSITIONS, HALVES = ("square", "circle", "triangle"), ("left", "right", "top", "bottom"), ("first", "second")
 KINDS = ("color", "shape", "position", "count", "video")
 VIDEO_FPS = 2.0
+TASK_VERSION, STEPS = 3, 600  # bump TASK_VERSION whenever rendering or questions change (invalidates caches)
 
 
 # ----------------------------------------------------------------------------------------------- tokenizer, model
@@ -79,7 +87,7 @@ def build_tokenizer():
 
 
 def tiny_config(tokenizer, arch="qwen2_5_vl", **sizes):
-    """Config of a ~1M-parameter Qwen2.5-VL (or Qwen2-VL) whose special token ids match `tokenizer`."""
+    """Config of a ~0.5M-parameter Qwen2.5-VL (or Qwen2-VL) whose special token ids match `tokenizer`."""
     unknown = set(sizes) - set(DEFAULT_SIZES)
     if unknown or arch not in ("qwen2_5_vl", "qwen2_vl"):
         raise ValueError(f"unknown size keys {sorted(unknown)} or arch {arch!r} (qwen2_5_vl | qwen2_vl)")
@@ -92,12 +100,13 @@ def tiny_config(tokenizer, arch="qwen2_5_vl", **sizes):
                 num_key_value_heads=s["num_key_value_heads"], max_position_embeddings=4096,
                 rope_parameters={"rope_type": "default", "rope_theta": s["rope_theta"],
                                  "mrope_section": [half - 2 * (half * 3 // 8), half * 3 // 8, half * 3 // 8]},
-                bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
+                initializer_range=s["init_std"], bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+                pad_token_id=ids["<|endoftext|>"])
     vision = dict(depth=s["vision_depth"], num_heads=s["vision_heads"], patch_size=PATCH, spatial_merge_size=2,
-                  temporal_patch_size=2, in_channels=3)
+                  temporal_patch_size=2, in_channels=3, initializer_range=s["init_std"])
     if arch == "qwen2_5_vl":
         vision.update(hidden_size=s["vision_hidden_size"], intermediate_size=2 * s["vision_hidden_size"],
-                      out_hidden_size=s["hidden_size"], window_size=CANVAS, tokens_per_second=2,
+                      out_hidden_size=s["hidden_size"], window_size=CANVAS, tokens_per_second=1,  # window: whole image
                       fullatt_block_indexes=[s["vision_depth"] - 1])
         config_cls = Qwen2_5_VLConfig
     else:
@@ -133,38 +142,38 @@ def _question(kind, rng):
     if kind == "color":
         return "What is the color of the square?", list(COLORS), color, [[
             ("square", color, anywhere(), anywhere(), rng.randint(36, 56))]]
-    if kind == "shape":
+    if kind == "shape":  # 84 px = 3x3 visual tokens, centred on a token: the same token pattern wherever it is
         return "What shape is shown in the image?", list(SHAPES), shape, [[
-            (shape, color, rng.randint(56, CANVAS - 56), rng.randint(56, CANVAS - 56), rng.randint(64, 96))]]
+            (shape, color, TOKEN * rng.randint(1, 6) + TOKEN // 2, TOKEN * rng.randint(1, 6) + TOKEN // 2, 84)]]
     if kind == "position":
         where = rng.choice(POSITIONS)
         near, mid = rng.randint(36, 60), rng.randint(84, CANVAS - 84)
-        cx, cy = {"left": (near, mid), "right": (CANVAS - near, mid), "top": (mid, near), "bottom": (mid, CANVAS - near)}[where]
+        cx, cy = {"left": (near, mid), "right": (CANVAS - near, mid), "top": (mid, near),
+                  "bottom": (mid, CANVAS - near)}[where]
         return "Where is the square in the image?", list(POSITIONS), where, [[("square", color, cx, cy, 40)]]
     if kind == "count":
         cells = rng.sample(range(9), rng.randint(1, 3))  # distinct cells of a 3x3 grid: squares never overlap
-        squares = [("square", color, 37 + 75 * (c % 3) + rng.randint(-4, 4), 37 + 75 * (c // 3) + rng.randint(-4, 4),
-                    56) for c in cells]
+        corners = (TOKEN, 4 * TOKEN, 7 * TOKEN)  # each 56 px square covers exactly 2x2 visual tokens
+        squares = [("square", color, corners[c % 3], corners[c // 3], 2 * TOKEN) for c in cells]
         return "How many squares are in the image?", [], str(len(cells)), [squares]
     if kind == "video":
-        n_frames = rng.choice((4, 6, 8))
-        shown = rng.randrange(n_frames)  # the square is visible in this frame only
-        cx, cy = rng.randint(16, VIDEO_SIZE - 16), rng.randint(16, VIDEO_SIZE - 16)
-        frames = [[("square", color, cx, cy, 24)] if t == shown else [] for t in range(n_frames)]
+        shown = 2 * rng.randrange(VIDEO_FRAMES // 2)  # the square shows in frames shown, shown + 1 only
+        cx, cy = rng.randint(20, VIDEO_SIZE - 20), rng.randint(20, VIDEO_SIZE - 20)
+        frames = [[("square", color, cx, cy, 36)] if t in (shown, shown + 1) else [] for t in range(VIDEO_FRAMES)]
         return "In which half of the video does the square appear?", [f"{h} half" for h in HALVES], \
-            f"{HALVES[shown >= n_frames // 2]} half", frames
+            f"{HALVES[shown >= VIDEO_FRAMES // 2]} half", frames
     raise ValueError(f"unknown toy kind {kind!r}; choose from {KINDS}")
 
 
 def _draw(draw, shape, color, cx, cy, size):
-    r = size // 2
-    box = [cx - r, cy - r, cx + r, cy + r]
+    """A size x size px shape centred at (cx, cy) (PIL boxes include both ends: hence the - 1)."""
+    x0, y0, x1, y1 = cx - size // 2, cy - size // 2, cx - size // 2 + size - 1, cy - size // 2 + size - 1
     if shape == "square":
-        draw.rectangle(box, fill=COLORS[color])
+        draw.rectangle([x0, y0, x1, y1], fill=COLORS[color])
     elif shape == "circle":
-        draw.ellipse(box, fill=COLORS[color])
+        draw.ellipse([x0, y0, x1, y1], fill=COLORS[color])
     else:
-        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=COLORS[color])
+        draw.polygon([((x0 + x1) / 2, y0), (x0, y1), (x1, y1)], fill=COLORS[color])
 
 
 def render(objects, rng, clutter, size=CANVAS):
@@ -293,23 +302,28 @@ def toy_accuracy(model, processor, n_per_kind=40, seed=12345, kinds=KINDS, batch
     return accuracy
 
 
-def ensure_toy_model(cache_dir=".cache/toy-model", steps=600, seed=0, progress=True, batch_size=16, lr=3e-3,
-                     arch="qwen2_5_vl", **sizes):
-    """Tiny model warmed up on the toy task, cached under `cache_dir`; same settings -> returned at once."""
+def ensure_toy_model(cache_dir=".cache/toy-model", steps=STEPS, seed=0, progress=True, batch_size=8, lr=3e-3,
+                     arch="qwen2_5_vl", eval_per_kind=50, **sizes):
+    """Tiny model warmed up on the toy task, cached under `cache_dir`; same settings -> returned at once.
+
+    The marker toy_settings.json records the settings, training time and greedy accuracy per kind.
+    """
     cache_dir = Path(cache_dir)
-    settings = {"version": 1, "steps": steps, "seed": seed, "batch_size": batch_size, "lr": lr, "arch": arch,
-                "sizes": {**DEFAULT_SIZES, **sizes}, "kinds": list(KINDS)}
+    settings = {"version": TASK_VERSION, "steps": steps, "seed": seed, "batch_size": batch_size, "lr": lr,
+                "arch": arch, "sizes": {**DEFAULT_SIZES, **sizes}, "kinds": list(KINDS)}
     marker = cache_dir / "toy_settings.json"
     if marker.is_file() and json.loads(marker.read_text()).get("settings") == settings:
         return cache_dir
-    work = cache_dir.with_name(cache_dir.name + ".building")
+    work = cache_dir.with_name(f"{cache_dir.name}.building-{os.getpid()}")  # private: concurrent builders
     shutil.rmtree(work, ignore_errors=True)
     build_tiny_model_dir(work, arch=arch, seed=seed, **sizes)
     model, processor = AutoModelForImageTextToText.from_pretrained(work), media.load_processor(work)
-    start = time.time()
+    start, cpu = time.time(), time.process_time()
     losses = train_answers(model, processor, steps, batch_size, lr, seed, progress=progress)
+    record = {"settings": settings, "train_seconds": round(time.time() - start, 1),
+              "train_cpu_seconds": round(time.process_time() - cpu, 1), "final_loss": round(losses[-1], 4),
+              "accuracy": toy_accuracy(model, processor, n_per_kind=eval_per_kind)}
     model.save_pretrained(work)
-    record = {"settings": settings, "train_seconds": round(time.time() - start, 1), "final_loss": losses[-1]}
     (work / "toy_settings.json").write_text(json.dumps(record, indent=2))
     shutil.rmtree(cache_dir, ignore_errors=True)
     work.rename(cache_dir)

@@ -108,8 +108,8 @@ def test_answers_agree_with_the_pixels():
             assert row["problem_type"] == "numerical" and row["options"] == [] and answer(row) == str(cells)
         else:
             shown = [i for i, frame in enumerate(row["video"]) if colored(frame).any()]
-            assert len(shown) == 1 and 4 <= len(row["video"]) <= 8
-            half = "first half" if shown[0] < len(row["video"]) // 2 else "second half"
+            assert len(shown) == 2 and shown[1] == shown[0] + 1 and 4 <= len(row["video"]) <= 8
+            half = "first half" if shown[1] < len(row["video"]) // 2 else "second half"
             assert option(row, answer(row)) == half and row["data_type"] == "video"
 
 
@@ -147,13 +147,15 @@ def test_short_warm_up_lowers_the_answer_loss(tmp_path):
 
 
 def test_ensure_toy_model_caches_by_settings(tmp_path):
-    first = toy.ensure_toy_model(tmp_path / "m", steps=1, batch_size=2, progress=False, **SMALL)
+    first = toy.ensure_toy_model(tmp_path / "m", steps=1, batch_size=2, progress=False, eval_per_kind=2, **SMALL)
     weights = (first / "model.safetensors").stat().st_mtime_ns
-    assert toy.ensure_toy_model(tmp_path / "m", steps=1, batch_size=2, progress=False, **SMALL) == first
+    again = toy.ensure_toy_model(tmp_path / "m", steps=1, batch_size=2, progress=False, eval_per_kind=2, **SMALL)
+    assert again == first
     assert (first / "model.safetensors").stat().st_mtime_ns == weights  # not rebuilt
     marker = json.loads((first / "toy_settings.json").read_text())
     assert marker["settings"]["steps"] == 1 and marker["settings"]["sizes"]["hidden_size"] == 32
-    toy.ensure_toy_model(tmp_path / "m", steps=2, batch_size=2, progress=False, **SMALL)
+    assert set(marker["accuracy"]) == set(toy.KINDS)
+    toy.ensure_toy_model(tmp_path / "m", steps=2, batch_size=2, progress=False, eval_per_kind=2, **SMALL)
     assert json.loads((first / "toy_settings.json").read_text())["settings"]["steps"] == 2
 
 
