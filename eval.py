@@ -34,7 +34,7 @@ import media
 import rewards
 import train  # its defaults: the toy model cache, the output folders, checkpoint-<step> naming
 from pictures import kept_token_picture, pareto_plot
-from rollout import eos_ids_of, pad_id_of
+from rollout import eos_ids_of, pad_id_of, without_placeholders
 from sparse_attention import check_keep_p
 from sparse_qwen import (PrunedKVCache, continuation_positions, make_sparse, make_state, prompt_positions,
                          sparse_forward, text_config)
@@ -138,7 +138,7 @@ def timed_generate(model, inputs, keep_p=None, max_new_tokens=16, seed=0) -> dic
     eos, pad = torch.tensor(eos_ids_of(model), device=device), pad_id_of(model)
     tokens, done, start = [], torch.zeros(bsz, dtype=torch.bool, device=device), clock(device)
     for t in range(max_new_tokens):
-        token = logits.argmax(-1).masked_fill(done, pad)  # (B,)
+        token = without_placeholders(model, logits).argmax(-1).masked_fill(done, pad)  # (B,) as rollout.generate
         tokens.append(token)
         done |= torch.isin(token, eos)
         if bool(done.all()) or t + 1 == max_new_tokens:

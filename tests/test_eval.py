@@ -226,18 +226,22 @@ def lmms(tiny, tmp_path_factory):
 def test_adapter_answers_as_rollout_generate_on_hand_built_prompts(tiny, lmms):
     eng = engine.SparseQwen(str(tiny.dir), keep_p=0.8, batch_size=2, max_new_tokens=9, device="cpu")
     answers = eng.generate_until(lmms.requests, lmms.task_dict)  # requests 0+1 share a batch, 2 runs alone
-    expected = []
+    items = []
     for request, media_entry in zip(lmms.requests, ("image", "video", "image")):
         context, gen_kwargs, to_visual, doc_id = request.args[:4]
         messages = [{"role": "user", "content": [{"type": media_entry},
                                                  {"type": "text", "text": context.removeprefix("<image>")}]}]
         visual = to_visual(lmms.task_dict["toy"]["test"][doc_id])[0]
-        item = {"messages": messages, "images": [visual] if media_entry == "image" else [],
-                "videos": [lmms.frames] if media_entry == "video" else [], "fps": [lmms.fps] * (media_entry == "video")}
-        ref = generate(eng.model, media.encode_prompts(tiny.processor, [item]), 0.8,
-                       SamplingConfig(max_new_tokens=gen_kwargs["max_new_tokens"], do_sample=False))
-        expected.append(tiny.processor.batch_decode(ref.completion_ids, skip_special_tokens=True)[0])
-        assert eng.token_ratios[len(expected) - 1] == pytest.approx(float(ref.token_ratio[0]))
+        frames, fps = media.load_video(visual, max_frames=eng.max_frames) if media_entry == "video" else ([], 0)
+        items.append({"messages": messages, "images": [visual] if media_entry == "image" else [],
+                      "videos": [frames] if media_entry == "video" else [], "fps": [fps] * (media_entry == "video")})
+    expected, ratios = [], []
+    for batch, request in ((items[:2], lmms.requests[0]), (items[2:], lmms.requests[2])):  # the engine's batches
+        ref = generate(eng.model, media.encode_prompts(tiny.processor, batch), 0.8,
+                       SamplingConfig(max_new_tokens=request.args[1]["max_new_tokens"], do_sample=False))
+        expected += tiny.processor.batch_decode(ref.completion_ids, skip_special_tokens=True)
+        ratios += ref.token_ratio.tolist()
+    assert eng.token_ratios == pytest.approx(ratios)
     assert answers == expected and len(eng.token_ratios) == 3
 
 
