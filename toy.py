@@ -56,7 +56,7 @@ COLORS = {"red": (220, 30, 30), "green": (30, 170, 50), "blue": (30, 70, 230), "
 SHAPES, POSITIONS, HALVES = ("square", "circle", "triangle"), ("left", "right", "top", "bottom"), ("first", "second")
 KINDS = ("color", "shape", "position", "count", "video")
 VIDEO_FPS = 2.0
-TASK_VERSION, STEPS = 3, 600  # bump TASK_VERSION whenever rendering or questions change (invalidates caches)
+TASK_VERSION, STEPS = 4, 600  # bump TASK_VERSION whenever rendering or questions change (invalidates caches)
 
 
 # ----------------------------------------------------------------------------------------------- tokenizer, model
@@ -138,19 +138,18 @@ def build_tiny_model_dir(path, arch="qwen2_5_vl", seed=0, **sizes):
 def _question(kind, rng):
     """(problem, options or [], answer text, frames) where frames = per-frame lists of (shape, color, cx, cy, size)."""
     color, shape = rng.choice(list(COLORS)), rng.choice(SHAPES)
-    anywhere = lambda: rng.randint(40, CANVAS - 40)  # noqa: E731
-    if kind == "color":
+    if kind == "color":  # 56 px = 2x2 visual tokens, on token corners
         return "What is the color of the square?", list(COLORS), color, [[
-            ("square", color, anywhere(), anywhere(), rng.randint(36, 56))]]
+            ("square", color, TOKEN * rng.randint(1, 7), TOKEN * rng.randint(1, 7), 2 * TOKEN)]]
     if kind == "shape":  # 84 px = 3x3 visual tokens, centred on a token: the same token pattern wherever it is
         return "What shape is shown in the image?", list(SHAPES), shape, [[
             (shape, color, TOKEN * rng.randint(1, 6) + TOKEN // 2, TOKEN * rng.randint(1, 6) + TOKEN // 2, 84)]]
     if kind == "position":
-        where = rng.choice(POSITIONS)
-        near, mid = rng.randint(36, 60), rng.randint(84, CANVAS - 84)
+        where = rng.choice(POSITIONS)  # a 2x2-token square in the outer 3 token columns / rows, away from corners
+        near, mid = TOKEN * rng.randint(1, 2), TOKEN * rng.randint(3, 5)
         cx, cy = {"left": (near, mid), "right": (CANVAS - near, mid), "top": (mid, near),
                   "bottom": (mid, CANVAS - near)}[where]
-        return "Where is the square in the image?", list(POSITIONS), where, [[("square", color, cx, cy, 40)]]
+        return "Where is the square in the image?", list(POSITIONS), where, [[("square", color, cx, cy, 2 * TOKEN)]]
     if kind == "count":
         cells = rng.sample(range(9), rng.randint(1, 3))  # distinct cells of a 3x3 grid: squares never overlap
         corners = (TOKEN, 4 * TOKEN, 7 * TOKEN)  # each 56 px square covers exactly 2x2 visual tokens
