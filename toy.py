@@ -28,6 +28,7 @@ from transformers import (AutoModelForImageTextToText, PreTrainedTokenizerFast, 
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 import media
+import rewards
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                   "<|image_pad|>", "<|video_pad|>"]
@@ -280,11 +281,6 @@ def train_answers(model, processor, steps, batch_size=16, lr=3e-3, seed=0, kinds
     return losses
 
 
-def extract_answer(text):
-    found = re.search(r"<answer>\s*(.*?)\s*</answer>", text, re.S)
-    return found.group(1) if found else None
-
-
 @torch.no_grad()
 def toy_accuracy(model, processor, n_per_kind=40, seed=12345, kinds=KINDS, batch_size=20):
     """Greedy-decoding accuracy per kind on fresh toy rows."""
@@ -296,7 +292,7 @@ def toy_accuracy(model, processor, n_per_kind=40, seed=12345, kinds=KINDS, batch
             inputs = media.encode_prompts(processor, [prompt_item(r) for r in chunk])
             out = model.generate(**inputs, max_new_tokens=6, do_sample=False)
             texts = processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-            correct += sum(extract_answer(t) == extract_answer(r["solution"]) for t, r in zip(texts, chunk))
+            correct += sum(rewards.accuracy_reward(t, r["solution"], r["problem_type"]) for t, r in zip(texts, chunk))
         accuracy[kind] = correct / n_per_kind
     return accuracy
 

@@ -8,6 +8,7 @@ import torch
 from transformers import AutoModelForImageTextToText, AutoTokenizer
 
 import media
+import rewards
 import toy
 
 SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
@@ -81,7 +82,7 @@ def option(row, letter):
 
 
 def answer(row):
-    return toy.extract_answer(row["solution"])
+    return rewards.extract_answer(row["solution"])
 
 
 def test_answers_agree_with_the_pixels():
@@ -157,7 +158,3 @@ def test_ensure_toy_model_caches_by_settings(tmp_path):
     assert set(marker["accuracy"]) == set(toy.KINDS)
     toy.ensure_toy_model(tmp_path / "m", steps=2, batch_size=2, progress=False, eval_per_kind=2, **SMALL)
     assert json.loads((first / "toy_settings.json").read_text())["settings"]["steps"] == 2
-
-
-def test_extract_answer():
-    assert toy.extract_answer("so <answer> C </answer>") == "C" and toy.extract_answer("C") is None
