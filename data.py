@@ -72,6 +72,8 @@ def _read_table(source: Path, cache_dir=None):
     files = [source] if source.is_file() else sorted(p for p in source.iterdir() if p.suffix in DATA_FILE_SUFFIXES)
     if not files:
         raise DatasetError(f"{source}: no .json / .jsonl / .parquet data file found")
+    if all(f.stat().st_size == 0 for f in files):
+        raise DatasetError(f"{source}: the data file is empty")
     builder = "parquet" if files[0].suffix == ".parquet" else "json"
     if any((f.suffix == ".parquet") != (builder == "parquet") for f in files):
         raise DatasetError(f"{source}: mixes parquet and json data files {[f.name for f in files]}")
@@ -79,7 +81,8 @@ def _read_table(source: Path, cache_dir=None):
         return datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train", cache_dir=cache_dir)
     except Exception as err:  # e.g. a line that is not JSON, or a column whose type changes between rows
         cause = err.__cause__ or err
-        raise DatasetError(f"{source}: cannot be read as {builder}: {str(cause).strip().splitlines()[0]}") from None
+        first_line = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+        raise DatasetError(f"{source}: cannot be read as {builder}: {first_line}") from None
 
 
 def _field(row: dict, key: str, kind, index: int):

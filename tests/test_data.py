@@ -154,3 +154,10 @@ def test_question_indices_walk_seeded_permutations():
     assert data.question_indices(n, 0, per_step, seed + 1) != walk[:3]
     with pytest.raises(ValueError, match="per_step_questions"):
         data.question_indices(2, 0, 3, seed)
+
+
+def test_empty_data_file_is_one_clear_error(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(data.DatasetError, match="empty"):
+        data.load_dataset_rows(str(empty))
