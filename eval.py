@@ -32,7 +32,8 @@ from transformers import AutoConfig, AutoModelForImageTextToText, DynamicCache
 import data
 import media
 import rewards
-import train  # its defaults: the toy model cache, the output folders, checkpoint-<step> naming
+import run_dir  # checkpoint-<step> folders of a training run
+import train  # its defaults: the toy model cache and the output folders
 from pictures import kept_token_picture, pareto_plot
 from rollout import eos_ids_of, pad_id_of, without_placeholders
 from sparse_attention import check_keep_p
@@ -62,7 +63,7 @@ def zipr1_checkpoint(args):
     """--zipr1 (must hold a saved model), else the newest checkpoint-<step> of train.py's default run, else None."""
     if args.zipr1 is None:
         root = train.TOY_PRESET["output_dir"] if args.model == "toy" else train.Config.output_dir
-        found = train.checkpoints(Path(root))
+        found = run_dir.checkpoints(Path(root))
         return found[-1] if found else None
     path = media.resolve_model_dir(args.zipr1)  # ModelNotAvailable (an OSError) when it is not there
     if not (path / "config.json").is_file():

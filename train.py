@@ -37,6 +37,7 @@ import distributed
 import grpo
 import media
 import rewards
+from run_dir import checkpoints, plot_metrics, prepare_output_dir, save_checkpoint
 from rollout import SamplingConfig, generate, score_completions
 from sparse_qwen import make_sparse, make_state, sparse_forward
 
@@ -86,6 +87,7 @@ class Config:
 TOY_PRESET = dict(learning_rate=2e-4, per_step_questions=2, max_new_tokens=8, steps=40, save_every=20,
                   output_dir="outputs/zipr1-toy", max_frames=8)
 TOY_TRAIN_ROWS, TOY_CACHE = 512, Path(".cache")
+TOY_DATA_SEED = 424_242  # RL questions: a seed the warm-up (seeds 0..steps-1) and eval.py (777_777 + seed) never use
 
 
 def parse_config(argv=None) -> Config:
@@ -143,11 +145,11 @@ def resolve_sources(cfg: Config) -> tuple[str, str]:
         model = str(media.resolve_model_dir(model))  # ModelNotAvailable (one line) when not on disk offline
     if dataset == "toy":
         import toy
-        folder = TOY_CACHE / f"toy-data-{TOY_TRAIN_ROWS}"
+        folder = TOY_CACHE / f"toy-data-v{toy.TASK_VERSION}-{TOY_TRAIN_ROWS}"  # a new task version: new data
         if not (folder / "toy.jsonl").is_file():  # write aside, then rename: an interrupted write is not reused
             building = folder.with_name(folder.name + ".building")
             shutil.rmtree(building, ignore_errors=True)
-            toy.write_toy_dataset(building, TOY_TRAIN_ROWS, seed=1).parent.rename(folder)
+            toy.write_toy_dataset(building, TOY_TRAIN_ROWS, seed=TOY_DATA_SEED).parent.rename(folder)
         dataset = str(folder / "toy.jsonl")
     return model, dataset
 
@@ -283,77 +285,6 @@ def train_step(policy, reference, processor, optimizer, rows, cfg: Config, step:
                "completion_length": tokens / len(texts), **stats,
                "tokens_per_s": tokens / seconds, "seconds": seconds}
     return distributed.reduce_metrics(metrics, dist)  # the same dict, over every rank's groups
-
-
-# ----------------------------------------------------------------------------------------------- checkpoints, plot
-def checkpoints(output_dir: Path) -> list[Path]:
-    """checkpoint-<step> folders of a run, oldest first."""
-    found = [p for p in output_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
-
-
-def save_checkpoint(policy, processor, optimizer, cfg: Config, step: int, dist=distributed.SINGLE) -> Path:
-    """HF folder (save_pretrained: loadable by plain transformers) + optimizer state; keeps save_total_limit.
-    Under torchrun every rank joins the gathers and rank 0 writes one consolidated checkpoint."""
-    output_dir = Path(cfg.output_dir)
-    path = output_dir / f"checkpoint-{step}"
-    distributed.save_pretrained(policy, path, dist)
-    optimizer_state = distributed.optimizer_state(policy, optimizer, dist)  # full, keyed by parameter name
-    if dist.is_main:
-        processor.save_pretrained(path)
-        torch.save({"step": step, "optimizer": optimizer_state, "config": dataclasses.asdict(cfg)},
-                   path / "trainer_state.pt")
-        for old in checkpoints(output_dir)[:-cfg.save_total_limit]:
-            shutil.rmtree(old)
-    distributed.barrier(dist)
-    return path
-
-
-def read_metrics(path: Path, up_to_step: int | None = None) -> list[dict]:
-    lines = path.read_text().splitlines() if path.is_file() else []
-    rows = [json.loads(line) for line in lines if line.strip()]
-    return [r for r in rows if up_to_step is None or r["step"] <= up_to_step]
-
-
-def plot_metrics(metrics: list[dict], path: Path) -> None:
-    """PNG of reward, accuracy and token ratio tau over steps: per step (thin) and a moving average."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    steps, window = [m["step"] for m in metrics], max(1, min(25, len(metrics) // 5))
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
-    for ax, key, label in zip(axes, ("reward", "accuracy", "tau"), ("reward r", "accuracy", "token ratio τ")):
-        values = torch.tensor([m[key] for m in metrics], dtype=torch.float64)
-        smooth = values.cumsum(0)
-        smooth[window:] = smooth[window:] - smooth[:-window].clone()
-        smooth /= torch.arange(1, len(values) + 1).clamp(max=window)  # mean of the last `window` steps
-        ax.plot(steps, values, lw=0.6, alpha=0.4)
-        ax.plot(steps, smooth, lw=1.8, label=f"mean of {window}")
-        ax.set(xlabel="step", title=label)
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def prepare_output_dir(cfg: Config) -> tuple[Path | None, list[dict]]:
-    """(checkpoint to resume or None, metrics kept); refuses to write over an earlier run by accident."""
-    output_dir, metrics_path = Path(cfg.output_dir), Path(cfg.output_dir) / "metrics.jsonl"
-    existing = checkpoints(output_dir)
-    if cfg.resume and existing:
-        last = existing[-1]
-        kept = read_metrics(metrics_path, int(last.name.split("-")[-1]))  # later lines are redone
-        metrics_path.write_text("".join(json.dumps(m) + "\n" for m in kept))
-        return last, kept
-    if (existing or metrics_path.is_file()) and not (cfg.resume or cfg.overwrite_output_dir):
-        raise FileExistsError(f"output_dir {output_dir} already holds a run: pass --resume to continue it, "
-                              f"--overwrite_output_dir to start over, or another --output_dir")
-    for old in existing:  # only what a run writes, never the folder itself
-        shutil.rmtree(old)
-    metrics_path.unlink(missing_ok=True)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    return None, []
 
 
 # ----------------------------------------------------------------------------------------------- loop

@@ -22,6 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import eval as zipr1_eval  # noqa: E402
+import run_dir  # noqa: E402
 import train  # noqa: E402
 
 
@@ -55,7 +56,7 @@ def train_zipr1(args) -> float:
 
 def evaluate(args) -> dict:
     """eval.py on held-out toy questions: Full, ZipVL and ZipR1 (the newest checkpoint) at keep_p."""
-    checkpoint = train.checkpoints(Path(args.output_dir) / "train")[-1]
+    checkpoint = run_dir.checkpoints(Path(args.output_dir) / "train")[-1]
     return zipr1_eval.run(zipr1_eval.parse_args([
         "--zipr1", str(checkpoint), "--keep-p", str(args.keep_p), "--limit", str(args.eval_questions),
         "--sweep", "", "--out", str(Path(args.output_dir) / "eval")]))
