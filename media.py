@@ -28,6 +28,9 @@ TYPE_TEMPLATE = {  # Video-R1's answer-format instructions, per problem type
                        "within the <answer> </answer> tags.",
     "numerical": "Please provide the numerical value (e.g., 42 or 3.14) within the <answer> </answer> tags.",
     "free-form": "Please provide your text answer within the <answer> </answer> tags.",
+    "OCR": "Please transcribe text from the image/video clearly and provide your text answer within the "
+           "<answer> </answer> tags.",
+    "regression": "Please provide the numerical value (e.g., 42 or 3.14) within the <answer> </answer> tags.",
 }
 _LOGGED = set()
 

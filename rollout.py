@@ -166,6 +166,6 @@ def score_completions(model, rollout: Rollout, sparse: bool = True, keep_p=None)
                            batch_size=len(rollout.keep_p), prompt_len=prompt_len, seed=rollout.seed)
         context = sparse_forward(state)
     with context:
-        logits = model(**batch, logits_to_keep=steps + 1).logits[:, :-1]  # (B, T, V): predicts completion tokens
+        logits = model(**batch, use_cache=False, logits_to_keep=steps + 1).logits[:, :-1]  # (B, T, V): predicts completion tokens
     logits = without_placeholders(model, logits)
     return token_logprobs(logits, rollout.completion_ids, rollout.temperature) * rollout.completion_mask
