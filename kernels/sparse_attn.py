@@ -249,7 +249,8 @@ def _strides(x: torch.Tensor) -> tuple[int, int, int]:
 
 def _forward(q, k, v, idx, count, sm_scale):
     bsz, heads, seq, dim = q.shape
-    out = torch.zeros_like(q, memory_format=torch.contiguous_format)  # (B, H, L, D), unselected rows stay 0
+    out = q.new_zeros(bsz, seq, heads, dim).transpose(1, 2)  # (B, H, L, D) view of (B, L, H, D) memory, which HF's
+    # attention output wants: out.transpose(1, 2) is contiguous, no copy. Unselected rows stay 0.
     lse = torch.empty(bsz * heads, seq, device=q.device, dtype=torch.float32)  # (B·H, L) per selected rank
 
     def grid(meta):  # heads vary fastest: the GQA heads sharing K, V rows run together (L2 reuse)

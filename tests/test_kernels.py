@@ -76,7 +76,8 @@ def test_prefill_forward_and_backward_match_reference_fp32(h, hkv, seq, d, kind)
 
 
 def test_prefill_reads_hf_layout_views_and_a_custom_scale():
-    """HF hands q, k, v as (B, L, H, D).transpose(1, 2): strided views, not contiguous tensors."""
+    """HF hands q, k, v as (B, L, H, D).transpose(1, 2): strided views, not contiguous tensors; and wants the output
+    back as (B, L, H, D)."""
     q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in qkv(2, 4, 2, 36, 16, seed=3))
     assert not q.is_contiguous()
     mask = selection("left_padded", 2, 36, seed=4)
@@ -84,6 +85,7 @@ def test_prefill_reads_hf_layout_views_and_a_custom_scale():
                                            scale=0.3, backend="triton")
     expect = sparse_attention(q, k, v, mask, mask, scale=0.3)
     torch.testing.assert_close(got.double().cpu(), expect, atol=2e-5, rtol=2e-5)
+    assert got.transpose(1, 2).is_contiguous()  # written in HF's (B, L, H, D) output layout: no copy in sparse_qwen
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
