@@ -118,22 +118,26 @@ def block_modules(model) -> list[torch.nn.Module]:
     return blocks
 
 
-def shard_model(model, dist: Dist, param_dtype: torch.dtype | None = None):
+def shard_model(model, dist: Dist, param_dtype: torch.dtype | None = None, replicate: torch.nn.Module | None = None):
     """FSDP2: shard every block's parameters over the ranks (`fully_shard`), then the rest (embeddings, lm_head).
 
     Each rank keeps 1/W of every parameter (and of its gradient and AdamW state); a block's weights are
     all-gathered just before it runs and freed after. param_dtype=torch.bfloat16 gathers and computes in bf16
     while the sharded master weights, gradients (reduced in fp32) and optimizer stay fp32. Frozen models (the
-    reference) shard the same way. A no-op in a single process. Returns the model (now an FSDPModule).
+    reference) shard the same way. `replicate`: a frozen submodule every rank keeps whole and may call on its own
+    (the policy's frozen vision tower, run once per group by rollout.repeat_prompts): FSDP ignores its parameters.
+    A no-op in a single process. Returns the model (now an FSDPModule).
     """
     if not dist.enabled:
         return model
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype \
         else MixedPrecisionPolicy()
+    kept = set(replicate.parameters()) if replicate is not None else set()
     for block in block_modules(model):
-        fully_shard(block, mesh=dist.mesh, mp_policy=policy)
-    fully_shard(model, mesh=dist.mesh, mp_policy=policy)
+        if not kept.intersection(block.parameters()):
+            fully_shard(block, mesh=dist.mesh, mp_policy=policy)
+    fully_shard(model, mesh=dist.mesh, mp_policy=policy, ignored_params=kept or None)
     return model
 
 

@@ -16,10 +16,14 @@ from dataclasses import dataclass
 import torch
 
 from grpo import completion_mask, token_logprobs
-from sparse_qwen import (PrunedKVCache, check_vision_tokens, continuation_positions, make_state, prompt_positions,
-                         sparse_forward, text_config)
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-MEDIA_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
+from sparse_qwen import (PrunedKVCache, check_vision_tokens, continuation_positions, make_state, media_per_sample,
+                         prompt_positions, sparse_forward, text_config)
+
+MEDIA_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts",
+              "mm_encoder_outputs")
+VISION = {"image": ("pixel_values", "image_grid_thw"), "video": ("pixel_values_videos", "video_grid_thw")}
 
 
 @dataclass
@@ -71,6 +75,30 @@ def without_placeholders(model, logits: torch.Tensor) -> torch.Tensor:
     is scored teacher-forced. The policy's distribution is over the rest of the vocabulary, in rollout and scoring."""
     ids = torch.tensor([model.config.image_token_id, model.config.video_token_id], device=logits.device)
     return logits.index_fill(-1, ids, float("-inf"))
+
+
+@torch.no_grad()
+def repeat_prompts(model, inputs, n: int) -> dict:
+    """Each prompt of the batch n times in a row (a GRPO group: rows b·n … b·n+n-1), its media encoded once.
+
+    The vision tower runs once per image/video; the decoder receives the features n times through transformers'
+    `mm_encoder_outputs` instead of n copies of the pixels. The features carry no gradient, so this is for a frozen
+    vision tower (train.py's default), whose features the full-attention reference shares.
+    """
+    out = {k: inputs[k].repeat_interleave(n, 0) for k in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    encoded = {}
+    for kind, (pixels, grid_key) in VISION.items():
+        if inputs.get(pixels) is None:
+            continue
+        per_sample = torch.tensor(media_per_sample(model, inputs, kind))  # (B,) items per prompt
+        first = per_sample.cumsum(0) - per_sample  # index of each prompt's first item
+        order = [int(f) + i for f, c in zip(first, per_sample) for _ in range(n) for i in range(c)]  # items, n times
+        features = getattr(model.model, f"get_{kind}_features")(inputs[pixels], inputs[grid_key]).pooler_output
+        encoded[kind] = BaseModelOutputWithPooling(pooler_output=[features[i] for i in order])  # (tokens_i, hidden)
+        out[grid_key] = inputs[grid_key][order]
+        if kind == "video" and inputs.get("second_per_grid_ts") is not None:
+            out["second_per_grid_ts"] = torch.as_tensor(inputs["second_per_grid_ts"])[order]
+    return {**out, "mm_encoder_outputs": encoded} if encoded else out
 
 
 def eos_ids_of(model) -> list[int]:

@@ -148,7 +148,7 @@ def zipr1_attention(module, query, key, value, attention_mask, scaling=None, dro
         out = kernels.prefill_sparse_attention(query, key, value, mask, scale=scaling)  # Eq. 1, (B, H, L, D)
         if state.mode == "prefill" and state.cache is not None:
             state.cache.prune(layer, sel.mask)  # keep only the selected K/V of this layer
-    return out.transpose(1, 2).contiguous(), None
+    return out.transpose(1, 2).contiguous(), None  # (B, L, H, D); the Triton kernels write it so: no copy
 
 
 AttentionInterface.register(ATTN_NAME, zipr1_attention)
@@ -187,22 +187,34 @@ def continuation_positions(next_position: torch.Tensor, steps: int, start: int =
     return pos[None].expand(3, -1, -1)
 
 
+def media_per_sample(model, inputs, kind: str) -> list[int]:
+    """How many images (kind="image") or videos each sample holds, from its placeholder tokens and the grids.
+
+    The grids (`image_grid_thw`, `video_grid_thw`) list every item of the batch in order; a sample's placeholder
+    tokens must be a whole number of the next grids. One clear error names the sample where they disagree.
+    """
+    merge = model.config.vision_config.spatial_merge_size ** 2
+    counts = (inputs["input_ids"] == getattr(model.config, f"{kind}_token_id")).sum(-1).tolist()  # per sample
+    grids = inputs.get(f"{kind}_grid_thw")
+    need = [] if grids is None else (grids.prod(-1) // merge).tolist()  # tokens per image/video, in order
+    items = []
+    for b, n in enumerate(counts):
+        have, taken = n, 0
+        while have > 0 and need:
+            have, taken = have - need.pop(0), taken + 1
+        if have != 0:
+            raise ValueError(f"sample {b}: its {n} {kind} tokens do not match its {kind} grid(s) "
+                             f"({kind}_grid_thw); rebuild the inputs with the processor")
+        items.append(taken)
+    if need:
+        raise ValueError(f"{len(need)} {kind}(s) in {kind}_grid_thw have no {kind} tokens in any prompt")
+    return items
+
+
 def check_vision_tokens(model, inputs) -> None:
     """One clear error naming the sample whose image/video placeholder count disagrees with the grids."""
-    merge = model.config.vision_config.spatial_merge_size ** 2
     for kind in ("image", "video"):
-        counts = (inputs["input_ids"] == getattr(model.config, f"{kind}_token_id")).sum(-1).tolist()  # per sample
-        grids = inputs.get(f"{kind}_grid_thw")
-        need = [] if grids is None else (grids.prod(-1) // merge).tolist()  # tokens per image/video, in order
-        for b, n in enumerate(counts):  # each sample's tokens must be a whole number of the next grids
-            have = n
-            while have > 0 and need:
-                have -= need.pop(0)
-            if have != 0:
-                raise ValueError(f"sample {b}: its {n} {kind} tokens do not match its {kind} grid(s) "
-                                 f"({kind}_grid_thw); rebuild the inputs with the processor")
-        if need:
-            raise ValueError(f"{len(need)} {kind}(s) in {kind}_grid_thw have no {kind} tokens in any prompt")
+        media_per_sample(model, inputs, kind)
 
 
 def make_state(model, keep_p, mode="prefill", batch_size=None, **kw) -> SparseState:

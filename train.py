@@ -38,7 +38,7 @@ import grpo
 import media
 import rewards
 from run_dir import checkpoints, plot_metrics, prepare_output_dir, save_checkpoint
-from rollout import SamplingConfig, generate, score_completions
+from rollout import SamplingConfig, generate, repeat_prompts, score_completions
 from sparse_qwen import make_sparse, make_state, sparse_forward
 
 PAPER_KEEP_P_GRID = tuple(round(0.94 + 0.005 * i, 3) for i in range(8))  # 0.94, 0.945, ..., 0.975
@@ -164,7 +164,8 @@ def load_policy(path, cfg: Config, device, dist=distributed.SINGLE):
         policy.model.visual.requires_grad_(False)
     if cfg.gradient_checkpointing:
         policy.activation_checkpointing_enable()  # non-reentrant; the backward runs inside sparse_forward
-    return distributed.shard_model(policy, dist, torch.bfloat16 if cfg.bf16 else None)
+    frozen = policy.model.visual if cfg.freeze_vision else None  # whole on every rank: called once per group
+    return distributed.shard_model(policy, dist, torch.bfloat16 if cfg.bf16 else None, replicate=frozen)
 
 
 def load_reference(path, cfg: Config, device, dist=distributed.SINGLE):
@@ -202,14 +203,17 @@ def sample_rollout(policy, processor, rows, cfg: Config, step: int, device, auto
     `rows` start at `position` in the step's global question list: their thresholds and sampling seed are theirs
     in the global batch, whichever rank rolls them out.
     """
-    items = [data.prompt_item(row, cfg.max_frames) for row in rows]
-    inputs = media.encode_prompts(processor, [item for item in items for _ in range(cfg.num_generations)])
-    keep_p = keep_p_for_rows(cfg, position + len(rows), step)[position * cfg.num_generations:].to(device)  # (G*N,)
+    items, n = [data.prompt_item(row, cfg.max_frames) for row in rows], cfg.num_generations
+    keep_p = keep_p_for_rows(cfg, position + len(rows), step)[position * n:].to(device)  # (G*N,)
     seed = distributed.question_seed(step_seed(cfg, step), position)
     sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature)
     policy.eval()  # HF turns the KV cache off for checkpointed layers in train mode
     with autocast:
-        rollout = generate(policy, inputs.to(device), keep_p, sampling, seed=seed)
+        if cfg.freeze_vision:  # each image/video through the vision tower once, for rollout and both scorings
+            inputs = repeat_prompts(policy, media.encode_prompts(processor, items).to(device), n)
+        else:  # a trained vision tower needs its pixels in the policy's training forward
+            inputs = media.encode_prompts(processor, [item for item in items for _ in range(n)]).to(device)
+        rollout = generate(policy, inputs, keep_p, sampling, seed=seed)
     texts = processor.batch_decode(rollout.completion_ids.cpu(), skip_special_tokens=True)
     return rollout, texts
 

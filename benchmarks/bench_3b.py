@@ -94,11 +94,14 @@ def parameter_counts(config) -> tuple[int, int]:
 def state_memory(total: int, trainable: int, world: int) -> dict:
     """Bytes per GPU of what train.py keeps for a whole run (estimate; activations and KV cache excluded).
 
-    fp32 master weights 4·P, fp32 grads 4·P_lm, AdamW moments 8·P_lm, bf16 reference 2·P — all sharded 1/W by
-    FSDP2; with W > 1 a rollout also holds one gathered bf16 copy of the policy, 2·P (distributed.gathered_weights).
+    fp32 master weights 4·P, fp32 grads 4·P_lm, AdamW moments 8·P_lm, bf16 reference 2·P — sharded 1/W by FSDP2,
+    except the policy's frozen vision tower (4·P_vis), which every rank keeps whole (distributed.shard_model's
+    `replicate`); with W > 1 a rollout also holds one gathered bf16 copy of the language model, 2·P_lm
+    (distributed.gathered_weights).
     """
-    sharded = (4 * total + 4 * trainable + 8 * trainable + 2 * total) / world
-    gathered = 2 * total if world > 1 else 0
+    vision = total - trainable
+    sharded = (4 * trainable + 4 * trainable + 8 * trainable + 2 * total) / world + 4 * vision
+    gathered = 2 * trainable if world > 1 else 0
     return {"sharded states": sharded, "gathered policy (rollout)": gathered, "total": sharded + gathered}
 
 

@@ -10,7 +10,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 import media
 import toy
-from rollout import SamplingConfig, generate, prefill, score_completions
+from rollout import SamplingConfig, generate, prefill, repeat_prompts, score_completions
 from sparse_attention import sparse_attention
 from sparse_qwen import make_sparse
 
@@ -129,6 +129,31 @@ def test_teacher_forced_logprobs_equal_rollout_logprobs(tiny):
     assert not bool(torch.isin(out.completion_ids, placeholders).any())  # never sampled: scoring stays well-formed
     dense = score_completions(load(), out, sparse=False)  # the full-attention reference sees something else
     assert not torch.allclose(dense, out.logprobs, atol=1e-3)
+
+
+def test_repeated_prompts_encode_media_once_and_equal_row_copies(tiny):
+    """A group's N rows from one vision pass (mm_encoder_outputs) roll out and score as N encoded copies do."""
+    load, processor = tiny
+    model, n = make_sparse(load()), 2
+    prompts = items("padded_batch")  # image, two images, video
+    copies = media.encode_prompts(processor, [p for p in prompts for _ in range(n)])
+    calls = []
+    model.model.visual.register_forward_hook(lambda *args: calls.append(1))
+    shared = repeat_prompts(model, media.encode_prompts(processor, prompts), n)
+    assert len(calls) == 2 and "pixel_values" not in shared  # one pass for the images, one for the video
+    assert torch.equal(shared["input_ids"], copies["input_ids"])
+    for key in ("image_grid_thw", "video_grid_thw"):
+        assert torch.equal(shared[key], copies[key])
+    keep_p, sampling = torch.tensor([0.5, 0.975, 0.7, 0.9, 0.6, 1.0]), SamplingConfig(STEPS, do_sample=False)
+    ours, theirs = generate(model, shared, keep_p, sampling), generate(model, copies, keep_p, sampling)
+    assert torch.equal(ours.completion_ids, theirs.completion_ids)
+    assert torch.equal(ours.selection, theirs.selection)
+    torch.testing.assert_close(ours.logprobs, theirs.logprobs, atol=1e-5, rtol=0)
+    calls.clear()
+    torch.testing.assert_close(score_completions(model, ours), theirs.logprobs, atol=1e-5, rtol=0)
+    dense = score_completions(load(), ours, sparse=False)  # the reference reads the same features
+    torch.testing.assert_close(dense, score_completions(load(), theirs, sparse=False), atol=1e-5, rtol=0)
+    assert not calls  # scoring reused the features: no second vision pass
 
 
 def test_bad_inputs_give_one_clear_error(tiny, tmp_path):

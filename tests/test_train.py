@@ -94,6 +94,26 @@ def test_all_wrong_group_earns_no_efficiency_reward(sources, tmp_path):
     assert not all(torch.equal(weights(sources[0])[k], v) for k, v in weights(tmp_path / "v1" / "checkpoint-1").items())
 
 
+def test_media_encoded_once_per_group_give_the_rollout_of_per_row_copies(sources, tmp_path):
+    """Frozen vision: one vision pass per question (rollout.repeat_prompts). Trained vision: pixels per row, and the
+    vision tower learns. Both give the same first rollout from the same weights."""
+    frozen, trained = config(sources, tmp_path / "a"), config(sources, tmp_path / "b", freeze_vision=False, steps=1)
+    table = data.load_dataset_rows(frozen.dataset)
+    rows = [table.rows[i] for i in data.question_indices(len(table), 0, 1, frozen.seed)]
+    processor, none = media.load_processor(sources[0]), train.contextlib.nullcontext()
+    shared, _ = train.sample_rollout(train.load_policy(sources[0], frozen, "cpu"), processor, rows, frozen, 0, "cpu",
+                                     none)
+    copied, _ = train.sample_rollout(train.load_policy(sources[0], trained, "cpu"), processor, rows, trained, 0,
+                                     "cpu", none)
+    assert "mm_encoder_outputs" in shared.inputs and "mm_encoder_outputs" not in copied.inputs
+    assert torch.equal(shared.completion_ids, copied.completion_ids)
+    torch.testing.assert_close(shared.token_ratio, copied.token_ratio)
+    torch.testing.assert_close(shared.logprobs, copied.logprobs, atol=1e-5, rtol=0)
+    train.train(trained)
+    before, after = weights(sources[0]), weights(tmp_path / "b" / "checkpoint-1")
+    assert any("visual" in k and not torch.equal(before[k], after[k]) for k in before)
+
+
 def _gradients(policy, reference, rollout, advantages, cfg):
     optimizer = torch.optim.SGD(policy.parameters(), lr=0.0)  # keeps the weights: gradients stay in .grad
     train.policy_update(policy, reference, optimizer, rollout, advantages, cfg, train.contextlib.nullcontext())
