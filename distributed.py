@@ -6,8 +6,9 @@
 Per step, with W ranks and G = per_step_questions questions (G a multiple of W):
   * rank r takes the contiguous block of G/W questions (`rank_questions`); each question's group of N answers stays
     whole on one rank, so the group statistics of Eq. 4 (mean, std of the N rewards) need no communication;
-  * every answer group is sampled with its own seed (`question_seed`: the step seed and the question's place in the
-    global batch), so the completions depend on the global batch only, never on how it is split over ranks;
+  * every answer is sampled from its own stream, seeded by `question_seed` (the step seed and the question's place
+    in the global batch) plus the answer's index, so the completions depend on the global batch only, never on how
+    it is split over ranks or rollout batches;
   * the policy is sharded layer by layer with FSDP2 (`shard_model`); the frozen reference is sharded the same way;
     generation runs on gathered weights (`gathered_weights`), because ranks stop decoding after different numbers of
     tokens and a sharded forward per token would need every rank in lock step;
@@ -177,10 +178,8 @@ def rank_questions(num_questions: int, dist: Dist) -> range:
 
 
 def question_seed(step_seed: int, position: int) -> int:
-    """Rollout seed of the question at `position` of a step's global question list: independent of the rank split.
-
-    Position 0 keeps the step seed itself, so a one-question step samples exactly as a plain batched rollout would.
-    """
+    """Sampling seed of the question at `position` of a step's global question list (answer j samples from seed + j):
+    independent of the rank split and of which questions share a rollout batch."""
     return (step_seed + 1_000_000_007 * position) % 2**62
 
 

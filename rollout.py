@@ -1,22 +1,26 @@
 """Rollouts of the sparse policy: sparse prefill (Eq. 1-3), pruned KV cache, a readable sampling loop.
 
+    inputs = repeat_prompts(policy, processor_batch, n)      # each prompt n times, its media encoded once
     rollout = generate(policy, inputs, keep_p=torch.tensor([0.94, 0.945, ...]), sampling=SamplingConfig(...))
     logp = score_completions(policy, rollout)               # teacher-forced, same sparsity: == rollout.logprobs
     ref_logp = score_completions(reference, rollout, sparse=False)   # frozen model, full attention
+    groups = split_groups(policy, rollout, n)                # one Rollout per question, e.g. as micro-batches
 
 `inputs` is the processor's left-padded batch (input_ids, attention_mask, mm_token_type_ids, pixel_values,
-image_grid_thw, pixel_values_videos, video_grid_thw, second_per_grid_ts). Each row has its own sparsity threshold
-`keep_p` — not to be confused with nucleus sampling's `top_p` in SamplingConfig.
+image_grid_thw, pixel_values_videos, video_grid_thw, second_per_grid_ts), or repeat_prompts' form of it, where
+encoded features (`mm_encoder_outputs`) replace the pixels. Each row has its own sparsity threshold `keep_p` — not
+to be confused with nucleus sampling's `top_p` in SamplingConfig.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 
 import torch
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from grpo import completion_mask, token_logprobs
-from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from sparse_qwen import (PrunedKVCache, check_vision_tokens, continuation_positions, make_state, media_per_sample,
                          prompt_positions, sparse_forward, text_config)
@@ -55,7 +59,10 @@ class Rollout:
 
 
 def sample_next(logits: torch.Tensor, cfg: SamplingConfig, generator=None) -> torch.Tensor:
-    """Next token per row from logits (B, V): greedy, or temperature → top-k → top-p (nucleus) → sample.  (B,)"""
+    """Next token per row from logits (B, V): greedy, or temperature → top-k → top-p (nucleus) → sample.  (B,)
+
+    generator: one torch.Generator for the batch, or a list of one per row (a row's samples then do not depend on
+    which other rows share its batch)."""
     if not cfg.do_sample:
         return logits.argmax(-1)
     logits = logits.float() / cfg.temperature
@@ -67,7 +74,10 @@ def sample_next(logits: torch.Tensor, cfg: SamplingConfig, generator=None) -> to
         probs = sorted_logits.softmax(-1)
         drop = probs.cumsum(-1) - probs > cfg.top_p  # mass before a token already reaches top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+    probs = logits.softmax(-1)  # (B, V)
+    if isinstance(generator, list):
+        return torch.cat([torch.multinomial(row[None], 1, generator=g)[0] for row, g in zip(probs, generator)])
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
 def without_placeholders(model, logits: torch.Tensor) -> torch.Tensor:
@@ -131,18 +141,20 @@ def prefill(model, inputs, keep_p, seed: int = 0):
 
 @torch.no_grad()
 def generate(model, inputs, keep_p, sampling: SamplingConfig = SamplingConfig(), seed: int = 0,
-             return_logits: bool = False) -> Rollout:
+             return_logits: bool = False, row_seeds: list[int] | None = None) -> Rollout:
     """Sample one completion per prompt row with Top-p sparse attention and a pruned KV cache.
 
     keep_p: float or (B,). Prefill selects per layer and sample (Eq. 3), prunes the cache to the selection; each new
     token then attends to its row's pruned cache. Rows stop at EOS; the loop stops when all rows have.
+    seed: the probes' seed, and the sampling seed of the batch; row_seeds (B,): one sampling stream per row instead.
     """
     logits, state, next_pos = prefill(model, inputs, keep_p, seed)  # (B, V)
     cache, bsz, device = state.cache, logits.shape[0], logits.device
     kept, kv_bytes = state.kept(), cache.kv_bytes()
     selection = torch.stack([state.selections[j].mask for j in sorted(state.selections)], 1)  # (B, n_layers, P)
     eos, pad = torch.tensor(eos_ids_of(model), device=device), pad_id_of(model)
-    generator = torch.Generator(device=device).manual_seed(seed) if sampling.do_sample else None
+    generator = None if not sampling.do_sample else torch.Generator(device=device).manual_seed(seed) \
+        if row_seeds is None else [torch.Generator(device=device).manual_seed(s) for s in row_seeds]
     tokens, logps, raw = [], [], []
     done = torch.zeros(bsz, dtype=torch.bool, device=device)
     state.mode = "decode"
@@ -162,8 +174,53 @@ def generate(model, inputs, keep_p, sampling: SamplingConfig = SamplingConfig(),
     mask = completion_mask(completion, eos.tolist(), None)
     return Rollout(inputs=dict(inputs), completion_ids=completion, completion_mask=mask,
                    logprobs=torch.stack(logps, 1) * mask, keep_p=state.keep_p, kept=kept, lengths=state.lengths(),
-                   token_ratio=state.token_ratio(), kv_bytes=kv_bytes, selection=selection, temperature=sampling.temperature, seed=seed,
+                   token_ratio=state.token_ratio(), kv_bytes=kv_bytes, selection=selection,
+                   temperature=sampling.temperature, seed=seed,
                    step_logits=torch.stack(raw, 1) if return_logits else None)
+
+
+def take_rows(model, inputs: dict, start: int, stop: int) -> dict:
+    """Rows start … stop-1 of a left-padded prompt batch with their images/videos (pixels or encoded features);
+    columns that are padding in every kept row are dropped."""
+    first = int(inputs["attention_mask"][start:stop].any(0).int().argmax())  # first column a kept row uses
+    out = {k: inputs[k][start:stop, first:] for k in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    for kind, (pixels, grid_key) in VISION.items():
+        if inputs.get(grid_key) is None:
+            continue
+        per_row = media_per_sample(model, inputs, kind)
+        a, b = sum(per_row[:start]), sum(per_row[:stop])  # these rows' items
+        if a == b:
+            continue
+        grids, encoded = inputs[grid_key], inputs.get("mm_encoder_outputs", {}).get(kind)
+        out[grid_key] = grids[a:b]
+        if kind == "video" and inputs.get("second_per_grid_ts") is not None:
+            out["second_per_grid_ts"] = torch.as_tensor(inputs["second_per_grid_ts"])[a:b]
+        if inputs.get(pixels) is not None:
+            ends = grids.prod(-1).cumsum(0).tolist()  # the pixel rows (patches) of item i end at ends[i]
+            out[pixels] = inputs[pixels][(ends[a - 1] if a else 0):ends[b - 1]]
+        if encoded is not None:
+            features = BaseModelOutputWithPooling(pooler_output=list(encoded.pooler_output[a:b]))
+            out.setdefault("mm_encoder_outputs", {})[kind] = features
+    return out
+
+
+def split_groups(model, rollout: Rollout, n: int) -> list[Rollout]:
+    """A rollout of G·n rows as G rollouts of n rows (one question's group each), e.g. as training micro-batches.
+    Each keeps only its own media, prompt columns and completion steps; scoring one equals its part of the whole."""
+    parts, prompt_len = [], rollout.inputs["input_ids"].shape[1]
+    for start in range(0, len(rollout.keep_p), n):
+        rows = slice(start, start + n)
+        inputs = take_rows(model, rollout.inputs, start, start + n)
+        first = prompt_len - inputs["input_ids"].shape[1]  # dropped padding columns
+        steps = max(int(rollout.completion_mask[rows].sum(-1).max()), 1)  # the group's longest completion
+        logits = rollout.step_logits[rows, :steps] if rollout.step_logits is not None else None
+        parts.append(dataclasses.replace(
+            rollout, inputs=inputs, completion_ids=rollout.completion_ids[rows, :steps],
+            completion_mask=rollout.completion_mask[rows, :steps], logprobs=rollout.logprobs[rows, :steps],
+            keep_p=rollout.keep_p[rows], kept=rollout.kept[rows], lengths=rollout.lengths[rows],
+            token_ratio=rollout.token_ratio[rows], kv_bytes=rollout.kv_bytes[rows],
+            selection=rollout.selection[rows, :, first:], step_logits=logits))
+    return parts
 
 
 def full_sequence(model, rollout: Rollout) -> dict:
@@ -194,6 +251,6 @@ def score_completions(model, rollout: Rollout, sparse: bool = True, keep_p=None)
                            batch_size=len(rollout.keep_p), prompt_len=prompt_len, seed=rollout.seed)
         context = sparse_forward(state)
     with context:
-        logits = model(**batch, use_cache=False, logits_to_keep=steps + 1).logits[:, :-1]  # (B, T, V): predicts completion tokens
+        logits = model(**batch, use_cache=False, logits_to_keep=steps + 1).logits[:, :-1]  # (B, T, V): completion
     logits = without_placeholders(model, logits)
     return token_logprobs(logits, rollout.completion_ids, rollout.temperature) * rollout.completion_mask

@@ -11,7 +11,8 @@ One step, for G = per_step_questions questions with N = num_generations answers 
   4. num_iterations (mu) AdamW updates of the clipped surrogate - beta KL(pi_theta || pi_ref): the policy's
      log-probs under the rollout's sparsity, the frozen reference's under full attention   (grpo.grpo_loss, Eq. 5)
 Everything random is seeded by (seed, step), so --resume continues exactly where the last checkpoint left off.
-Each question's group is rolled out and trained as one micro-batch, seeded by its place in the step's batch.
+A rank's questions are rolled out in one batch (`rollout_questions` at a time), each answer sampled from its own
+stream seeded by its place in the step's global batch; each question's group is then one update micro-batch.
 
     torchrun --nproc_per_node 8 train.py --model Qwen/Qwen2.5-VL-7B-Instruct ...   # FSDP2, see distributed.py
 """
@@ -38,7 +39,7 @@ import grpo
 import media
 import rewards
 from run_dir import checkpoints, plot_metrics, prepare_output_dir, save_checkpoint
-from rollout import SamplingConfig, generate, repeat_prompts, score_completions
+from rollout import SamplingConfig, generate, repeat_prompts, score_completions, split_groups
 from sparse_qwen import make_sparse, make_state, sparse_forward
 
 PAPER_KEEP_P_GRID = tuple(round(0.94 + 0.005 * i, 3) for i in range(8))  # 0.94, 0.945, ..., 0.975
@@ -65,6 +66,7 @@ class Config:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     per_step_questions: int = 1  # G questions per step (G * N rollout rows)
+    rollout_questions: int = 0  # questions sampled together in one batch (their N rows each); 0: all of a rank's
     num_iterations: int = 1  # mu: updates per rollout batch; > 1 uses the rollout's log-probs as pi_old
     max_new_tokens: int = 512
     temperature: float = 1.0
@@ -123,6 +125,8 @@ def check_config(cfg: Config) -> Config:
         raise ConfigError(f"keep_p_low must lie in [0, 1), got {cfg.keep_p_low}")
     if cfg.num_generations < 2 or cfg.per_step_questions < 1 or cfg.num_iterations < 1 or cfg.steps < 1:
         raise ConfigError("need num_generations >= 2 and per_step_questions, num_iterations, steps >= 1")
+    if cfg.rollout_questions < 0:
+        raise ConfigError(f"rollout_questions must be >= 0 (0: all of a process's), got {cfg.rollout_questions}")
     world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's process count
     if cfg.per_step_questions % world:
         raise ConfigError(f"per_step_questions={cfg.per_step_questions} must be a multiple of the {world} processes "
@@ -198,14 +202,15 @@ def keep_p_bucket(cfg: Config, p: float) -> str:
 
 
 def sample_rollout(policy, processor, rows, cfg: Config, step: int, device, autocast, position: int = 0):
-    """Rollout of N answers per question with the sparse policy; returns (rollout, completion texts).
+    """Rollout of N answers per question with the sparse policy, all `rows` in one batch; (rollout, texts).
 
-    `rows` start at `position` in the step's global question list: their thresholds and sampling seed are theirs
-    in the global batch, whichever rank rolls them out.
+    `rows` start at `position` in the step's global question list. Each answer's threshold and sampling stream
+    (row seed) are those of its place in the global batch, and the probes take the step's seed, so the result does
+    not depend on how questions are spread over ranks and batches.
     """
-    items, n = [data.prompt_item(row, cfg.max_frames) for row in rows], cfg.num_generations
+    items, n, seed = [data.prompt_item(row, cfg.max_frames) for row in rows], cfg.num_generations, step_seed(cfg, step)
     keep_p = keep_p_for_rows(cfg, position + len(rows), step)[position * n:].to(device)  # (G*N,)
-    seed = distributed.question_seed(step_seed(cfg, step), position)
+    row_seeds = [distributed.question_seed(seed, position + g) + j for g in range(len(rows)) for j in range(n)]
     sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature)
     policy.eval()  # HF turns the KV cache off for checkpointed layers in train mode
     with autocast:
@@ -213,9 +218,21 @@ def sample_rollout(policy, processor, rows, cfg: Config, step: int, device, auto
             inputs = repeat_prompts(policy, media.encode_prompts(processor, items).to(device), n)
         else:  # a trained vision tower needs its pixels in the policy's training forward
             inputs = media.encode_prompts(processor, [item for item in items for _ in range(n)]).to(device)
-        rollout = generate(policy, inputs, keep_p, sampling, seed=seed)
+        rollout = generate(policy, inputs, keep_p, sampling, seed=seed, row_seeds=row_seeds)
     texts = processor.batch_decode(rollout.completion_ids.cpu(), skip_special_tokens=True)
     return rollout, texts
+
+
+def sample_groups(policy, processor, rows, cfg: Config, step: int, device, autocast, first: int = 0):
+    """This rank's questions rolled out `rollout_questions` at a time; one Rollout per question group, and texts."""
+    chunk = cfg.rollout_questions or len(rows)
+    groups, texts = [], []
+    for start in range(0, len(rows), chunk):
+        rollout, part = sample_rollout(policy, processor, rows[start:start + chunk], cfg, step, device, autocast,
+                                       first + start)
+        groups += split_groups(policy, rollout, cfg.num_generations)  # the update's micro-batches
+        texts += part
+    return groups, texts
 
 
 def policy_update(policy, reference, optimizer, rollouts, advantages, cfg: Config, autocast,
@@ -264,9 +281,7 @@ def train_step(policy, reference, processor, optimizer, rows, cfg: Config, step:
     """
     start = time.perf_counter()
     with distributed.gathered_weights(policy, dist):  # ranks stop decoding at different lengths
-        sampled = [sample_rollout(policy, processor, [row], cfg, step, device, autocast, first + j)
-                   for j, row in enumerate(rows)]
-    rollouts, texts = [r for r, _ in sampled], [t for _, group_texts in sampled for t in group_texts]
+        rollouts, texts = sample_groups(policy, processor, rows, cfg, step, device, autocast, first)
     n = cfg.num_generations
     solutions = [row["solution"] for row in rows for _ in range(n)]
     acc = rewards.accuracy_rewards(texts, solutions, [row["problem_type"] for row in rows for _ in range(n)])

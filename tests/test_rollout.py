@@ -10,7 +10,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 import media
 import toy
-from rollout import SamplingConfig, generate, prefill, repeat_prompts, score_completions
+from rollout import SamplingConfig, generate, prefill, repeat_prompts, score_completions, split_groups
 from sparse_attention import sparse_attention
 from sparse_qwen import make_sparse
 
@@ -154,6 +154,36 @@ def test_repeated_prompts_encode_media_once_and_equal_row_copies(tiny):
     dense = score_completions(load(), ours, sparse=False)  # the reference reads the same features
     torch.testing.assert_close(dense, score_completions(load(), theirs, sparse=False), atol=1e-5, rtol=0)
     assert not calls  # scoring reused the features: no second vision pass
+
+
+@pytest.mark.parametrize("media_as", ["pixels", "features"])
+def test_a_batch_of_groups_splits_into_the_rollouts_of_each_group_alone(tiny, media_as):
+    """G questions rolled out in one batch (row-seeded sampling), split per group: each part equals its group rolled
+    out alone, and scores to its own log-probs (the training micro-batches)."""
+    load, processor = tiny
+    model, n, prompts = make_sparse(load()), 2, items("padded_batch")  # image, two images, video
+
+    def batch(questions):
+        if media_as == "features":
+            return repeat_prompts(model, media.encode_prompts(processor, questions), n)
+        return media.encode_prompts(processor, [q for q in questions for _ in range(n)])
+
+    keep_p, row_seeds = torch.tensor([0.5, 0.975, 0.7, 0.9, 0.6, 1.0]), [11, 12, 21, 22, 31, 32]
+    sampling = SamplingConfig(max_new_tokens=5, temperature=0.8)
+    whole = generate(model, batch(prompts), keep_p, sampling, seed=5, row_seeds=row_seeds)
+    parts = split_groups(model, whole, n)
+    assert len(parts) == len(prompts)
+    for g, (part, question) in enumerate(zip(parts, prompts)):
+        rows = slice(g * n, (g + 1) * n)
+        alone = generate(model, batch([question]), keep_p[rows], sampling, seed=5, row_seeds=row_seeds[rows])
+        assert torch.equal(part.completion_ids, alone.completion_ids)
+        assert torch.equal(part.selection, alone.selection) and torch.equal(part.kept, alone.kept)
+        for key in ("input_ids", "image_grid_thw", "video_grid_thw", "pixel_values", "pixel_values_videos"):
+            assert (part.inputs.get(key) is None) == (alone.inputs.get(key) is None), key
+            if alone.inputs.get(key) is not None:
+                assert torch.equal(part.inputs[key], alone.inputs[key]), key
+        torch.testing.assert_close(part.logprobs, alone.logprobs, atol=1e-5, rtol=0)
+        torch.testing.assert_close(score_completions(model, part), part.logprobs, atol=1e-5, rtol=0)
 
 
 def test_bad_inputs_give_one_clear_error(tiny, tmp_path):

@@ -144,6 +144,21 @@ def test_gradient_checkpointing_gives_the_same_gradients(sources, tmp_path):
         grpo.grpo_loss(logp, None, None, advantages, rollout.completion_mask, beta=0.0)[0].backward()
 
 
+def test_questions_rolled_out_together_or_apart_make_the_same_step(sources, tmp_path):
+    """Batching a step's questions into one rollout (row-seeded sampling, split per group for the update) changes
+    nothing: metrics and the updated weights equal those of one question per rollout batch."""
+    base = dict(steps=1, per_step_questions=2, gate_efficiency=False, keep_p_grid=(0.5, 0.7, 0.9, 1.0))
+    apart = train.train(config(sources, tmp_path / "apart", rollout_questions=1, **base))[0]
+    together = train.train(config(sources, tmp_path / "together", **base))[0]  # 0: both questions in one batch
+    for key in apart:
+        if key not in TIMING_KEYS:
+            assert together[key] == pytest.approx(apart[key], rel=1e-4, abs=1e-6), key
+    one, two = weights(tmp_path / "apart" / "checkpoint-1"), weights(tmp_path / "together" / "checkpoint-1")
+    assert any(not torch.equal(one[k], v) for k, v in weights(sources[0]).items())  # the step changed the policy
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_resume_reproduces_the_next_metrics(sources, tmp_path):
     out = tmp_path / "run"
     cfg = config(sources, out, gate_efficiency=False, keep_p_grid=(0.9, 0.95))  # checkpoints at steps 2 and 3
@@ -170,7 +185,7 @@ def test_config_from_the_command_line():
     assert train.parse_config(["--learning_rate", "0.5"]).learning_rate == 0.5  # an explicit value beats the preset
     assert train.PAPER_KEEP_P_GRID == pytest.approx([0.94, 0.945, 0.95, 0.955, 0.96, 0.965, 0.97, 0.975])
     bad_settings = (["--keep_p_grid", "0.9,1.2"], ["--keep_p_low", "1"], ["--loss_type", "ppo"],
-                    ["--num_generations", "1"])
+                    ["--num_generations", "1"], ["--rollout_questions", "-1"])
     for bad in bad_settings:
         with pytest.raises(train.ConfigError):
             train.parse_config(bad)
