@@ -221,7 +221,7 @@ def gathered_sparse_attention(q, k, v, mask: torch.Tensor, scale: float | None =
         out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=allowed[:, None], scale=scale,
                                              enable_gqa=gqa)  # Eq. 1: (B, H, K, D)
     out = out * ok[:, None, :, None]
-    full = q.new_zeros(q.shape[0], q.shape[1], q.shape[2] + 1, q.shape[3])  # (B, H, L+1, D), last row = dump
+    full = out.new_zeros(q.shape[0], q.shape[1], q.shape[2] + 1, q.shape[3])  # (B, H, L+1, D), last row = dump
     dump = torch.where(ok, idx, q.shape[2])  # padded slots scatter into the dump row
     full = full.scatter(2, repeat(dump, "b k -> b h k d", h=q.shape[1], d=q.shape[-1]), out)
     return full[:, :, :-1]  # (B, H, L, D)

@@ -68,7 +68,8 @@ class PrunedKVCache(DynamicCache):
         """Bytes of K and V each sample really holds, read from the cache tensors: Σ_j k_j·2·Hkv·d·bytes.  (B,)"""
         total = 0
         for j, layer in enumerate(self.layers):
-            per_token = 2 * layer.keys.shape[1] * layer.keys.shape[-1] * layer.keys.element_size()
+            per_token = layer.keys.shape[1] * layer.keys.shape[-1] * (layer.keys.element_size()
+                                                                  + layer.values.element_size())  # K, V
             slots = self.key_valid[j].sum(-1) if j in self.key_valid else torch.full(
                 (layer.keys.shape[0],), layer.keys.shape[2], device=layer.keys.device)
             total = total + slots * per_token
@@ -123,6 +124,15 @@ def padding_mask(batch_size, q_length, kv_length, *args, attention_mask=None, **
     return attention_mask[:, -kv_length:].bool()
 
 
+def autocast_dtype(*tensors):
+    """Under autocast, cast q, k, v to the autocast dtype, as SDPA does. Qwen's rotary embedding leaves q, k in fp32
+    (fp32 cos, sin) beside a bf16 v when an fp32 model runs under bf16 autocast (train.py's default on CUDA)."""
+    device = tensors[0].device.type
+    if not torch.is_autocast_enabled(device):
+        return tensors
+    return tuple(t.to(torch.get_autocast_dtype(device)) for t in tensors)
+
+
 def zipr1_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """The attention function of every text-decoder layer.  query (B, H, Lq, D); key, value (B, Hkv, Lk, D).
 
@@ -131,6 +141,7 @@ def zipr1_attention(module, query, key, value, attention_mask, scaling=None, dro
     """
     state, layer = _ACTIVE[0], module.layer_idx
     bsz, _, seq, _ = query.shape
+    query, key, value = autocast_dtype(query, key, value)
     valid = torch.ones(bsz, key.shape[2], dtype=torch.bool, device=query.device) if attention_mask is None \
         else attention_mask.bool()  # (B, Lk)
     if state is None:

@@ -74,13 +74,15 @@ def _kernels(name: str):
 
 
 def check_attention_shapes(q, k, v, mask, name: str = "mask") -> None:
-    """q (B, H, Lq, D), k and v (B, Hkv, L, D) with Hkv | H, mask (B, L) bool; one clear error otherwise."""
+    """q (B, H, Lq, D), k and v (B, Hkv, L, D) with Hkv | H, one dtype, mask (B, L) bool; one clear error otherwise."""
     if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape:
         raise ValueError(f"expected q (B, H, Lq, D) and k, v (B, Hkv, L, D); got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
     if k.shape[0] != q.shape[0] or k.shape[3] != q.shape[3] or q.shape[1] % k.shape[1]:
         raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} disagree on batch or head_dim, or the query "
                          f"heads are not a multiple of the KV heads")
+    if not q.dtype == k.dtype == v.dtype:
+        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if mask.dtype != torch.bool or tuple(mask.shape) != (k.shape[0], k.shape[2]):
         raise ValueError(f"{name} must be a (B, L) = {(k.shape[0], k.shape[2])} bool tensor, "
                          f"got {mask.dtype} {tuple(mask.shape)}")

@@ -225,5 +225,7 @@ def test_bad_inputs_get_one_clear_error():
         kernels.top_p_select(q, k, 0.9, valid=mask[:1], backend="triton")
     with pytest.raises(ValueError, match="one query"):
         kernels.decode_attention(q, k, v, mask)
+    with pytest.raises(ValueError, match="share a dtype"):  # e.g. fp32 q, k after rope beside a bf16 v
+        kernels.prefill_sparse_attention(q, k, v.bfloat16(), mask)
     with pytest.raises(ValueError, match="no backward"):
         kernels.decode_attention(q[:, :, :1].requires_grad_(), k, v, mask, backend="triton")

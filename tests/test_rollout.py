@@ -186,6 +186,22 @@ def test_a_batch_of_groups_splits_into_the_rollouts_of_each_group_alone(tiny, me
         torch.testing.assert_close(score_completions(model, part), part.logprobs, atol=1e-5, rtol=0)
 
 
+def test_bf16_autocast_rollout_scores_within_bf16_noise(tiny):
+    """train.py's CUDA default: fp32 weights under bf16 autocast, where Qwen's rope hands the attention fp32 q, k and
+    a bf16 v. The sparse attention computes in bf16 as SDPA would, and teacher-forced scoring reproduces the rollout's
+    log-probs up to bf16 rounding (far from the dense reference's)."""
+    load, processor = tiny
+    model = make_sparse(load())
+    inputs = media.encode_prompts(processor, items("padded_batch"))
+    with torch.autocast("cpu", torch.bfloat16):
+        out = generate(model, inputs, torch.tensor([0.6, 0.9, 0.975]), SamplingConfig(8, temperature=0.8), seed=5)
+        again = score_completions(model, out)
+        dense = score_completions(load(), out, sparse=False)
+    assert bool(out.logprobs.isfinite().all()) and float(out.token_ratio.min()) < 0.9
+    assert (again - out.logprobs).abs().max() < 0.1  # bf16: about 8 significant bits per activation
+    assert (dense - out.logprobs).abs().max() > 0.5
+
+
 def test_bad_inputs_give_one_clear_error(tiny, tmp_path):
     load, processor = tiny
     with pytest.raises(FileNotFoundError, match="missing.png"):
