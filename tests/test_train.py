@@ -159,6 +159,16 @@ def test_questions_rolled_out_together_or_apart_make_the_same_step(sources, tmp_
         torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_cuda_defaults_bf16_autocast_and_checkpointing_run_a_step(sources, tmp_path):
+    """The CUDA defaults (bf16 autocast over fp32 master weights, gradient checkpointing), exercised on CPU."""
+    cfg = config(sources, tmp_path / "bf16", steps=1, bf16=True, gradient_checkpointing=True, gate_efficiency=False)
+    metrics = train.train(cfg)[0]
+    assert all(torch.isfinite(torch.tensor(float(metrics[k]))) for k in ("loss", "kl", "grad_norm", "tau"))
+    before, after = weights(sources[0]), weights(tmp_path / "bf16" / "checkpoint-1")
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # the step updated the policy
+    assert {v.dtype for v in after.values()} == {v.dtype for v in before.values()}  # saved in the master dtype
+
+
 def test_resume_reproduces_the_next_metrics(sources, tmp_path):
     out = tmp_path / "run"
     cfg = config(sources, out, gate_efficiency=False, keep_p_grid=(0.9, 0.95))  # checkpoints at steps 2 and 3
