@@ -247,6 +247,17 @@ def _strides(x: torch.Tensor) -> tuple[int, int, int]:
     return x.stride(0), x.stride(1), x.stride(2)
 
 
+def _dense(x: torch.Tensor) -> bool:
+    """Whether x fills its memory span without gaps, in some dim order (HF's (B, L, H, D).transpose(1, 2) does), so
+    `zeros_like(x)` has x's strides: the backward writes dq, dk, dv with the strides of q, k, v."""
+    expected = 1
+    for size, stride in sorted(zip(x.shape, x.stride()), key=lambda pair: pair[1]):
+        if size != 1 and stride != expected:
+            return False
+        expected *= size
+    return True
+
+
 def _forward(q, k, v, idx, count, sm_scale):
     bsz, heads, seq, dim = q.shape
     out = q.new_zeros(bsz, seq, heads, dim).transpose(1, 2)  # (B, H, L, D) view of (B, L, H, D) memory, which HF's
@@ -266,7 +277,7 @@ def _backward(q, k, v, out, lse, idx, count, sm_scale, dout):
     bsz, heads, seq, dim = q.shape
     hkv = k.shape[1]
     dout = dout if dout.stride(-1) == 1 else dout.contiguous()
-    dq, dk, dv = (torch.zeros_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+    dq, dk, dv = (torch.zeros_like(t) for t in (q, k, v))  # the strides of q, k, v (dense: see _dense)
     delta = torch.empty_like(lse)  # (B·H, L)
     block = 16 if INTERPRET else 64
     _bwd_delta[(triton.cdiv(seq, block), bsz * heads)](out, dout, delta, idx, count, heads, *_strides(out),
@@ -286,7 +297,7 @@ class SparseAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, idx, count, sm_scale):
-        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+        q, k, v = (t if t.stride(-1) == 1 and _dense(t) else t.contiguous() for t in (q, k, v))
         out, lse = _forward(q, k, v, idx, count, sm_scale)
         ctx.save_for_backward(q, k, v, out, lse, idx, count)
         ctx.sm_scale = sm_scale

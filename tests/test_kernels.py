@@ -77,15 +77,24 @@ def test_prefill_forward_and_backward_match_reference_fp32(h, hkv, seq, d, kind)
 
 def test_prefill_reads_hf_layout_views_and_a_custom_scale():
     """HF hands q, k, v as (B, L, H, D).transpose(1, 2): strided views, not contiguous tensors; and wants the output
-    back as (B, L, H, D)."""
-    q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in qkv(2, 4, 2, 36, 16, seed=3))
-    assert not q.is_contiguous()
+    back as (B, L, H, D). Gradients must land in the views' layout too (dq written with q's strides)."""
     mask = selection("left_padded", 2, 36, seed=4)
-    got = kernels.prefill_sparse_attention(*(t.to(DEVICE, torch.float32) for t in (q, k, v)), mask.to(DEVICE),
-                                           scale=0.3, backend="triton")
-    expect = sparse_attention(q, k, v, mask, mask, scale=0.3)
-    torch.testing.assert_close(got.double().cpu(), expect, atol=2e-5, rtol=2e-5)
-    assert got.transpose(1, 2).is_contiguous()  # written in HF's (B, L, H, D) output layout: no copy in sparse_qwen
+    weight = torch.randn(2, 4, 36, 16, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+
+    def hf_views(fn):
+        return lambda *t: fn(*(x.transpose(1, 2).contiguous().transpose(1, 2) for x in t))
+
+    def check_layout(q, k, v):
+        assert not q.is_contiguous()
+        out = kernels.prefill_sparse_attention(q, k, v, mask.to(q.device), scale=0.3, backend="triton")
+        assert out.transpose(1, 2).is_contiguous()  # written in HF's output layout: no copy in sparse_qwen
+        return out.transpose(1, 2).contiguous().transpose(1, 2)  # and the gradient comes back strided
+
+    got = outputs_and_grads(hf_views(check_layout), qkv(2, 4, 2, 36, 16, seed=3), torch.float32, weight, DEVICE)
+    expect = outputs_and_grads(lambda q, k, v: sparse_attention(q, k, v, mask, mask, scale=0.3),
+                               qkv(2, 4, 2, 36, 16, seed=3), torch.float64, weight)
+    for name, a, b in zip(["out", "dq", "dk", "dv"], got, expect):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5, msg=lambda m: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -202,6 +202,34 @@ def test_bf16_autocast_rollout_scores_within_bf16_noise(tiny):
     assert (dense - out.logprobs).abs().max() > 0.5
 
 
+def test_the_pipeline_on_the_triton_kernels_equals_the_torch_reference(tmp_path, monkeypatch):
+    """What a GPU runs: ZIPR1_ATTN_BACKEND=triton puts the kernels (here through the interpreter) under the whole
+    pipeline: fused probe selection, prefill, pruned-cache decode, teacher-forced scoring and its backward, on HF's
+    strided q, k, v. (Qwen2.5-VL, 2 layers, two left-padded image prompts: the interpreter is slow.)"""
+    path = toy.build_tiny_model_dir(tmp_path / "model", seed=1, num_hidden_layers=2)
+    model = make_sparse(AutoModelForImageTextToText.from_pretrained(path, attn_implementation="sdpa").eval())
+    rows = {r["kind"]: r for r in toy.toy_examples(8, seed=3)}
+    inputs = media.encode_prompts(media.load_processor(path), [toy.prompt_item(rows[k]) for k in ("color", "shape")])
+    assert not bool(inputs["attention_mask"].all())  # left padding
+    keep_p, sampling = torch.tensor([0.5, 0.9]), SamplingConfig(3, do_sample=False)
+    runs = {}
+    for backend in ("torch", "triton"):
+        monkeypatch.setenv("ZIPR1_ATTN_BACKEND", backend)
+        out = generate(model, inputs, keep_p, sampling)
+        model.zero_grad(set_to_none=True)
+        logp = score_completions(model, out)
+        (logp * torch.linspace(-1, 1, logp.numel()).view_as(logp)).sum().backward()
+        runs[backend] = out, logp.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    (ref, ref_logp, ref_grads), (got, got_logp, got_grads) = runs["torch"], runs["triton"]
+    assert torch.equal(got.selection, ref.selection) and torch.equal(got.completion_ids, ref.completion_ids)
+    assert bool((ref.token_ratio < 1).all())  # real sparsity
+    torch.testing.assert_close(got.logprobs, ref.logprobs, atol=1e-4, rtol=0)
+    torch.testing.assert_close(got_logp, ref_logp, atol=1e-4, rtol=0)
+    assert got_grads.keys() == ref_grads.keys() and len(got_grads) > 0
+    for name in ref_grads:
+        torch.testing.assert_close(got_grads[name], ref_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
 def test_bad_inputs_give_one_clear_error(tiny, tmp_path):
     load, processor = tiny
     with pytest.raises(FileNotFoundError, match="missing.png"):
