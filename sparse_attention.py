@@ -130,11 +130,12 @@ def probe_column_mass(q, k, valid, probe_idx, probe_ok, scale=None) -> tuple[tor
     groups, acc = q.shape[1] // k.shape[1], torch.promote_types(q.dtype, torch.float32)
     qp = torch.gather(q, 2, repeat(probe_idx, "b p -> b h p d", h=q.shape[1], d=q.shape[-1]))  # (B, H, P, D)
     qp = qp.unflatten(1, (k.shape[1], groups)).to(acc) * scale  # (B, Hkv, G, P, D)
-    logits = torch.einsum("bhgpd,bhld->bhgpl", qp, k.to(acc))  # (B, Hkv, G, P, L)
-    key_pos = torch.arange(k.shape[2], device=k.device)
-    sees = (key_pos[None, None, :] <= probe_idx[:, :, None]) & valid[:, None, :]  # (B, P, L); every probe sees itself
-    probs = torch.softmax(logits.masked_fill_(~sees[:, None, None], float("-inf")), dim=-1)  # (B, Hkv, G, P, L)
-    mass = torch.einsum("bhgpl,bp->bl", probs, probe_ok.to(acc))  # Σ over heads and (real) probes
+    with torch.autocast(q.device.type, enabled=False):  # scores in fp32 even inside a bf16 autocast region
+        logits = torch.einsum("bhgpd,bhld->bhgpl", qp, k.to(acc))  # (B, Hkv, G, P, L)
+        key_pos = torch.arange(k.shape[2], device=k.device)
+        sees = (key_pos[None, None, :] <= probe_idx[:, :, None]) & valid[:, None, :]  # (B, P, L); probes see themselves
+        probs = torch.softmax(logits.masked_fill_(~sees[:, None, None], float("-inf")), dim=-1)  # (B, Hkv, G, P, L)
+        mass = torch.einsum("bhgpl,bp->bl", probs, probe_ok.to(acc))  # Σ over heads and (real) probes
     return mass, (sees & probe_ok[:, :, None]).sum(1).to(acc)  # (B, L), (B, L)
 
 

@@ -186,6 +186,24 @@ def test_top_p_select_picks_the_reference_token_set(keep_p):
     assert torch.equal(got.count.cpu(), expect.count) and torch.equal(got.mask.cpu(), expect.mask)
 
 
+def test_selection_scores_in_fp32_inside_bf16_autocast():
+    """train.py runs rollouts under bf16 autocast: the probe scores must stay fp32 there (autocast would run the
+    reference's einsums in bf16), so both backends pick the tokens the fp32 computation picks."""
+    q, k, _ = qkv(2, 4, 2, 48, 16, seed=13, dtype=torch.bfloat16)
+    valid = torch.ones(2, 48, dtype=torch.bool)
+    valid[0, :10] = False
+    args, probes = dict(num_recent=8, num_random=8, seed=2), probe_indices(valid, 8, 8, seed=2)
+    expect = top_p_select(q.float(), k.float(), 0.8, valid, **args)
+    with torch.autocast(DEVICE, torch.bfloat16):
+        mass, _ = probe_column_mass(q.float(), k.float(), valid, *probes)
+        torch_sel = top_p_select(q, k, 0.8, valid, **args)
+        triton_sel = kernels.top_p_select(q.to(DEVICE), k.to(DEVICE), 0.8, valid.to(DEVICE), backend="triton", **args)
+    assert mass.dtype == torch.float32
+    torch.testing.assert_close(mass, probe_column_mass(q.float(), k.float(), valid, *probes)[0])
+    for got in (torch_sel, triton_sel):
+        assert torch.equal(got.mask.cpu(), expect.mask) and torch.equal(got.count.cpu(), expect.count)
+
+
 def test_auto_backend_follows_device_and_environment(monkeypatch):
     q, k, v = (t.to(DEVICE) for t in qkv(1, 2, 1, 12, 16, seed=0, dtype=torch.float32))
     mask = selection("random", 1, 12, seed=0).to(DEVICE)
