@@ -58,6 +58,7 @@ class PrunedKVCache(DynamicCache):
         self.key_valid[layer_idx] = ok
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        key_states, value_states = autocast_dtype(key_states, value_states)  # store fp32 rope'd keys in bf16 too
         keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
         if layer_idx in self.key_valid:  # decoding after a prune: the new tokens are valid keys
             new = torch.ones(key_states.shape[0], key_states.shape[2], dtype=torch.bool, device=key_states.device)

@@ -198,6 +198,9 @@ def test_bf16_autocast_rollout_scores_within_bf16_noise(tiny):
         again = score_completions(model, out)
         dense = score_completions(load(), out, sparse=False)
     assert bool(out.logprobs.isfinite().all()) and float(out.token_ratio.min()) < 0.9
+    cfg = model.config.text_config
+    per_token = 2 * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 2  # K and V in bf16
+    assert torch.equal(out.kv_bytes, out.kept.sum(-1) * per_token)  # the cache holds bf16, not fp32 rope'd keys
     assert (again - out.logprobs).abs().max() < 0.1  # bf16: about 8 significant bits per activation
     assert (dense - out.logprobs).abs().max() > 0.5
 
