@@ -3,7 +3,8 @@
     python benchmarks/bench_kernels.py                               # GPU: ℓ ∈ {4k,16k,32k}, τ ∈ {1,.5,.25,.1}, bf16
     TRITON_INTERPRET=1 python benchmarks/bench_kernels.py --smoke    # CPU: tiny shapes, checks that the script runs
 
-Qwen2.5-VL-3B's attention layout by default (16 query heads, 2 KV heads, d = 128), random q, k, v.  For each
+Qwen2.5-VL-3B's attention layout by default (16 query heads, 2 KV heads, d = 128), random q, k, v laid out as
+transformers hands them to the attention ((B, L, H, D) memory seen as (B, H, L, D)).  For each
 context length ℓ and token ratio τ, a random selection of k = τℓ tokens (the final one always kept) is timed with:
 
   prefill   dense causal SDPA over ℓ tokens (flash) | torch gather + SDPA (sparse_attention.gathered_sparse_attention)
@@ -107,6 +108,15 @@ def with_backward(fn, leaves, grad_out):
     return run
 
 
+def grad_error(fn, reference, leaves, grad_out) -> float:
+    """Largest |Δ| of dq, dk, dv between fn and the reference, relative to the reference's largest gradient."""
+    grads = []
+    for f in (fn, reference):
+        with_backward(f, leaves, grad_out)()
+        grads.append([t.grad.float() for t in leaves])
+    return max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(*grads))
+
+
 def prefill_rows(q, k, v, args, device, peak_tflops):
     """Table rows (phase, ℓ, τ, method, ms, ratio, throughput) for one context length."""
     bsz, heads, length, dim = q.shape
@@ -139,8 +149,10 @@ def prefill_rows(q, k, v, args, device, peak_tflops):
                   t_dense / (t_sel + t_triton), tflops(flops(count), t_sel + t_triton))]
         if args.backward:
             sparse = lambda a, b, c: kernels.prefill_sparse_attention(a, b, c, mask, backend="triton")  # noqa: E731
+            gerr = grad_error(sparse, lambda a, b, c: gathered_sparse_attention(a, b, c, mask), leaves, grad_out)
             t_bwd = bench(with_backward(sparse, leaves, grad_out), device, args.repeats)
-            rows.append(("fwd+bwd", length, tau, "Triton", t_bwd, t_dense_bwd / t_bwd, tflops(3.5 * flops(count), t_bwd)))
+            rows.append(("fwd+bwd", length, tau, f"Triton (max rel |Δ grad| vs torch {gerr:.1e})", t_bwd,
+                         t_dense_bwd / t_bwd, tflops(3.5 * flops(count), t_bwd)))
     return rows
 
 
@@ -159,10 +171,13 @@ def decode_rows(length, args, device, dtype, peak_tbps):
         keys = max(1, round(tau * length))
         kp, vp = k[:, :, :keys].contiguous(), v[:, :, :keys].contiguous()  # (B, Hkv, τℓ, D) pruned cache
         valid = torch.ones(bsz, keys, dtype=torch.bool, device=device)
+        err = (kernels.decode_attention(q, kp, vp, valid, backend="triton").float()
+               - kernels.decode_attention(q, kp, vp, valid, backend="torch").float()).abs().max().item()
         t_torch = bench(lambda: kernels.decode_attention(q, kp, vp, valid, backend="torch"), device, args.repeats)
         t_triton = bench(lambda: kernels.decode_attention(q, kp, vp, valid, backend="triton"), device, args.repeats)
         rows += [("decode", length, tau, "torch masked SDPA", t_torch, t_dense / t_torch, tbps(keys, t_torch)),
-                 ("decode", length, tau, "Triton split-K", t_triton, t_dense / t_triton, tbps(keys, t_triton))]
+                 ("decode", length, tau, f"Triton split-K (max|Δ| vs torch {err:.1e})", t_triton, t_dense / t_triton,
+                  tbps(keys, t_triton))]
     return rows
 
 
@@ -205,9 +220,9 @@ def main():
     results = []
     for length in args.lengths:
         g = torch.Generator(device).manual_seed(length)
-        make = lambda h: torch.randn(args.batch, h, length, args.head_dim, generator=g, device=device,  # noqa: E731
-                                     dtype=dtype)
-        q, k, v = make(args.heads), make(args.kv_heads), make(args.kv_heads)  # (B, H|Hkv, L, D)
+        make = lambda h: torch.randn(args.batch, length, h, args.head_dim, generator=g, device=device,  # noqa: E731
+                                     dtype=dtype).transpose(1, 2)  # HF's layout: (B, L, H, D) memory
+        q, k, v = make(args.heads), make(args.kv_heads), make(args.kv_heads)  # (B, H|Hkv, L, D) strided views
         rows = prefill_rows(q, k, v, args, device, peak_tflops) + decode_rows(length, args, device, dtype, peak_tbps)
         for phase, ell, tau, method, ms, ratio, throughput in rows:
             tau_s = "" if tau is None else f"{tau:g}"
