@@ -21,7 +21,6 @@ import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from grpo import completion_mask, token_logprobs
-
 from sparse_qwen import (PrunedKVCache, check_vision_tokens, continuation_positions, make_state, media_per_sample,
                          prompt_positions, sparse_forward, text_config)
 
@@ -100,9 +99,9 @@ def repeat_prompts(model, inputs, n: int) -> dict:
     for kind, (pixels, grid_key) in VISION.items():
         if inputs.get(pixels) is None:
             continue
-        per_sample = torch.tensor(media_per_sample(model, inputs, kind))  # (B,) items per prompt
-        first = per_sample.cumsum(0) - per_sample  # index of each prompt's first item
-        order = [int(f) + i for f, c in zip(first, per_sample) for _ in range(n) for i in range(c)]  # items, n times
+        per_sample = media_per_sample(model, inputs, kind)  # items per prompt
+        starts = [sum(per_sample[:b]) for b in range(len(per_sample))]  # index of each prompt's first item
+        order = [s + i for s, c in zip(starts, per_sample) for _ in range(n) for i in range(c)]  # items, n times
         features = getattr(model.model, f"get_{kind}_features")(inputs[pixels], inputs[grid_key]).pooler_output
         encoded[kind] = BaseModelOutputWithPooling(pooler_output=[features[i] for i in order])  # (tokens_i, hidden)
         out[grid_key] = inputs[grid_key][order]
