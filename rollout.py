@@ -86,6 +86,13 @@ def without_placeholders(model, logits: torch.Tensor) -> torch.Tensor:
     return logits.index_fill(-1, ids, float("-inf"))
 
 
+def sampling_generators(device, seed: int, row_seeds: list[int] | None = None):
+    """One torch.Generator for the batch, or one per row when row_seeds are given (see sample_next)."""
+    if row_seeds is None:
+        return torch.Generator(device=device).manual_seed(seed)
+    return [torch.Generator(device=device).manual_seed(s) for s in row_seeds]
+
+
 @torch.no_grad()
 def repeat_prompts(model, inputs, n: int) -> dict:
     """Each prompt of the batch n times in a row (a GRPO group: rows b·n … b·n+n-1), its media encoded once.
@@ -152,8 +159,7 @@ def generate(model, inputs, keep_p, sampling: SamplingConfig = SamplingConfig(),
     kept, kv_bytes = state.kept(), cache.kv_bytes()
     selection = torch.stack([state.selections[j].mask for j in sorted(state.selections)], 1)  # (B, n_layers, P)
     eos, pad = torch.tensor(eos_ids_of(model), device=device), pad_id_of(model)
-    generator = None if not sampling.do_sample else torch.Generator(device=device).manual_seed(seed) \
-        if row_seeds is None else [torch.Generator(device=device).manual_seed(s) for s in row_seeds]
+    generator = sampling_generators(device, seed, row_seeds) if sampling.do_sample else None
     tokens, logps, raw = [], [], []
     done = torch.zeros(bsz, dtype=torch.bool, device=device)
     state.mode = "decode"
