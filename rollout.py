@@ -184,15 +184,15 @@ def generate(model, inputs, keep_p, sampling: SamplingConfig = SamplingConfig(),
                    step_logits=torch.stack(raw, 1) if return_logits else None)
 
 
-def take_rows(model, inputs: dict, start: int, stop: int) -> dict:
+def take_rows(inputs: dict, media_counts: dict, start: int, stop: int) -> dict:
     """Rows start … stop-1 of a left-padded prompt batch with their images/videos (pixels or encoded features);
-    columns that are padding in every kept row are dropped."""
+    columns that are padding in every kept row are dropped. media_counts: {kind: media_per_sample(…, kind)}."""
     first = int(inputs["attention_mask"][start:stop].any(0).int().argmax())  # first column a kept row uses
     out = {k: inputs[k][start:stop, first:] for k in ("input_ids", "attention_mask", "mm_token_type_ids")}
     for kind, (pixels, grid_key) in VISION.items():
         if inputs.get(grid_key) is None:
             continue
-        per_row = media_per_sample(model, inputs, kind)
+        per_row = media_counts[kind]
         a, b = sum(per_row[:start]), sum(per_row[:stop])  # these rows' items
         if a == b:
             continue
@@ -213,9 +213,10 @@ def split_groups(model, rollout: Rollout, n: int) -> list[Rollout]:
     """A rollout of G·n rows as G rollouts of n rows (one question's group each), e.g. as training micro-batches.
     Each keeps only its own media, prompt columns and completion steps; scoring one equals its part of the whole."""
     parts, prompt_len = [], rollout.inputs["input_ids"].shape[1]
+    counts = {kind: media_per_sample(model, rollout.inputs, kind) for kind in VISION}  # once, not per group
     for start in range(0, len(rollout.keep_p), n):
         rows = slice(start, start + n)
-        inputs = take_rows(model, rollout.inputs, start, start + n)
+        inputs = take_rows(rollout.inputs, counts, start, start + n)
         first = prompt_len - inputs["input_ids"].shape[1]  # dropped padding columns
         steps = max(int(rollout.completion_mask[rows].sum(-1).max()), 1)  # the group's longest completion
         logits = rollout.step_logits[rows, :steps] if rollout.step_logits is not None else None
