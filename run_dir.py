@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-import distributed
+import multi_gpu
 
 
 def checkpoints(output_dir: Path) -> list[Path]:
@@ -23,20 +23,20 @@ def checkpoints(output_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
 
 
-def save_checkpoint(policy, processor, optimizer, cfg, step: int, dist=distributed.SINGLE) -> Path:
+def save_checkpoint(policy, processor, optimizer, cfg, step: int, dist=multi_gpu.SINGLE) -> Path:
     """HF folder (save_pretrained: loadable by plain transformers) + optimizer state; keeps save_total_limit.
     Under torchrun every rank joins the gathers and rank 0 writes one consolidated checkpoint."""
     output_dir = Path(cfg.output_dir)
     path = output_dir / f"checkpoint-{step}"
-    distributed.save_pretrained(policy, path, dist)
-    optimizer_state = distributed.optimizer_state(policy, optimizer, dist)  # full, keyed by parameter name
+    multi_gpu.save_pretrained(policy, path, dist)
+    optimizer_state = multi_gpu.optimizer_state(policy, optimizer, dist)  # full, keyed by parameter name
     if dist.is_main:
         processor.save_pretrained(path)
         torch.save({"step": step, "optimizer": optimizer_state, "config": dataclasses.asdict(cfg)},
                    path / "trainer_state.pt")
         for old in checkpoints(output_dir)[:-cfg.save_total_limit]:
             shutil.rmtree(old)
-    distributed.barrier(dist)
+    multi_gpu.barrier(dist)
     return path
 
 

@@ -31,7 +31,7 @@ import torch
 from transformers import AttentionInterface, DynamicCache
 from transformers.masking_utils import AttentionMaskInterface
 
-import kernels
+import zipr1_kernels
 from sparse_attention import Selection, check_keep_p, mask_to_indices, sparse_attention, token_ratio
 
 ATTN_NAME = "zipr1_sparse"
@@ -149,15 +149,15 @@ def zipr1_attention(module, query, key, value, attention_mask, scaling=None, dro
         every_query = torch.ones(bsz, seq, dtype=torch.bool, device=query.device)
         out = sparse_attention(query, key, value, every_query, valid, scale=scaling)  # dense over the real tokens
     elif state.mode == "decode":
-        out = kernels.decode_attention(query, key, value, state.cache.key_valid[layer], scale=scaling)  # (B, H, 1, D)
+        out = zipr1_kernels.decode_attention(query, key, value, state.cache.key_valid[layer], scale=scaling)  # (B, H, 1, D)
     else:
         n_prompt = seq if state.mode == "prefill" else state.prompt_len
-        sel = kernels.top_p_select(query[:, :, :n_prompt], key[:, :, :n_prompt], state.keep_p, valid[:, :n_prompt],
+        sel = zipr1_kernels.top_p_select(query[:, :, :n_prompt], key[:, :, :n_prompt], state.keep_p, valid[:, :n_prompt],
                            seed=state.seed + layer, scale=scaling)  # Eq. 3 on the prompt
         state.selections[layer] = sel
         response = torch.ones(bsz, seq - n_prompt, dtype=torch.bool, device=query.device)  # decode queries: all in
         mask = torch.cat([sel.mask, response], dim=1)  # (B, L): m_Q = m_K
-        out = kernels.prefill_sparse_attention(query, key, value, mask, scale=scaling)  # Eq. 1, (B, H, L, D)
+        out = zipr1_kernels.prefill_sparse_attention(query, key, value, mask, scale=scaling)  # Eq. 1, (B, H, L, D)
         if state.mode == "prefill" and state.cache is not None:
             state.cache.prune(layer, sel.mask)  # keep only the selected K/V of this layer
     return out.transpose(1, 2).contiguous(), None  # (B, L, H, D); the Triton kernels write it so: no copy

@@ -14,7 +14,7 @@ Everything random is seeded by (seed, step), so --resume continues exactly where
 A rank's questions are rolled out in one batch (`rollout_questions` at a time), each answer sampled from its own
 stream seeded by its place in the step's global batch; each question's group is then one update micro-batch.
 
-    torchrun --nproc_per_node 8 train.py --model Qwen/Qwen2.5-VL-7B-Instruct ...   # FSDP2, see distributed.py
+    torchrun --nproc_per_node 8 train.py --model Qwen/Qwen2.5-VL-7B-Instruct ...   # FSDP2, see multi_gpu.py
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 import data
-import distributed
+import multi_gpu
 import grpo
 import media
 import rewards
@@ -158,7 +158,7 @@ def resolve_sources(cfg: Config) -> tuple[str, str]:
     return model, dataset
 
 
-def load_policy(path, cfg: Config, device, dist=distributed.SINGLE):
+def load_policy(path, cfg: Config, device, dist=multi_gpu.SINGLE):
     """The trainable policy: fp32 weights (bf16 runs autocast), Top-p sparse attention in the text decoder;
     sharded over the ranks with FSDP2 under torchrun (bf16 runs gather and compute in bf16)."""
     from transformers import AutoModelForImageTextToText
@@ -169,17 +169,17 @@ def load_policy(path, cfg: Config, device, dist=distributed.SINGLE):
     if cfg.gradient_checkpointing:
         policy.activation_checkpointing_enable()  # non-reentrant; the backward runs inside sparse_forward
     frozen = policy.model.visual if cfg.freeze_vision else None  # whole on every rank: called once per group
-    return distributed.shard_model(policy, dist, torch.bfloat16 if cfg.bf16 else None, replicate=frozen)
+    return multi_gpu.shard_model(policy, dist, torch.bfloat16 if cfg.bf16 else None, replicate=frozen)
 
 
-def load_reference(path, cfg: Config, device, dist=distributed.SINGLE):
+def load_reference(path, cfg: Config, device, dist=multi_gpu.SINGLE):
     """The frozen full-attention reference pi_ref (stock SDPA), or None when beta = 0; sharded under torchrun."""
     if cfg.beta == 0:
         return None
     from transformers import AutoModelForImageTextToText
     dtype = torch.bfloat16 if cfg.bf16 else torch.float32
     reference = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
-    return distributed.shard_model(reference.to(device).eval().requires_grad_(False), dist)
+    return multi_gpu.shard_model(reference.to(device).eval().requires_grad_(False), dist)
 
 
 # ----------------------------------------------------------------------------------------------- one step
@@ -210,7 +210,7 @@ def sample_rollout(policy, processor, rows, cfg: Config, step: int, device, auto
     """
     items, n, seed = [data.prompt_item(row, cfg.max_frames) for row in rows], cfg.num_generations, step_seed(cfg, step)
     keep_p = keep_p_for_rows(cfg, position + len(rows), step)[position * n:].to(device)  # (G*N,)
-    row_seeds = [distributed.question_seed(seed, position + g) + j for g in range(len(rows)) for j in range(n)]
+    row_seeds = [multi_gpu.question_seed(seed, position + g) + j for g in range(len(rows)) for j in range(n)]
     sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature)
     policy.eval()  # HF turns the KV cache off for checkpointed layers in train mode
     with autocast:
@@ -236,10 +236,10 @@ def sample_groups(policy, processor, rows, cfg: Config, step: int, device, autoc
 
 
 def policy_update(policy, reference, optimizer, rollouts, advantages, cfg: Config, autocast,
-                  dist=distributed.SINGLE) -> dict:
+                  dist=multi_gpu.SINGLE) -> dict:
     """num_iterations AdamW steps on Eq. 5, one micro-batch per answer group (a Rollout, or lists of Rollouts and
     advantages). Each micro-batch loss is weighted so the step's gradient is that of the loss over the global batch
-    on all ranks (distributed.loss_weight); gradient-checkpoint recomputation sees each rollout's sparsity."""
+    on all ranks (multi_gpu.loss_weight); gradient-checkpoint recomputation sees each rollout's sparsity."""
     if not isinstance(rollouts, list):
         rollouts, advantages = [rollouts], [advantages]
     ref_logps = [None] * len(rollouts)
@@ -248,8 +248,8 @@ def policy_update(policy, reference, optimizer, rollouts, advantages, cfg: Confi
             ref_logps = [score_completions(reference, r, sparse=False) for r in rollouts]  # (N, T) full attention
     states = [make_state(policy, r.keep_p, mode="teacher", prompt_len=r.inputs["input_ids"].shape[1], seed=r.seed)
               for r in rollouts]  # the states score_completions builds: active during backward
-    counts = [distributed.loss_count(r.completion_mask, cfg.loss_type) for r in rollouts]
-    total = distributed.all_sum(sum(counts), dist)  # the global batch's normaliser
+    counts = [multi_gpu.loss_count(r.completion_mask, cfg.loss_type) for r in rollouts]
+    total = multi_gpu.all_sum(sum(counts), dist)  # the global batch's normaliser
     policy.train()
     history = []
     for _ in range(cfg.num_iterations):
@@ -263,10 +263,10 @@ def policy_update(policy, reference, optimizer, rollouts, advantages, cfg: Confi
                 loss, stats = grpo.grpo_loss(logp, old_logp, ref_logp, adv, rollout.completion_mask, cfg.epsilon,
                                              beta=cfg.beta, loss_type=cfg.loss_type,
                                              max_completion_length=cfg.max_new_tokens)  # Eq. 5
-                weight = distributed.loss_weight(count, total, dist)
+                weight = multi_gpu.loss_weight(count, total, dist)
                 (weight * loss).backward()
             parts.append({**stats, "loss": weight * loss.item()})  # mean over ranks of Σ: the global loss
-        grad_norm = distributed.clip_grad_norm(policy.parameters(), cfg.max_grad_norm)
+        grad_norm = multi_gpu.clip_grad_norm(policy.parameters(), cfg.max_grad_norm)
         optimizer.step()
         merged = {k: sum(p[k] for p in parts) / len(parts) for k in parts[0] if k != "loss"}  # mean over groups
         history.append({**merged, "loss": sum(p["loss"] for p in parts), "grad_norm": grad_norm})
@@ -274,13 +274,13 @@ def policy_update(policy, reference, optimizer, rollouts, advantages, cfg: Confi
 
 
 def train_step(policy, reference, processor, optimizer, rows, cfg: Config, step: int, device, autocast,
-               dist=distributed.SINGLE, first: int = 0) -> dict:
+               dist=multi_gpu.SINGLE, first: int = 0) -> dict:
     """Rollout -> gated rewards -> group advantages -> policy update; returns the step's metrics (over all ranks).
 
     `rows` are this rank's questions, starting at position `first` of the step's global list; one rollout each.
     """
     start = time.perf_counter()
-    with distributed.gathered_weights(policy, dist):  # ranks stop decoding at different lengths
+    with multi_gpu.gathered_weights(policy, dist):  # ranks stop decoding at different lengths
         rollouts, texts = sample_groups(policy, processor, rows, cfg, step, device, autocast, first)
     n = cfg.num_generations
     solutions = [row["solution"] for row in rows for _ in range(n)]
@@ -303,16 +303,16 @@ def train_step(policy, reference, processor, optimizer, rows, cfg: Config, step:
                "zero_std_groups": (groups.amax(1) == groups.amin(1)).float().mean().item(),
                "completion_length": tokens / len(texts), **stats,
                "tokens_per_s": tokens / seconds, "seconds": seconds}
-    return distributed.reduce_metrics(metrics, dist)  # the same dict, over every rank's groups
+    return multi_gpu.reduce_metrics(metrics, dist)  # the same dict, over every rank's groups
 
 
 # ----------------------------------------------------------------------------------------------- loop
 def train(cfg: Config) -> list[dict]:
     """Run (or resume) ZipR1 training; returns the metrics of every step."""
-    dist = distributed.init_distributed()  # torchrun: join the process group; plain python: one process
+    dist = multi_gpu.init_distributed()  # torchrun: join the process group; plain python: one process
     torch.manual_seed(cfg.seed)
     device = dist.device
-    with distributed.main_first(dist):  # rank 0 builds the toy model / data caches first
+    with multi_gpu.main_first(dist):  # rank 0 builds the toy model / data caches first
         model_dir, dataset = resolve_sources(cfg)
         processor = media.load_processor(model_dir)
         table = data.load_dataset_rows(dataset, cfg.media_root, "skip" if cfg.skip_bad_rows else "error")
@@ -320,7 +320,7 @@ def train(cfg: Config) -> list[dict]:
         print(f"data: {table.summary()}", file=sys.stderr)
         for message in table.skipped[:5]:
             print(f"  skipped {message}", file=sys.stderr)
-    resume_from, metrics = distributed.broadcast(prepare_output_dir(cfg) if dist.is_main else None, dist)
+    resume_from, metrics = multi_gpu.broadcast(prepare_output_dir(cfg) if dist.is_main else None, dist)
     policy = load_policy(resume_from or model_dir, cfg, device, dist)
     reference = load_reference(model_dir, cfg, device, dist)
     params = [p for p in policy.parameters() if p.requires_grad]
@@ -329,7 +329,7 @@ def train(cfg: Config) -> list[dict]:
     if resume_from is not None:
         state = torch.load(resume_from / "trainer_state.pt", map_location="cpu", weights_only=False,
                            mmap=True)  # ranks share the file's pages; each keeps only its shard
-        distributed.load_optimizer_state(policy, optimizer, state["optimizer"], dist)
+        multi_gpu.load_optimizer_state(policy, optimizer, state["optimizer"], dist)
         start = state["step"]
         changed = [k for k, v in dataclasses.asdict(cfg).items() if k not in ("steps", "resume", "progress")
                    and state["config"].get(k) != v]
@@ -342,7 +342,7 @@ def train(cfg: Config) -> list[dict]:
     with open(metrics_path if dist.is_main else os.devnull, "a") as log:
         for step in bar:
             indices = data.question_indices(len(table), step, cfg.per_step_questions, cfg.seed)
-            mine = distributed.rank_questions(len(indices), dist)  # whole groups: this rank's block of questions
+            mine = multi_gpu.rank_questions(len(indices), dist)  # whole groups: this rank's block of questions
             rows = [table.rows[indices[q]] for q in mine]
             m = train_step(policy, reference, processor, optimizer, rows, cfg, step, device, autocast, dist,
                            mine.start)
@@ -358,7 +358,7 @@ def train(cfg: Config) -> list[dict]:
     if dist.is_main:
         print(f"done: {len(table.skipped)} bad rows skipped; checkpoint {checkpoints(Path(cfg.output_dir))[-1]}, "
               f"metrics {metrics_path}, plot {metrics_path.with_suffix('.png')}", file=sys.stderr)
-    distributed.shutdown(dist)
+    multi_gpu.shutdown(dist)
     return metrics
 
 

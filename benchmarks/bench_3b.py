@@ -95,9 +95,9 @@ def state_memory(total: int, trainable: int, world: int) -> dict:
     """Bytes per GPU of what train.py keeps for a whole run (estimate; activations and KV cache excluded).
 
     fp32 master weights 4·P, fp32 grads 4·P_lm, AdamW moments 8·P_lm, bf16 reference 2·P — sharded 1/W by FSDP2,
-    except the policy's frozen vision tower (4·P_vis), which every rank keeps whole (distributed.shard_model's
+    except the policy's frozen vision tower (4·P_vis), which every rank keeps whole (multi_gpu.shard_model's
     `replicate`); with W > 1 a rollout also holds one gathered bf16 copy of the language model, 2·P_lm
-    (distributed.gathered_weights).
+    (multi_gpu.gathered_weights).
     """
     vision = total - trainable
     sharded = (4 * trainable + 4 * trainable + 8 * trainable + 2 * total) / world + 4 * vision

@@ -8,8 +8,8 @@ transformers hands them to the attention ((B, L, H, D) memory seen as (B, H, L, 
 context length ℓ and token ratio τ, a random selection of k = τℓ tokens (the final one always kept) is timed with:
 
   prefill   dense causal SDPA over ℓ tokens (flash) | torch gather + SDPA (sparse_attention.gathered_sparse_attention)
-            | Triton (kernels.prefill_sparse_attention)
-  selection sparse_attention.top_p_select (torch) | kernels.top_p_select (fused probe kernels), 128 probes, p = 0.975
+            | Triton (zipr1_kernels.prefill_sparse_attention)
+  selection sparse_attention.top_p_select (torch) | zipr1_kernels.top_p_select (fused probe kernels), 128 probes, p = 0.975
   prefill incl. selection   fused selection + Triton prefill: the cost a sparse layer actually pays
   fwd+bwd   dense SDPA vs Triton forward + backward (training)
   decode    one query per sample: dense SDPA over the full ℓ-token cache vs torch masked SDPA / Triton split-K decode
@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import kernels  # noqa: E402
+import zipr1_kernels  # noqa: E402
 from sparse_attention import gathered_sparse_attention, top_p_select  # noqa: E402
 
 PEAKS = {  # name fragment -> (dense bf16/fp16 tensor TFLOP/s, HBM TB/s), vendor datasheets
@@ -126,7 +126,7 @@ def prefill_rows(q, k, v, args, device, peak_tflops):
     t_dense = bench(lambda: dense_prefill(q, k, v), device, args.repeats)
     rows = [("prefill", length, 1.0, "dense SDPA", t_dense, 1.0, tflops(flops(length), t_dense))]
     t_sel_torch = bench(lambda: top_p_select(q, k, args.keep_p), device, args.repeats)
-    t_sel = bench(lambda: kernels.top_p_select(q, k, args.keep_p, backend="triton"), device, args.repeats)
+    t_sel = bench(lambda: zipr1_kernels.top_p_select(q, k, args.keep_p, backend="triton"), device, args.repeats)
     rows += [("selection", length, None, "torch top_p_select", t_sel_torch, t_dense / t_sel_torch, ""),
              ("selection", length, None, "fused probe (Triton)", t_sel, t_dense / t_sel, "")]
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
@@ -136,10 +136,10 @@ def prefill_rows(q, k, v, args, device, peak_tflops):
         rows.append(("fwd+bwd", length, 1.0, "dense SDPA", t_dense_bwd, 1.0, tflops(3.5 * flops(length), t_dense_bwd)))
     for tau in args.taus:
         mask, count = random_selection(bsz, length, tau, device)
-        err = (kernels.prefill_sparse_attention(q, k, v, mask, backend="triton").float()
+        err = (zipr1_kernels.prefill_sparse_attention(q, k, v, mask, backend="triton").float()
                - gathered_sparse_attention(q, k, v, mask).float()).abs().max().item()
         t_gather = bench(lambda: gathered_sparse_attention(q, k, v, mask), device, args.repeats)
-        t_triton = bench(lambda: kernels.prefill_sparse_attention(q, k, v, mask, backend="triton"), device,
+        t_triton = bench(lambda: zipr1_kernels.prefill_sparse_attention(q, k, v, mask, backend="triton"), device,
                          args.repeats)
         rows += [("prefill", length, tau, "torch gather+SDPA", t_gather, t_dense / t_gather,
                   tflops(flops(count), t_gather)),
@@ -148,7 +148,7 @@ def prefill_rows(q, k, v, args, device, peak_tflops):
                  ("prefill incl. selection", length, tau, "fused selection + Triton", t_sel + t_triton,
                   t_dense / (t_sel + t_triton), tflops(flops(count), t_sel + t_triton))]
         if args.backward:
-            sparse = lambda a, b, c: kernels.prefill_sparse_attention(a, b, c, mask, backend="triton")  # noqa: E731
+            sparse = lambda a, b, c: zipr1_kernels.prefill_sparse_attention(a, b, c, mask, backend="triton")  # noqa: E731
             gerr = grad_error(sparse, lambda a, b, c: gathered_sparse_attention(a, b, c, mask), leaves, grad_out)
             t_bwd = bench(with_backward(sparse, leaves, grad_out), device, args.repeats)
             rows.append(("fwd+bwd", length, tau, f"Triton (max rel |Δ grad| vs torch {gerr:.1e})", t_bwd,
@@ -171,10 +171,10 @@ def decode_rows(length, args, device, dtype, peak_tbps):
         keys = max(1, round(tau * length))
         kp, vp = k[:, :, :keys].contiguous(), v[:, :, :keys].contiguous()  # (B, Hkv, τℓ, D) pruned cache
         valid = torch.ones(bsz, keys, dtype=torch.bool, device=device)
-        err = (kernels.decode_attention(q, kp, vp, valid, backend="triton").float()
-               - kernels.decode_attention(q, kp, vp, valid, backend="torch").float()).abs().max().item()
-        t_torch = bench(lambda: kernels.decode_attention(q, kp, vp, valid, backend="torch"), device, args.repeats)
-        t_triton = bench(lambda: kernels.decode_attention(q, kp, vp, valid, backend="triton"), device, args.repeats)
+        err = (zipr1_kernels.decode_attention(q, kp, vp, valid, backend="triton").float()
+               - zipr1_kernels.decode_attention(q, kp, vp, valid, backend="torch").float()).abs().max().item()
+        t_torch = bench(lambda: zipr1_kernels.decode_attention(q, kp, vp, valid, backend="torch"), device, args.repeats)
+        t_triton = bench(lambda: zipr1_kernels.decode_attention(q, kp, vp, valid, backend="triton"), device, args.repeats)
         rows += [("decode", length, tau, "torch masked SDPA", t_torch, t_dense / t_torch, tbps(keys, t_torch)),
                  ("decode", length, tau, f"Triton split-K (max|Δ| vs torch {err:.1e})", t_triton, t_dense / t_triton,
                   tbps(keys, t_triton))]

@@ -1,4 +1,4 @@
-"""kernels/ against the torch reference of sparse_attention.py: through the Triton interpreter on CPU (conftest sets
+"""zipr1_kernels/ against the torch reference of sparse_attention.py: through the Triton interpreter on CPU (conftest sets
 TRITON_INTERPRET=1 there), natively when a GPU is present.
 
 References are the literal masked form `sparse_attention` (Eq. 1) and `probe_column_mass` / `top_p_select` (Eq. 3),
@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-import kernels
+import zipr1_kernels
 from sparse_attention import probe_column_mass, probe_indices, sparse_attention, top_p_select
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,7 +50,7 @@ def outputs_and_grads(fn, tensors, dtype, weight, device="cpu"):
 
 
 def triton_prefill(mask):
-    return lambda q, k, v: kernels.prefill_sparse_attention(q, k, v, mask.to(q.device), backend="triton")
+    return lambda q, k, v: zipr1_kernels.prefill_sparse_attention(q, k, v, mask.to(q.device), backend="triton")
 
 
 PREFILL_CASES = [  # (H, Hkv, L, D, selection)
@@ -86,7 +86,7 @@ def test_prefill_reads_hf_layout_views_and_a_custom_scale():
 
     def check_layout(q, k, v):
         assert not q.is_contiguous()
-        out = kernels.prefill_sparse_attention(q, k, v, mask.to(q.device), scale=0.3, backend="triton")
+        out = zipr1_kernels.prefill_sparse_attention(q, k, v, mask.to(q.device), scale=0.3, backend="triton")
         assert out.transpose(1, 2).is_contiguous()  # written in HF's output layout: no copy in sparse_qwen
         return out.transpose(1, 2).contiguous().transpose(1, 2)  # and the gradient comes back strided
 
@@ -128,7 +128,7 @@ def decode_cache(seed: int, b=3, h=4, hkv=2, keys=50, d=16):
 @pytest.mark.parametrize("h,hkv", [(4, 2), (3, 3)])
 def test_decode_matches_reference_fp32(splits, h, hkv):
     q, k, v, valid = decode_cache(seed=h + hkv, h=h, hkv=hkv)
-    got = kernels.decode_attention(*(t.to(DEVICE, torch.float32) for t in (q, k, v)), valid.to(DEVICE),
+    got = zipr1_kernels.decode_attention(*(t.to(DEVICE, torch.float32) for t in (q, k, v)), valid.to(DEVICE),
                                    splits=splits, backend="triton").cpu()
     torch.testing.assert_close(got.double(), decode_reference(q, k, v, valid), atol=2e-5, rtol=2e-5)
     assert torch.all(got[2] == 0)  # no valid key -> 0
@@ -137,11 +137,11 @@ def test_decode_matches_reference_fp32(splits, h, hkv):
 def test_decode_bf16_and_torch_backend_match_reference():
     q, k, v, valid = decode_cache(seed=5, d=64)
     truth = decode_reference(q, k, v, valid)
-    got = kernels.decode_attention(*(t.to(DEVICE, torch.bfloat16) for t in (q, k, v)), valid.to(DEVICE), splits=2,
+    got = zipr1_kernels.decode_attention(*(t.to(DEVICE, torch.bfloat16) for t in (q, k, v)), valid.to(DEVICE), splits=2,
                                    backend="triton").cpu()
     err_torch = (decode_reference(*(t.bfloat16() for t in (q, k, v)), valid).double() - truth).abs().max()
     assert (got.double() - truth).abs().max() <= 3 * err_torch
-    torch.testing.assert_close(kernels.decode_attention(q, k, v, valid, backend="torch"), truth)
+    torch.testing.assert_close(zipr1_kernels.decode_attention(q, k, v, valid, backend="torch"), truth)
 
 
 @pytest.mark.parametrize("splits,dtype", [(1, torch.float32), (3, torch.float32), (None, torch.bfloat16)])
@@ -154,9 +154,9 @@ def test_probe_column_mass_matches_reference(splits, dtype):
     probe_ok[0, :3] = False  # some probe slots are padding
     args = [t.to(DEVICE) for t in (q, k, valid, probe_idx, probe_ok)]
     if splits:  # force the split-and-combine path of pass 1
-        mass, seen = importlib.import_module("kernels.probe").probe_column_mass_triton(*args, splits=splits)
+        mass, seen = importlib.import_module("zipr1_kernels.probe").probe_column_mass_triton(*args, splits=splits)
     else:
-        mass, seen = kernels.probe_column_mass(*args, backend="triton")
+        mass, seen = zipr1_kernels.probe_column_mass(*args, backend="triton")
     mass, seen = mass.cpu(), seen.cpu()
     expect_mass, expect_seen = probe_column_mass(q.double(), k.double(), valid, probe_idx, probe_ok)
     torch.testing.assert_close(mass.double(), expect_mass, atol=1e-5, rtol=1e-5)
@@ -171,7 +171,7 @@ def test_probe_positions_equal_probe_indices(seq, seed):
     valid[1, : seq // 3] = False  # left padding
     valid[2, :-5] = False  # a sample shorter than the recent window
     expect_idx, expect_ok = probe_indices(valid, seed=seed)
-    idx, ok = importlib.import_module("kernels.probe").probe_positions(valid, valid.sum(-1).tolist(), 64, 64, seed)
+    idx, ok = importlib.import_module("zipr1_kernels.probe").probe_positions(valid, valid.sum(-1).tolist(), 64, 64, seed)
     assert torch.equal(idx, expect_idx) and torch.equal(ok, expect_ok)
 
 
@@ -180,7 +180,7 @@ def test_top_p_select_picks_the_reference_token_set(keep_p):
     q, k, _ = qkv(2, 4, 2, 48, 16, seed=13, dtype=torch.float32)
     valid = torch.ones(2, 48, dtype=torch.bool)
     valid[0, :10] = False
-    got = kernels.top_p_select(q.to(DEVICE), k.to(DEVICE), keep_p, valid.to(DEVICE), num_recent=8, num_random=8,
+    got = zipr1_kernels.top_p_select(q.to(DEVICE), k.to(DEVICE), keep_p, valid.to(DEVICE), num_recent=8, num_random=8,
                                seed=2, backend="triton")
     expect = top_p_select(q, k, keep_p, valid, num_recent=8, num_random=8, seed=2)
     assert torch.equal(got.count.cpu(), expect.count) and torch.equal(got.mask.cpu(), expect.mask)
@@ -197,7 +197,7 @@ def test_selection_scores_in_fp32_inside_bf16_autocast():
     with torch.autocast(DEVICE, torch.bfloat16):
         mass, _ = probe_column_mass(q.float(), k.float(), valid, *probes)
         torch_sel = top_p_select(q, k, 0.8, valid, **args)
-        triton_sel = kernels.top_p_select(q.to(DEVICE), k.to(DEVICE), 0.8, valid.to(DEVICE), backend="triton", **args)
+        triton_sel = zipr1_kernels.top_p_select(q.to(DEVICE), k.to(DEVICE), 0.8, valid.to(DEVICE), backend="triton", **args)
     assert mass.dtype == torch.float32
     torch.testing.assert_close(mass, probe_column_mass(q.float(), k.float(), valid, *probes)[0])
     for got in (torch_sel, triton_sel):
@@ -207,32 +207,32 @@ def test_selection_scores_in_fp32_inside_bf16_autocast():
 def test_auto_backend_follows_device_and_environment(monkeypatch):
     q, k, v = (t.to(DEVICE) for t in qkv(1, 2, 1, 12, 16, seed=0, dtype=torch.float32))
     mask = selection("random", 1, 12, seed=0).to(DEVICE)
-    monkeypatch.delenv(kernels.ENV_VAR, raising=False)
-    assert kernels.use_triton(q) == q.is_cuda  # Triton on CUDA, the torch reference on the CPU
-    monkeypatch.setenv(kernels.ENV_VAR, "triton")
-    assert kernels.use_triton(q) and not kernels.use_triton(q, backend="torch")
-    monkeypatch.setenv(kernels.ENV_VAR, "torch")
-    assert not kernels.use_triton(q) and kernels.use_triton(q, backend="triton")
-    torch.testing.assert_close(kernels.prefill_sparse_attention(q, k, v, mask),
+    monkeypatch.delenv(zipr1_kernels.ENV_VAR, raising=False)
+    assert zipr1_kernels.use_triton(q) == q.is_cuda  # Triton on CUDA, the torch reference on the CPU
+    monkeypatch.setenv(zipr1_kernels.ENV_VAR, "triton")
+    assert zipr1_kernels.use_triton(q) and not zipr1_kernels.use_triton(q, backend="torch")
+    monkeypatch.setenv(zipr1_kernels.ENV_VAR, "torch")
+    assert not zipr1_kernels.use_triton(q) and zipr1_kernels.use_triton(q, backend="triton")
+    torch.testing.assert_close(zipr1_kernels.prefill_sparse_attention(q, k, v, mask),
                                sparse_attention(q, k, v, mask, mask))
-    monkeypatch.setenv(kernels.ENV_VAR, "cuda")
-    with pytest.raises(ValueError, match=kernels.ENV_VAR):
-        kernels.use_triton(q)
+    monkeypatch.setenv(zipr1_kernels.ENV_VAR, "cuda")
+    with pytest.raises(ValueError, match=zipr1_kernels.ENV_VAR):
+        zipr1_kernels.use_triton(q)
 
 
 def test_importing_kernels_needs_no_triton():
-    """With triton unimportable, `import kernels` works, auto runs torch, and forcing Triton says why it cannot."""
+    """With triton unimportable, `import zipr1_kernels` works, auto runs torch, and forcing Triton says why it cannot."""
     code = (
         "import sys; sys.modules['triton'] = None\n"
-        "import torch, kernels\n"
+        "import torch, zipr1_kernels\n"
         "q = torch.randn(1, 2, 8, 16); k = torch.randn(1, 1, 8, 16); m = torch.ones(1, 8, dtype=torch.bool)\n"
-        "assert kernels.prefill_sparse_attention(q, k, k, m).shape == q.shape\n"
-        "try:\n    kernels.prefill_sparse_attention(q, k, k, m, backend='triton')\n"
+        "assert zipr1_kernels.prefill_sparse_attention(q, k, k, m).shape == q.shape\n"
+        "try:\n    zipr1_kernels.prefill_sparse_attention(q, k, k, m, backend='triton')\n"
         "except RuntimeError as e:\n    assert 'triton package is not installed' in str(e)\n"
         "else:\n    raise SystemExit('forced triton did not fail')\n"
     )
     env = {**os.environ, "PYTHONPATH": ROOT}
-    env.pop(kernels.ENV_VAR, None)
+    env.pop(zipr1_kernels.ENV_VAR, None)
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
 
@@ -241,18 +241,18 @@ def test_bad_inputs_get_one_clear_error():
     q, k, v = qkv(2, 4, 2, 12, 16, seed=0, dtype=torch.float32)
     mask = torch.ones(2, 12, dtype=torch.bool)
     with pytest.raises(ValueError, match="bool tensor"):
-        kernels.prefill_sparse_attention(q, k, v, mask[:, :5])
+        zipr1_kernels.prefill_sparse_attention(q, k, v, mask[:, :5])
     with pytest.raises(ValueError, match="multiple of the KV heads"):
-        kernels.prefill_sparse_attention(q[:, :3], k, v, mask)
+        zipr1_kernels.prefill_sparse_attention(q[:, :3], k, v, mask)
     with pytest.raises(ValueError, match="backend must be"):
-        kernels.prefill_sparse_attention(q, k, v, mask, backend="cuda")
+        zipr1_kernels.prefill_sparse_attention(q, k, v, mask, backend="cuda")
     with pytest.raises(ValueError, match="head_dim"):
-        kernels.prefill_sparse_attention(q[..., :12], k[..., :12], v[..., :12], mask, backend="triton")
+        zipr1_kernels.prefill_sparse_attention(q[..., :12], k[..., :12], v[..., :12], mask, backend="triton")
     with pytest.raises(ValueError, match="valid must be"):
-        kernels.top_p_select(q, k, 0.9, valid=mask[:1], backend="triton")
+        zipr1_kernels.top_p_select(q, k, 0.9, valid=mask[:1], backend="triton")
     with pytest.raises(ValueError, match="one query"):
-        kernels.decode_attention(q, k, v, mask)
+        zipr1_kernels.decode_attention(q, k, v, mask)
     with pytest.raises(ValueError, match="share a dtype"):  # e.g. fp32 q, k after rope beside a bf16 v
-        kernels.prefill_sparse_attention(q, k, v.bfloat16(), mask)
+        zipr1_kernels.prefill_sparse_attention(q, k, v.bfloat16(), mask)
     with pytest.raises(ValueError, match="no backward"):
-        kernels.decode_attention(q[:, :, :1].requires_grad_(), k, v, mask, backend="triton")
+        zipr1_kernels.decode_attention(q[:, :, :1].requires_grad_(), k, v, mask, backend="triton")

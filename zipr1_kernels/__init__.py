@@ -13,7 +13,7 @@ the dtype (fp16 / bf16 / fp32) and head_dim (16, 32, 64, 128), and the environme
 that needs TRITON_INTERPRET=1 set before triton is first imported: that is how the tests run them).
 ZIPR1_ATTN_BACKEND ∈ {auto, torch, triton} sets what "auto" means for the whole process.
 
-Gradients: prefill has a Triton backward (kernels/sparse_attn.py).  decode_attention and the probe scores are
+Gradients: prefill has a Triton backward (zipr1_kernels/sparse_attn.py).  decode_attention and the probe scores are
 inference-only: decode_attention falls back to torch when a gradient is required (and refuses under "triton").
 Importing this package never imports triton; the kernel modules load on first use.
 """

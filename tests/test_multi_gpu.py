@@ -1,4 +1,4 @@
-"""distributed.py: loss weighting against the global-batch loss, work split, metric reduction, and a real 2-process
+"""multi_gpu.py: loss weighting against the global-batch loss, work split, metric reduction, and a real 2-process
 gloo run (FSDP2 on CPU) checked against the unsharded model and against a single-process run.
 
 The 2-process part launches this file with torchrun; `worker()` below is what each rank runs.
@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import distributed
+import multi_gpu
 import grpo
-from distributed import Dist
+from multi_gpu import Dist
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,17 +24,17 @@ ROOT = Path(__file__).resolve().parents[1]
 # ----------------------------------------------------------------------------------------------- single process
 def test_single_process_is_the_plain_path(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    dist = distributed.init_distributed()
+    dist = multi_gpu.init_distributed()
     assert (dist.rank, dist.world_size, dist.enabled, dist.is_main) == (0, 1, False, True)
     model = torch.nn.Linear(3, 2)
     weight = model.weight
-    assert distributed.shard_model(model, dist) is model and model.weight is weight  # untouched, plain tensors
-    with distributed.gathered_weights(model, dist):
+    assert multi_gpu.shard_model(model, dist) is model and model.weight is weight  # untouched, plain tensors
+    with multi_gpu.gathered_weights(model, dist):
         assert model.weight is weight
-    assert distributed.rank_questions(3, dist) == range(3)
-    assert distributed.all_sum(2.5, dist) == 2.5
-    assert distributed.reduce_metrics({"reward": 0.5}, dist) == {"reward": 0.5}
-    state = distributed.full_state_dict(model, dist)
+    assert multi_gpu.rank_questions(3, dist) == range(3)
+    assert multi_gpu.all_sum(2.5, dist) == 2.5
+    assert multi_gpu.reduce_metrics({"reward": 0.5}, dist) == {"reward": 0.5}
+    state = multi_gpu.full_state_dict(model, dist)
     assert torch.equal(state["weight"], weight)
 
 
@@ -43,24 +43,24 @@ def test_init_distributed_names_the_missing_variable(monkeypatch):
     for name in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(name, raising=False)
     with pytest.raises(ValueError, match="RANK is not set: launch with torchrun"):
-        distributed.init_distributed()
+        multi_gpu.init_distributed()
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 def test_rank_questions_give_each_question_to_exactly_one_rank(world):
     questions = 4 * world
-    ranges = [distributed.rank_questions(questions, Dist(rank=r, world_size=world)) for r in range(world)]
+    ranges = [multi_gpu.rank_questions(questions, Dist(rank=r, world_size=world)) for r in range(world)]
     assert [q for r in ranges for q in r] == list(range(questions))  # contiguous, disjoint, complete
     assert {len(r) for r in ranges} == {4}  # the same work on every rank
 
 
 def test_rank_questions_refuses_an_uneven_split():
     with pytest.raises(ValueError, match="per_step_questions=3 must be a multiple of the 2 processes"):
-        distributed.rank_questions(3, Dist(rank=0, world_size=2))
+        multi_gpu.rank_questions(3, Dist(rank=0, world_size=2))
 
 
 def test_question_seed_depends_on_step_and_position_only():
-    seeds = {distributed.question_seed(step, q) for step in range(20) for q in range(8)}
+    seeds = {multi_gpu.question_seed(step, q) for step in range(20) for q in range(8)}
     assert len(seeds) == 160  # distinct across steps and questions
 
 
@@ -84,14 +84,14 @@ def test_loss_weight_makes_the_rank_average_the_global_gradient(loss_type):
     grpo.grpo_loss(whole, None, ref, adv, mask, **kw)[0].backward()  # single process, global batch
 
     world, groups = 3, [slice(2 * g, 2 * g + 2) for g in range(6)]
-    total = sum(distributed.loss_count(mask[g], loss_type) for g in groups)
+    total = sum(multi_gpu.loss_count(mask[g], loss_type) for g in groups)
     averaged, naive = torch.zeros_like(logp), torch.zeros_like(logp)
     for rank in range(world):
         split = logp.clone().requires_grad_(True)
         local = 0.0
         for g in groups[2 * rank: 2 * rank + 2]:
             loss = grpo.grpo_loss(split[g], None, ref[g], adv[g], mask[g], **kw)[0]
-            local = local + distributed.loss_weight(distributed.loss_count(mask[g], loss_type), total,
+            local = local + multi_gpu.loss_weight(multi_gpu.loss_count(mask[g], loss_type), total,
                                                     Dist(rank=rank, world_size=world)) * loss
             naive += torch.autograd.grad(loss / 2, split, retain_graph=True)[0] / world  # plain mean of means
         local.backward()
@@ -106,7 +106,7 @@ def test_combine_metrics_means_sums_and_maxes():
                  "tau_by_keep_p": {"0.940": 0.5, "0.975": 0.9}},
                 {"step": 3, "reward": 0.0, "tokens_per_s": 30.0, "seconds": 5.0, "kl": None, "tag": "a",
                  "tau_by_keep_p": {"0.940": 0.7}}]
-    assert distributed.combine_metrics(per_rank) == {
+    assert multi_gpu.combine_metrics(per_rank) == {
         "step": 3, "reward": 0.5, "tokens_per_s": 40.0, "seconds": 5.0, "kl": None, "tag": "a",
         "tau_by_keep_p": {"0.940": 0.6, "0.975": 0.9}}
 
@@ -211,26 +211,26 @@ def mechanics(model_dir, out_dir):
     """Per rank: shard, compare with the unsharded model, uneven forward counts, full state dict, metrics."""
     from torch.distributed.tensor import DTensor
     from transformers import AutoModelForImageTextToText
-    dist = distributed.init_distributed()
+    dist = multi_gpu.init_distributed()
     full = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
-    model = distributed.shard_model(AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32),
+    model = multi_gpu.shard_model(AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32),
                                     dist).eval()
     layer = model.model.language_model.layers[0].mlp.up_proj.weight
     ids = torch.randint(10, 200, (2, 12), generator=torch.Generator().manual_seed(1))
     inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=torch.zeros_like(ids))
     with torch.no_grad():
         diff = (model(**inputs).logits - full(**inputs).logits).abs().max().item()
-        with distributed.gathered_weights(model, dist):
+        with multi_gpu.gathered_weights(model, dist):
             for _ in range(dist.rank + 2):  # rank 1 runs one more forward than rank 0
                 model(**inputs)
     resharded = isinstance(model.model.language_model.layers[0].mlp.up_proj.weight, DTensor)
-    state = distributed.full_state_dict(model, dist)
+    state = multi_gpu.full_state_dict(model, dist)
     reference = full.state_dict()
     result = {
         "sharded_params": isinstance(layer, DTensor),
         "shard_fraction": layer.to_local().numel() / layer.numel(),
         "logits_max_diff": diff, "uneven_forwards": dist.rank + 2, "resharded_after": resharded,
-        "metrics": distributed.reduce_metrics({"reward": float(dist.rank), "tokens_per_s": 1.0 + dist.rank,
+        "metrics": multi_gpu.reduce_metrics({"reward": float(dist.rank), "tokens_per_s": 1.0 + dist.rank,
                                                "seconds": float(dist.rank), "step": 1}, dist),
         "state_dict_is_none": state is None,
     }
