@@ -32,8 +32,8 @@ from transformers import AutoConfig, AutoModelForImageTextToText, DynamicCache
 import data
 import media
 import rewards
-import run_dir  # checkpoint-<step> folders of a training run
-import train  # its defaults: the toy model cache and the output folders
+import run_dir  # checkpoint-<step> folders of a training run, train.py's default folder
+import toy  # the offline default: toy model, questions, train.py's toy run folder
 from pictures import kept_token_picture, pareto_plot
 from rollout import eos_ids_of, pad_id_of, without_placeholders
 from sparse_attention import check_keep_p
@@ -62,7 +62,7 @@ def load_model(path, device, dtype, sparse: bool):
 def zipr1_checkpoint(args):
     """--zipr1 (must hold a saved model), else the newest checkpoint-<step> of train.py's default run, else None."""
     if args.zipr1 is None:
-        root = train.TOY_PRESET["output_dir"] if args.model == "toy" else train.Config.output_dir
+        root = toy.TOY_PRESET["output_dir"] if args.model == "toy" else run_dir.DEFAULT_OUTPUT_DIR
         found = run_dir.checkpoints(Path(root))
         return found[-1] if found else None
     path = media.resolve_model_dir(args.zipr1)  # ModelNotAvailable (an OSError) when it is not there
@@ -88,7 +88,6 @@ def load_questions(args, out: Path):
     """Validated rows (data.py) in batches; the toy default first writes its questions (unseen in training)."""
     source = args.dataset
     if source == "toy":
-        import toy
         n = args.limit or TOY_QUESTIONS
         source = str(toy.write_toy_dataset(out / "toy_questions", n, seed=777_777 + args.seed))
     if Path(source).is_file() and not any(line.strip() for line in open(source)):
@@ -273,8 +272,7 @@ def run(args) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     rows, batches = load_questions(args, out)
     if args.model == "toy":
-        import toy
-        base = toy.ensure_toy_model(train.TOY_CACHE / "toy-model")
+        base = toy.ensure_toy_model(toy.TOY_CACHE / "toy-model")
     else:
         base = media.resolve_model_dir(args.model)
     processor = media.load_processor(base)

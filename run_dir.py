@@ -16,6 +16,7 @@ import torch
 
 import multi_gpu
 
+DEFAULT_OUTPUT_DIR = "outputs/zipr1"  # train.py's run folder (Config.output_dir); eval.py finds ZipR1 there
 
 def checkpoints(output_dir: Path) -> list[Path]:
     """checkpoint-<step> folders of a run, oldest first."""

@@ -38,9 +38,10 @@ import multi_gpu
 import grpo
 import media
 import rewards
-from run_dir import checkpoints, plot_metrics, prepare_output_dir, save_checkpoint
+from run_dir import DEFAULT_OUTPUT_DIR, checkpoints, plot_metrics, prepare_output_dir, save_checkpoint
 from rollout import SamplingConfig, generate, repeat_prompts, score_completions, split_groups
 from sparse_qwen import make_sparse, make_state, sparse_forward
+from toy import TOY_CACHE, TOY_DATA_SEED, TOY_PRESET, TOY_TRAIN_ROWS
 
 PAPER_KEEP_P_GRID = tuple(round(0.94 + 0.005 * i, 3) for i in range(8))  # 0.94, 0.945, ..., 0.975
 
@@ -76,20 +77,13 @@ class Config:
     steps: int = 1000
     save_every: int = 100
     save_total_limit: int = 2  # checkpoints kept on disk
-    output_dir: str = "outputs/zipr1"
+    output_dir: str = DEFAULT_OUTPUT_DIR
     overwrite_output_dir: bool = False
     seed: int = 0
     bf16: bool | None = None  # autocast to bf16 (fp32 master weights); default: on with CUDA
     gradient_checkpointing: bool | None = None  # default: on with CUDA
     resume: bool = False  # continue from the last checkpoint in output_dir
     progress: bool = True
-
-
-# the offline default: sizes that make `python train.py` a few-minute CPU run (toy.ensure_toy_model, toy.py)
-TOY_PRESET = dict(learning_rate=2e-4, per_step_questions=2, max_new_tokens=8, steps=40, save_every=20,
-                  output_dir="outputs/zipr1-toy", max_frames=8)
-TOY_TRAIN_ROWS, TOY_CACHE = 512, Path(".cache")
-TOY_DATA_SEED = 424_242  # RL questions: a seed the warm-up (seeds 0..steps-1) and eval.py (777_777 + seed) never use
 
 
 def parse_config(argv=None) -> Config:

@@ -23,15 +23,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import eval as zipr1_eval  # noqa: E402
 import run_dir  # noqa: E402
+import toy  # noqa: E402
 import train  # noqa: E402
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--learning_rate", type=float, default=train.TOY_PRESET["learning_rate"])
+    p.add_argument("--learning_rate", type=float, default=toy.TOY_PRESET["learning_rate"])
     p.add_argument("--beta", type=float, default=train.Config.beta)
-    p.add_argument("--per_step_questions", type=int, default=train.TOY_PRESET["per_step_questions"])
+    p.add_argument("--per_step_questions", type=int, default=toy.TOY_PRESET["per_step_questions"])
     p.add_argument("--keep_p_uniform", action="store_true", help="p ~ U(keep_p_low, 1] instead of the paper's grid")
     p.add_argument("--keep_p_low", type=float, default=train.Config.keep_p_low)
     p.add_argument("--keep_p", type=float, default=0.975, help="inference threshold of ZipVL and ZipR1")
@@ -45,7 +46,7 @@ def parse_args(argv=None):
 
 def train_zipr1(args) -> float:
     """ZipR1 on the toy with train.py's toy preset and the chosen overrides; returns wall seconds."""
-    cfg = train.Config(**{**train.TOY_PRESET, "steps": args.steps, "save_every": 25, "learning_rate":
+    cfg = train.Config(**{**toy.TOY_PRESET, "steps": args.steps, "save_every": 25, "learning_rate":
                           args.learning_rate, "beta": args.beta, "per_step_questions": args.per_step_questions,
                           "keep_p_uniform": args.keep_p_uniform, "keep_p_low": args.keep_p_low, "seed": args.seed,
                           "output_dir": str(Path(args.output_dir) / "train"), "resume": args.resume})

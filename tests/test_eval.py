@@ -7,6 +7,7 @@ run writes the table, JSON and non-blank pictures; bad input is one clear error.
 (a fake Instance) answered as rollout.generate answers hand-built prompts, `until` cutting, batching in order,
 loglikelihood against a stock dense forward, and the lmms subclass with a stand-in lmms_eval package.
 """
+import ast
 import importlib
 import json
 import shutil
@@ -25,6 +26,7 @@ from transformers.vision_utils import get_vision_position_ids
 import data
 import eval as ev
 import media
+import run_dir
 import toy
 import train
 from lmms_eval_zipr1 import engine
@@ -139,6 +141,15 @@ def other_vocabulary_checkpoint(tiny, path):
     config["text_config"]["vocab_size"] += 1
     (path / "config.json").write_text(json.dumps(config))
     return path
+
+
+def test_eval_does_not_import_train():
+    """eval.py reads its defaults from toy.py and run_dir.py; train.py's default folder is run_dir's."""
+    tree = ast.parse(Path(ev.__file__).read_text())
+    imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert "train" not in imported and {"toy", "run_dir"} <= imported
+    assert train.Config.output_dir == run_dir.DEFAULT_OUTPUT_DIR and train.TOY_PRESET is toy.TOY_PRESET
 
 
 def test_zipr1_checkpoint_discovery(tiny, tmp_path, monkeypatch):

@@ -187,7 +187,7 @@ def test_resume_reproduces_the_next_metrics(sources, tmp_path):
 
 def test_config_from_the_command_line():
     toy_cfg = train.parse_config([])
-    assert toy_cfg.model == "toy" and toy_cfg.learning_rate == train.TOY_PRESET["learning_rate"]
+    assert toy_cfg.model == "toy" and toy_cfg.learning_rate == toy.TOY_PRESET["learning_rate"]
     real = train.parse_config(["--model", "Qwen/Qwen2.5-VL-3B-Instruct", "--gate_efficiency", "false", "--bf16",
                                "--keep_p_grid", "0.9,0.975", "--steps", "7"])
     assert real.learning_rate == train.Config.learning_rate and real.max_new_tokens == train.Config.max_new_tokens
