@@ -95,6 +95,20 @@ def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     return torch.exp(d) - d - 1  # (B, T)
 
 
+def loss_normalizer(mask: torch.Tensor, loss_type: str, max_completion_length: int | None = None) -> int:
+    """The count n that `grpo_loss` divides a batch's summed loss by, for mask (B, T) and `loss_type`:
+    "grpo": B sequences (the sum is of per-sequence means); "bnpo", "dapo": Σ m, the completion tokens;
+    "dr_grpo": B · max_completion_length (default T). A batch split into micro-batches b has n = Σ_b n_b, so
+    multi_gpu.loss_weight only needs each micro-batch's n_b and their sum over ranks."""
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {LOSS_TYPES}")
+    if loss_type in ("bnpo", "dapo"):
+        return int(mask.sum())
+    if loss_type == "dr_grpo":
+        return mask.shape[0] * (max_completion_length or mask.shape[1])
+    return mask.shape[0]
+
+
 def grpo_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor | None,
@@ -116,6 +130,7 @@ def grpo_loss(
       "grpo":          mean_i [ sum_t l_it m_it / sum_t m_it ]   (the paper's J; an all-masked row counts as 0)
       "bnpo", "dapo":  sum_it l_it m_it / sum_it m_it            (token-level, one normaliser for the batch)
       "dr_grpo":       sum_it l_it m_it / (B * max_completion_length)   (Dr. GRPO; default length T)
+    (the denominators are `loss_normalizer`'s).
     Returns (loss, stats): stats has kl (masked mean k3, nan without ref_logp), clip_fraction (masked tokens whose
     clip was active: rho < 1-eps with A < 0, or rho > 1+eps_high with A > 0), its _low/_high parts, ratio_mean.
     """
@@ -143,11 +158,10 @@ def grpo_loss(
     per_token_loss = torch.where(mask, -objective, 0.0)  # (B, T)
 
     if loss_type == "grpo":  # Eq. 5: 1/G sum_i 1/|o_i| sum_t
-        loss = (per_token_loss.sum(dim=1) / mask.sum(dim=1).clamp(min=1)).mean()
-    elif loss_type in ("bnpo", "dapo"):
-        loss = per_token_loss.sum() / mask.sum().clamp(min=1)
-    else:  # dr_grpo
-        loss = per_token_loss.sum() / (logp.shape[0] * (max_completion_length or logp.shape[1]))
+        summed = (per_token_loss.sum(dim=1) / mask.sum(dim=1).clamp(min=1)).sum()  # Σ_i of per-sequence means
+    else:  # bnpo, dapo, dr_grpo: every token's loss
+        summed = per_token_loss.sum()
+    loss = summed / max(loss_normalizer(mask, loss_type, max_completion_length), 1)
 
     with torch.no_grad():
         low = (ratio < 1 - epsilon) & (adv < 0)  # (B, T)

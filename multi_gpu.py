@@ -193,16 +193,10 @@ def all_sum(value: float, dist: Dist) -> float:
     return float(total)
 
 
-def loss_count(mask: torch.Tensor, loss_type: str) -> int:
-    """The count n a micro-batch's loss is normalised by in grpo.grpo_loss: completion tokens for "bnpo"/"dapo",
-    sequences for "grpo" (mean of per-sequence means) and "dr_grpo" (sum / (B · max_len))."""
-    return int(mask.sum()) if loss_type in ("bnpo", "dapo") else mask.shape[0]
-
-
 def loss_weight(local_count: int, global_count: int, dist: Dist) -> float:
     """Factor for a micro-batch loss so that FSDP's gradient average is the gradient of the global-batch loss.
 
-    grpo.grpo_loss normalises a micro-batch b by its own count n_b (sequences or tokens, see `loss_count`):
+    grpo.grpo_loss normalises a micro-batch b by its own count n_b (grpo.loss_normalizer: sequences or tokens):
     L_b = S_b / n_b. The loss of the global batch is the same sum over every micro-batch of every rank, normalised
     by the global count n = Σ n_b:   L = Σ_b S_b / n = Σ_b (n_b / n) L_b.
     Each rank backpropagates Σ_{b on rank} w_b L_b and FSDP averages the W gradients (÷ W), so w_b = W n_b / n
@@ -288,7 +282,7 @@ def load_optimizer_state(model, optimizer, state: dict, dist: Dist) -> None:
 
 __all__ = [
     "Dist", "SINGLE", "init_distributed", "shutdown", "barrier", "main_first", "broadcast", "block_modules",
-    "shard_model", "gathered_weights", "rank_questions", "question_seed", "all_sum", "loss_count", "loss_weight",
+    "shard_model", "gathered_weights", "rank_questions", "question_seed", "all_sum", "loss_weight",
     "clip_grad_norm", "reduce_metrics", "combine_metrics", "full_state_dict", "save_pretrained", "optimizer_state",
     "load_optimizer_state",
 ]

@@ -242,7 +242,7 @@ def policy_update(policy, reference, optimizer, rollouts, advantages, cfg: Confi
             ref_logps = [score_completions(reference, r, sparse=False) for r in rollouts]  # (N, T) full attention
     states = [make_state(policy, r.keep_p, mode="teacher", prompt_len=r.inputs["input_ids"].shape[1], seed=r.seed)
               for r in rollouts]  # the states score_completions builds: active during backward
-    counts = [multi_gpu.loss_count(r.completion_mask, cfg.loss_type) for r in rollouts]
+    counts = [grpo.loss_normalizer(r.completion_mask, cfg.loss_type, cfg.max_new_tokens) for r in rollouts]
     total = multi_gpu.all_sum(sum(counts), dist)  # the global batch's normaliser
     policy.train()
     history = []

@@ -5,7 +5,7 @@ import statistics
 import pytest
 import torch
 
-from grpo import LOSS_TYPES, completion_mask, group_advantages, grpo_loss, token_logprobs
+from grpo import LOSS_TYPES, completion_mask, group_advantages, grpo_loss, loss_normalizer, token_logprobs
 
 
 
@@ -128,6 +128,20 @@ def test_loss_hand_example_all_loss_types():
     assert stats["clip_low_fraction"] == pytest.approx(1 / 3) and stats["clip_high_fraction"] == pytest.approx(1 / 3)
     assert stats["ratio_mean"] == pytest.approx((1.5 + 0.9 + 0.5) / 3)
     assert math.isnan(stats["kl"])
+
+
+def test_loss_normalizer_hand_example_and_micro_batch_split():
+    logp, old, adv, mask = _hand_batch()  # mask (1, 1), (1, 0): 2 sequences, 3 tokens, T = 2
+    assert [loss_normalizer(mask, t) for t in LOSS_TYPES] == [2, 3, 3, 4]  # grpo, bnpo, dapo, dr_grpo
+    assert loss_normalizer(mask, "dr_grpo", max_completion_length=5) == 10
+    with pytest.raises(ValueError, match="loss_type"):
+        loss_normalizer(mask, "ppo")
+    for loss_type in LOSS_TYPES:  # whole-batch loss = Σ_b n_b L_b / Σ_b n_b over one-sequence micro-batches
+        kw = dict(epsilon=0.2, loss_type=loss_type, max_completion_length=2)
+        whole = grpo_loss(logp, old, None, adv, mask, **kw)[0]
+        parts = [(grpo_loss(logp[b:b + 1], old[b:b + 1], None, adv[b:b + 1], mask[b:b + 1], **kw)[0],
+                  loss_normalizer(mask[b:b + 1], loss_type, 2)) for b in range(2)]
+        assert whole.item() == pytest.approx(sum(n * part.item() for part, n in parts) / sum(n for _, n in parts))
 
 
 def test_kl_hand_example():

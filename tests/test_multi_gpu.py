@@ -84,14 +84,14 @@ def test_loss_weight_makes_the_rank_average_the_global_gradient(loss_type):
     grpo.grpo_loss(whole, None, ref, adv, mask, **kw)[0].backward()  # single process, global batch
 
     world, groups = 3, [slice(2 * g, 2 * g + 2) for g in range(6)]
-    total = sum(multi_gpu.loss_count(mask[g], loss_type) for g in groups)
+    total = sum(grpo.loss_normalizer(mask[g], loss_type, 6) for g in groups)
     averaged, naive = torch.zeros_like(logp), torch.zeros_like(logp)
     for rank in range(world):
         split = logp.clone().requires_grad_(True)
         local = 0.0
         for g in groups[2 * rank: 2 * rank + 2]:
             loss = grpo.grpo_loss(split[g], None, ref[g], adv[g], mask[g], **kw)[0]
-            local = local + multi_gpu.loss_weight(multi_gpu.loss_count(mask[g], loss_type), total,
+            local = local + multi_gpu.loss_weight(grpo.loss_normalizer(mask[g], loss_type, 6), total,
                                                     Dist(rank=rank, world_size=world)) * loss
             naive += torch.autograd.grad(loss / 2, split, retain_graph=True)[0] / world  # plain mean of means
         local.backward()
