@@ -9,9 +9,9 @@ weights with Top-p sparse attention at keep_p (Eq. 1-3) and a pruned KV cache; Z
 (--zipr1, else the newest train.py wrote) with the same sparse attention. Per method: accuracy (rewards.py, greedy
 answers), τ = mean_j k_j / ℓ (Eq. 2), KV bytes per question after prefill (Σ_j k_j·2·Hkv·d·bytes, k_j = ℓ for Full,
 read from the caches), prefill ms per batch and decode tokens/s (medians over batches), also as ratios to Full.
-Timing is HF-`generate`-free and one loop for all methods (`timed_generate`): a prefill forward over the batch, timed
-alone, then greedy one-token forwards against the cache, timed alone; the sparse path is rollout.generate's (equal
-greedy outputs, see tests), Full uses a DynamicCache and the growing padding mask; one untimed warm-up batch first.
+Timing is HF-`generate`-free and one loop for all methods, rollout.generate's (timed=True): a prefill forward over
+the batch, timed alone, then greedy one-token forwards against the cache, timed alone; ZipVL and ZipR1 decode from
+the pruned cache, Full (keep_p=None, dense mode) from a DynamicCache; one untimed warm-up batch first.
 Writes to --out: results.json, results.md (the table), pareto.png (accuracy vs τ over --sweep, one line per model,
 Full as a star), kept_tokens_<method>_<image|video>.png (the visual tokens each layer keeps, for one question);
 both drawn by pictures.py.
@@ -19,15 +19,14 @@ both drawn by pictures.py.
 from __future__ import annotations
 
 import argparse
-import contextlib
+import dataclasses
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForImageTextToText, DynamicCache
+from transformers import AutoConfig, AutoModelForImageTextToText
 
 import data
 import media
@@ -35,10 +34,9 @@ import rewards
 import run_dir  # checkpoint-<step> folders of a training run, train.py's default folder
 import toy  # the offline default: toy model, questions, train.py's toy run folder
 from pictures import kept_token_picture, pareto_plot
-from rollout import eos_ids_of, pad_id_of, without_placeholders
+from rollout import SamplingConfig, generate
 from sparse_attention import check_keep_p
-from sparse_qwen import (PrunedKVCache, continuation_positions, make_sparse, make_state, prompt_positions,
-                         sparse_forward, text_config)
+from sparse_qwen import make_sparse
 
 DEFAULT_SWEEP = "0.8,0.9,0.95,0.975,1.0"
 TOY_QUESTIONS = 40
@@ -97,60 +95,6 @@ def load_questions(args, out: Path):
     return rows, [rows[i:i + args.batch_size] for i in range(0, len(rows), args.batch_size)]
 
 
-# ------------------------------------------------------------------------------------------------ generation
-def clock(device) -> float:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter()
-
-
-def dense_kv_bytes(cache, attention_mask) -> torch.Tensor:
-    """Bytes a full cache holds per sample: Σ_j ℓ·2·Hkv·d·bytes, ℓ = real (unpadded) prompt tokens.  (B,)"""
-    lengths = attention_mask.sum(-1)  # (B,)
-    return sum(lengths * 2 * layer.keys.shape[1] * layer.keys.shape[-1] * layer.keys.element_size()
-               for layer in cache.layers)
-
-
-@torch.no_grad()
-def timed_generate(model, inputs, keep_p=None, max_new_tokens=16, seed=0) -> dict:
-    """Greedy completions, prefill and decode timed apart. keep_p=None: dense (Full); else sparse (Eq. 1-3).
-
-    Returns tokens (B, T), tau (B,), kv_bytes (B,), selection (B, n_layers, P) bool or None, prefill_s, decode_s,
-    decode_tokens (B × the one-token forwards after the prefill).
-    """
-    sparse, mask = keep_p is not None, inputs["attention_mask"]
-    bsz, device = mask.shape[0], mask.device
-    positions, next_pos = prompt_positions(model, inputs)  # (3, B, P), (B,)
-    cache = PrunedKVCache(text_config(model)) if sparse else DynamicCache(config=text_config(model))
-    state = make_state(model, keep_p, batch_size=bsz, cache=cache, seed=seed) if sparse else None
-    active = (lambda: sparse_forward(state)) if sparse else contextlib.nullcontext  # noqa: E731
-    start = clock(device)
-    with active():
-        logits = model(**inputs, position_ids=positions, past_key_values=cache, use_cache=True,
-                       logits_to_keep=1).logits[:, -1]  # (B, V)
-    out = dict(prefill_s=clock(device) - start)
-    if sparse:
-        out.update(tau=state.token_ratio(), kv_bytes=cache.kv_bytes(),
-                   selection=torch.stack([state.selections[j].mask for j in sorted(state.selections)], 1))
-        state.mode = "decode"
-    else:
-        out.update(tau=torch.ones(bsz, device=device), kv_bytes=dense_kv_bytes(cache, mask), selection=None)
-    eos, pad = torch.tensor(eos_ids_of(model), device=device), pad_id_of(model)
-    tokens, done, start = [], torch.zeros(bsz, dtype=torch.bool, device=device), clock(device)
-    for t in range(max_new_tokens):
-        token = without_placeholders(model, logits).argmax(-1).masked_fill(done, pad)  # (B,) as rollout.generate
-        tokens.append(token)
-        done |= torch.isin(token, eos)
-        if bool(done.all()) or t + 1 == max_new_tokens:
-            break
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)  # (B, P+t+1)
-        step = dict(input_ids=token[:, None], position_ids=continuation_positions(next_pos, 1, t),
-                    past_key_values=cache, use_cache=True, **({} if sparse else {"attention_mask": mask}))
-        with active():
-            logits = model(**step).logits[:, -1]  # (B, V)
-    return dict(out, tokens=torch.stack(tokens, 1), decode_s=clock(device) - start, decode_tokens=bsz * t)
-
-
 # ------------------------------------------------------------------------------------------------ metrics
 def score(rows, texts, tau, kv_bytes) -> list[dict]:
     """One record per question: its answer, r_acc (rewards.py, per problem_type), τ and KV bytes."""
@@ -175,6 +119,12 @@ def summarize(records, timings: list[dict], keep_p) -> dict:
                 questions=len(records), records=records, timings=timings)
 
 
+def greedy(model, inputs, keep_p, max_new_tokens: int, seed: int = 0):
+    """rollout.generate's greedy answers, timed, on the model's stock attention (keep_p None: Full) or sparse."""
+    return generate(set_attention(model, keep_p is not None), inputs, keep_p,
+                    SamplingConfig(max_new_tokens=max_new_tokens, do_sample=False), seed=seed, timed=True)
+
+
 def evaluate_methods(methods: dict, processor, batches, encoded, max_new_tokens, seed=0, warmup=True) -> dict:
     """Greedy answers to every question under each method {name: (model, keep_p or None = dense)}, scored and timed.
 
@@ -182,13 +132,13 @@ def evaluate_methods(methods: dict, processor, batches, encoded, max_new_tokens,
     """
     records, timings = {name: [] for name in methods}, {name: [] for name in methods}
     for name, (model, keep_p) in methods.items() if warmup else ():
-        timed_generate(set_attention(model, keep_p is not None), encoded[0], keep_p, 2, seed)
+        greedy(model, encoded[0], keep_p, 2, seed)
     for rows, inputs in zip(batches, encoded):
         for name, (model, keep_p) in methods.items():
-            out = timed_generate(set_attention(model, keep_p is not None), inputs, keep_p, max_new_tokens, seed)
-            texts = processor.batch_decode(out["tokens"], skip_special_tokens=True)
-            records[name] += score(rows, texts, out["tau"].tolist(), out["kv_bytes"].tolist())
-            timings[name].append({k: out[k] for k in ("prefill_s", "decode_s", "decode_tokens")})
+            out = greedy(model, inputs, keep_p, max_new_tokens, seed)
+            texts = processor.batch_decode(out.completion_ids, skip_special_tokens=True)
+            records[name] += score(rows, texts, out.token_ratio.tolist(), out.kv_bytes.tolist())
+            timings[name].append(dataclasses.asdict(out.timing))
     return {name: summarize(records[name], timings[name], keep_p) for name, (_, keep_p) in methods.items()}
 
 

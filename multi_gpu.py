@@ -126,7 +126,7 @@ def shard_model(model, dist: Dist, param_dtype: torch.dtype | None = None, repli
     all-gathered just before it runs and freed after. param_dtype=torch.bfloat16 gathers and computes in bf16
     while the sharded master weights, gradients (reduced in fp32) and optimizer stay fp32. Frozen models (the
     reference) shard the same way. `replicate`: a frozen submodule every rank keeps whole and may call on its own
-    (the policy's frozen vision tower, run once per group by rollout.repeat_prompts): FSDP ignores its parameters.
+    (the policy's frozen vision tower, run once per group by batching.repeat_prompts): FSDP ignores its parameters.
     A no-op in a single process. Returns the model (now an FSDPModule).
     """
     if not dist.enabled:

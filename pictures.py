@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import torch
 from matplotlib.figure import Figure
 
 import data
@@ -42,7 +41,7 @@ def kept_token_picture(model, processor, row, keep_p, path, title, max_frames=16
     item, vision = data.prompt_item(row, max_frames), make_sparse(model).config.vision_config
     inputs = media.encode_prompts(processor, [item]).to(model.device)
     (_, state, _), video = prefill(model, inputs, keep_p), bool(item["videos"])  # sparse prefill (Eq. 1-3), seed 0
-    selection = torch.stack([state.selections[j].mask for j in sorted(state.selections)], 1)  # (1, n_layers, P)
+    selection = state.selection_masks()  # (1, n_layers, P)
     positions, (t, gh, gw) = visual_token_grid(
         inputs["input_ids"][0], inputs["video_grid_thw" if video else "image_grid_thw"],
         model.config.video_token_id if video else model.config.image_token_id, vision.spatial_merge_size)

@@ -1,32 +1,29 @@
 """Rollouts of the sparse policy: sparse prefill (Eq. 1-3), pruned KV cache, a readable sampling loop.
 
-    inputs = repeat_prompts(policy, processor_batch, n)      # each prompt n times, its media encoded once
+    inputs = batching.repeat_prompts(policy, processor_batch, n)   # each prompt n times, its media encoded once
     rollout = generate(policy, inputs, keep_p=torch.tensor([0.94, 0.945, ...]), sampling=SamplingConfig(...))
     logp = score_completions(policy, rollout)               # teacher-forced, same sparsity: == rollout.logprobs
     ref_logp = score_completions(reference, rollout, sparse=False)   # frozen model, full attention
-    groups = split_groups(policy, rollout, n)                # one Rollout per question, e.g. as micro-batches
+    groups = batching.split_groups(policy, rollout, n)       # one Rollout per question, e.g. as micro-batches
 
 `inputs` is the processor's left-padded batch (input_ids, attention_mask, mm_token_type_ids, pixel_values,
-image_grid_thw, pixel_values_videos, video_grid_thw, second_per_grid_ts), or repeat_prompts' form of it, where
+image_grid_thw, pixel_values_videos, video_grid_thw, second_per_grid_ts), or batching.repeat_prompts' form, where
 encoded features (`mm_encoder_outputs`) replace the pixels. Each row has its own sparsity threshold `keep_p` — not
 to be confused with nucleus sampling's `top_p` in SamplingConfig.
 """
 from __future__ import annotations
 
 import contextlib
-import dataclasses
+import time
 from dataclasses import dataclass
 
 import torch
-from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers import DynamicCache
 
+from batching import MEDIA_KEYS, check_vision_tokens
 from grpo import completion_mask, token_logprobs
-from sparse_qwen import (PrunedKVCache, check_vision_tokens, continuation_positions, make_state, media_per_sample,
-                         prompt_positions, sparse_forward, text_config)
-
-MEDIA_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts",
-              "mm_encoder_outputs")
-VISION = {"image": ("pixel_values", "image_grid_thw"), "video": ("pixel_values_videos", "video_grid_thw")}
+from mrope import continuation_positions, prompt_positions
+from sparse_qwen import ATTN_NAME, PrunedKVCache, make_state, sparse_forward, text_config
 
 
 @dataclass
@@ -46,7 +43,7 @@ class Rollout:
     completion_ids: torch.Tensor  # (B, T), pad after EOS
     completion_mask: torch.Tensor  # (B, T) 1 up to and including the first EOS
     logprobs: torch.Tensor  # (B, T) log π(token) at the sampling temperature, under the rollout's sparsity
-    keep_p: torch.Tensor  # (B,) sparsity threshold p_n of each row
+    keep_p: torch.Tensor  # (B,) sparsity threshold p_n of each row (1 in a dense rollout)
     kept: torch.Tensor  # (B, n_layers) tokens kept per layer, k_j
     lengths: torch.Tensor  # (B,) prompt length ℓ (padding excluded)
     token_ratio: torch.Tensor  # (B,) τ = mean_j k_j / ℓ
@@ -55,6 +52,23 @@ class Rollout:
     temperature: float
     seed: int
     step_logits: torch.Tensor | None = None  # (B, T, V) raw logits of each step, when asked for
+    timing: Timing | None = None  # prefill and decode seconds, when asked for
+
+
+@dataclass
+class Timing:
+    """Wall-clock seconds of one `generate` call, read with `clock` (after the device's queued work)."""
+
+    prefill_s: float  # the prompt forward (sparse: with its per-layer selection and cache pruning)
+    decode_s: float  # the one-token forwards after it, with sampling
+    decode_tokens: int  # B × the number of those forwards
+
+
+def clock(device) -> float:
+    """time.perf_counter() once the device has finished its queued work (CUDA kernels run asynchronously)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def sample_next(logits: torch.Tensor, cfg: SamplingConfig, generator=None) -> torch.Tensor:
@@ -93,30 +107,6 @@ def sampling_generators(device, seed: int, row_seeds: list[int] | None = None):
     return [torch.Generator(device=device).manual_seed(s) for s in row_seeds]
 
 
-@torch.no_grad()
-def repeat_prompts(model, inputs, n: int) -> dict:
-    """Each prompt of the batch n times in a row (a GRPO group: rows b·n … b·n+n-1), its media encoded once.
-
-    The vision tower runs once per image/video; the decoder receives the features n times through transformers'
-    `mm_encoder_outputs` instead of n copies of the pixels. The features carry no gradient, so this is for a frozen
-    vision tower (train.py's default), whose features the full-attention reference shares.
-    """
-    out = {k: inputs[k].repeat_interleave(n, 0) for k in ("input_ids", "attention_mask", "mm_token_type_ids")}
-    encoded = {}
-    for kind, (pixels, grid_key) in VISION.items():
-        if inputs.get(pixels) is None:
-            continue
-        per_sample = media_per_sample(model, inputs, kind)  # items per prompt
-        starts = [sum(per_sample[:b]) for b in range(len(per_sample))]  # index of each prompt's first item
-        order = [s + i for s, c in zip(starts, per_sample) for _ in range(n) for i in range(c)]  # items, n times
-        features = getattr(model.model, f"get_{kind}_features")(inputs[pixels], inputs[grid_key]).pooler_output
-        encoded[kind] = BaseModelOutputWithPooling(pooler_output=[features[i] for i in order])  # (tokens_i, hidden)
-        out[grid_key] = inputs[grid_key][order]
-        if kind == "video" and inputs.get("second_per_grid_ts") is not None:
-            out["second_per_grid_ts"] = torch.as_tensor(inputs["second_per_grid_ts"])[order]
-    return {**out, "mm_encoder_outputs": encoded} if encoded else out
-
-
 def eos_ids_of(model) -> list[int]:
     eos = model.generation_config.eos_token_id if model.generation_config.eos_token_id is not None \
         else text_config(model).eos_token_id
@@ -146,23 +136,69 @@ def prefill(model, inputs, keep_p, seed: int = 0):
 
 
 @torch.no_grad()
+def dense_prefill(model, inputs):
+    """Full attention, the model's own (e.g. stock "sdpa"), over the prompt into a full DynamicCache.
+
+    Returns the last-position logits (B, V), the cache and the next text position per row (B,), as `prefill`.
+    """
+    if text_config(model)._attn_implementation == ATTN_NAME:
+        raise ValueError("dense generation (keep_p=None) needs the model's stock attention: "
+                         "model.set_attn_implementation('sdpa'), or pass keep_p=1.0 for sparse attention at p = 1")
+    check_vision_tokens(model, inputs)
+    cache = DynamicCache(config=text_config(model))
+    positions, next_pos = prompt_positions(model, inputs)  # (3, B, P), (B,)
+    logits = model(**inputs, position_ids=positions, past_key_values=cache, use_cache=True,
+                   logits_to_keep=1).logits[:, -1]  # (B, V)
+    return logits, cache, next_pos
+
+
+def sparse_record(state) -> dict:
+    """The Rollout fields a sparse prefill determines: thresholds, k_j, ℓ, τ (Eq. 2), KV bytes, selections."""
+    return dict(keep_p=state.keep_p, kept=state.kept(), lengths=state.lengths(), token_ratio=state.token_ratio(),
+                kv_bytes=state.cache.kv_bytes(), selection=state.selection_masks())
+
+
+def dense_record(cache, attention_mask) -> dict:
+    """The same fields at full attention: every real prompt token kept in every layer (k_j = ℓ, τ = 1), and the
+    bytes of the full cache per row, Σ_j ℓ·Hkv·d·(K bytes + V bytes) (left padding excluded)."""
+    lengths, n_layers = attention_mask.sum(-1), len(cache.layers)  # (B,) ℓ
+    per_token = sum(layer.keys.shape[1] * layer.keys.shape[-1] * (layer.keys.element_size() +
+                                                                  layer.values.element_size())
+                    for layer in cache.layers)  # bytes of one token's K and V over all layers
+    ones = torch.ones(len(lengths), device=lengths.device)  # (B,)
+    return dict(keep_p=ones, kept=lengths[:, None].expand(-1, n_layers), lengths=lengths, token_ratio=ones,
+                kv_bytes=lengths * per_token, selection=attention_mask.bool()[:, None].expand(-1, n_layers, -1))
+
+
+@torch.no_grad()
 def generate(model, inputs, keep_p, sampling: SamplingConfig = SamplingConfig(), seed: int = 0,
-             return_logits: bool = False, row_seeds: list[int] | None = None) -> Rollout:
-    """Sample one completion per prompt row with Top-p sparse attention and a pruned KV cache.
+             return_logits: bool = False, row_seeds: list[int] | None = None, timed: bool = False) -> Rollout:
+    """Sample one completion per prompt row with Top-p sparse attention and a pruned KV cache, or densely.
 
     keep_p: float or (B,). Prefill selects per layer and sample (Eq. 3), prunes the cache to the selection; each new
     token then attends to its row's pruned cache. Rows stop at EOS; the loop stops when all rows have.
+    keep_p=None: dense — the model's own attention over a full DynamicCache and the growing padding mask (eval.py's
+    Full); the rollout records τ = 1, every prompt token kept and the full cache's bytes.
     seed: the probes' seed, and the sampling seed of the batch; row_seeds (B,): one sampling stream per row instead.
+    timed: time the prefill and the decode loop apart (Rollout.timing, see `clock`).
     """
-    logits, state, next_pos = prefill(model, inputs, keep_p, seed)  # (B, V)
-    cache, bsz, device = state.cache, logits.shape[0], logits.device
-    kept, kv_bytes = state.kept(), cache.kv_bytes()
-    selection = torch.stack([state.selections[j].mask for j in sorted(state.selections)], 1)  # (B, n_layers, P)
+    device = inputs["input_ids"].device
+    start = clock(device) if timed else 0.0
+    state = None
+    if keep_p is None:
+        logits, cache, next_pos = dense_prefill(model, inputs)  # (B, V), DynamicCache, (B,)
+    else:
+        logits, state, next_pos = prefill(model, inputs, keep_p, seed)  # (B, V), SparseState, (B,)
+        cache, state.mode = state.cache, "decode"
+    prefill_s = clock(device) - start if timed else 0.0
+    record = dense_record(cache, inputs["attention_mask"]) if state is None else sparse_record(state)
+    mask = inputs["attention_mask"] if state is None else None  # (B, P) dense: the padding mask, grows per step
+    bsz = logits.shape[0]
     eos, pad = torch.tensor(eos_ids_of(model), device=device), pad_id_of(model)
     generator = sampling_generators(device, seed, row_seeds) if sampling.do_sample else None
     tokens, logps, raw = [], [], []
-    done = torch.zeros(bsz, dtype=torch.bool, device=device)
-    state.mode = "decode"
+    done = torch.zeros(bsz, dtype=torch.bool, device=device)  # (B,)
+    start = clock(device) if timed else 0.0
     for t in range(sampling.max_new_tokens):
         raw.append(logits.float()) if return_logits else None
         logits = without_placeholders(model, logits)
@@ -172,61 +208,17 @@ def generate(model, inputs, keep_p, sampling: SamplingConfig = SamplingConfig(),
         done |= torch.isin(token, eos)
         if bool(done.all()) or t + 1 == sampling.max_new_tokens:
             break
-        with sparse_forward(state):
+        if mask is not None:
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)  # (B, P+t+1)
+        with contextlib.nullcontext() if state is None else sparse_forward(state):
             logits = model(input_ids=token[:, None], position_ids=continuation_positions(next_pos, 1, t),
-                           past_key_values=cache, use_cache=True).logits[:, -1]  # (B, V)
+                           attention_mask=mask, past_key_values=cache, use_cache=True).logits[:, -1]  # (B, V)
+    timing = Timing(prefill_s, clock(device) - start, bsz * (len(tokens) - 1)) if timed else None
     completion = torch.stack(tokens, 1)  # (B, T)
-    mask = completion_mask(completion, eos.tolist(), None)
-    return Rollout(inputs=dict(inputs), completion_ids=completion, completion_mask=mask,
-                   logprobs=torch.stack(logps, 1) * mask, keep_p=state.keep_p, kept=kept, lengths=state.lengths(),
-                   token_ratio=state.token_ratio(), kv_bytes=kv_bytes, selection=selection,
-                   temperature=sampling.temperature, seed=seed,
-                   step_logits=torch.stack(raw, 1) if return_logits else None)
-
-
-def take_rows(inputs: dict, media_counts: dict, start: int, stop: int) -> dict:
-    """Rows start … stop-1 of a left-padded prompt batch with their images/videos (pixels or encoded features);
-    columns that are padding in every kept row are dropped. media_counts: {kind: media_per_sample(…, kind)}."""
-    first = int(inputs["attention_mask"][start:stop].any(0).int().argmax())  # first column a kept row uses
-    out = {k: inputs[k][start:stop, first:] for k in ("input_ids", "attention_mask", "mm_token_type_ids")}
-    for kind, (pixels, grid_key) in VISION.items():
-        if inputs.get(grid_key) is None:
-            continue
-        per_row = media_counts[kind]
-        a, b = sum(per_row[:start]), sum(per_row[:stop])  # these rows' items
-        if a == b:
-            continue
-        grids, encoded = inputs[grid_key], inputs.get("mm_encoder_outputs", {}).get(kind)
-        out[grid_key] = grids[a:b]
-        if kind == "video" and inputs.get("second_per_grid_ts") is not None:
-            out["second_per_grid_ts"] = torch.as_tensor(inputs["second_per_grid_ts"])[a:b]
-        if inputs.get(pixels) is not None:
-            ends = grids.prod(-1).cumsum(0).tolist()  # the pixel rows (patches) of item i end at ends[i]
-            out[pixels] = inputs[pixels][(ends[a - 1] if a else 0):ends[b - 1]]
-        if encoded is not None:
-            features = BaseModelOutputWithPooling(pooler_output=list(encoded.pooler_output[a:b]))
-            out.setdefault("mm_encoder_outputs", {})[kind] = features
-    return out
-
-
-def split_groups(model, rollout: Rollout, n: int) -> list[Rollout]:
-    """A rollout of G·n rows as G rollouts of n rows (one question's group each), e.g. as training micro-batches.
-    Each keeps only its own media, prompt columns and completion steps; scoring one equals its part of the whole."""
-    parts, prompt_len = [], rollout.inputs["input_ids"].shape[1]
-    counts = {kind: media_per_sample(model, rollout.inputs, kind) for kind in VISION}  # once, not per group
-    for start in range(0, len(rollout.keep_p), n):
-        rows = slice(start, start + n)
-        inputs = take_rows(rollout.inputs, counts, start, start + n)
-        first = prompt_len - inputs["input_ids"].shape[1]  # dropped padding columns
-        steps = max(int(rollout.completion_mask[rows].sum(-1).max()), 1)  # the group's longest completion
-        logits = rollout.step_logits[rows, :steps] if rollout.step_logits is not None else None
-        parts.append(dataclasses.replace(
-            rollout, inputs=inputs, completion_ids=rollout.completion_ids[rows, :steps],
-            completion_mask=rollout.completion_mask[rows, :steps], logprobs=rollout.logprobs[rows, :steps],
-            keep_p=rollout.keep_p[rows], kept=rollout.kept[rows], lengths=rollout.lengths[rows],
-            token_ratio=rollout.token_ratio[rows], kv_bytes=rollout.kv_bytes[rows],
-            selection=rollout.selection[rows, :, first:], step_logits=logits))
-    return parts
+    valid = completion_mask(completion, eos.tolist(), None)  # (B, T)
+    return Rollout(inputs=dict(inputs), completion_ids=completion, completion_mask=valid,
+                   logprobs=torch.stack(logps, 1) * valid, **record, temperature=sampling.temperature, seed=seed,
+                   step_logits=torch.stack(raw, 1) if return_logits else None, timing=timing)
 
 
 def full_sequence(model, rollout: Rollout) -> dict:

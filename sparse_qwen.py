@@ -18,9 +18,8 @@ What a forward does is set per call by a `SparseState` made active with `with sp
                   prefill and every response token attends to the kept prompt keys and the response so far. The
                   log-probs it gives equal those of the rollout (inference-consistent).
 
-Positions are the original ones: prefill takes Qwen's mRoPE ids from `get_rope_index` (which needs
-`mm_token_type_ids`), and generated tokens continue from the prompt's largest position (rope deltas), not from the
-pruned cache length. Sparsity is per sample: `keep_p` is a (B,) tensor, so one batch holds a group's N thresholds.
+Positions are the original ones (mrope.py): prefill takes Qwen's mRoPE ids from `get_rope_index`, and generated
+tokens continue from the prompt's largest position (rope deltas), not from the pruned cache length. Sparsity is per sample: `keep_p` is a (B,) tensor, so one batch holds a group's N thresholds.
 """
 from __future__ import annotations
 
@@ -91,6 +90,10 @@ class SparseState:
     def kept(self) -> torch.Tensor:
         """k_j per sample and layer.  (B, n_layers) long."""
         return torch.stack([self.selections[j].count for j in sorted(self.selections)], dim=1)
+
+    def selection_masks(self) -> torch.Tensor:
+        """The prompt tokens each layer kept, m_Q = m_K per layer.  (B, n_layers, P) bool"""
+        return torch.stack([self.selections[j].mask for j in sorted(self.selections)], dim=1)
 
     def lengths(self) -> torch.Tensor:
         """ℓ per sample (prompt tokens, padding excluded).  (B,)"""
@@ -175,58 +178,6 @@ def make_sparse(model):
 
 def text_config(model):
     return model.config.get_text_config(decoder=True)
-
-
-def prompt_positions(model, inputs) -> tuple[torch.Tensor, torch.Tensor]:
-    """Qwen's 3-D mRoPE position ids of a left-padded prompt batch, and the next text position per sample.
-
-    Needs `mm_token_type_ids` (0 text, 1 image, 2 video): without it transformers falls back to 1-D positions.
-    Returns position_ids (3, B, P) and next_position (B,) = largest prompt position + 1 (rope delta included).
-    """
-    if inputs.get("mm_token_type_ids") is None:
-        raise ValueError("inputs lack mm_token_type_ids: build them with the processor (media.encode_prompts)")
-    position_ids, _ = model.model.get_rope_index(
-        inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"],
-        image_grid_thw=inputs.get("image_grid_thw"), video_grid_thw=inputs.get("video_grid_thw"),
-        second_per_grid_ts=inputs.get("second_per_grid_ts"), attention_mask=inputs["attention_mask"])
-    masked = position_ids.masked_fill(~inputs["attention_mask"].bool()[None], -1)  # (3, B, P)
-    return position_ids, masked.amax(dim=(0, 2)) + 1
-
-
-def continuation_positions(next_position: torch.Tensor, steps: int, start: int = 0) -> torch.Tensor:
-    """Text positions of generated tokens start..start+steps-1, repeated on the 3 mRoPE axes.  (3, B, steps)"""
-    pos = next_position[:, None] + torch.arange(start, start + steps, device=next_position.device)  # (B, steps)
-    return pos[None].expand(3, -1, -1)
-
-
-def media_per_sample(model, inputs, kind: str) -> list[int]:
-    """How many images (kind="image") or videos each sample holds, from its placeholder tokens and the grids.
-
-    The grids (`image_grid_thw`, `video_grid_thw`) list every item of the batch in order; a sample's placeholder
-    tokens must be a whole number of the next grids. One clear error names the sample where they disagree.
-    """
-    merge = model.config.vision_config.spatial_merge_size ** 2
-    counts = (inputs["input_ids"] == getattr(model.config, f"{kind}_token_id")).sum(-1).tolist()  # per sample
-    grids = inputs.get(f"{kind}_grid_thw")
-    need = [] if grids is None else (grids.prod(-1) // merge).tolist()  # tokens per image/video, in order
-    items = []
-    for b, n in enumerate(counts):
-        have, taken = n, 0
-        while have > 0 and need:
-            have, taken = have - need.pop(0), taken + 1
-        if have != 0:
-            raise ValueError(f"sample {b}: its {n} {kind} tokens do not match its {kind} grid(s) "
-                             f"({kind}_grid_thw); rebuild the inputs with the processor")
-        items.append(taken)
-    if need:
-        raise ValueError(f"{len(need)} {kind}(s) in {kind}_grid_thw have no {kind} tokens in any prompt")
-    return items
-
-
-def check_vision_tokens(model, inputs) -> None:
-    """One clear error naming the sample whose image/video placeholder count disagrees with the grids."""
-    for kind in ("image", "video"):
-        media_per_sample(model, inputs, kind)
 
 
 def make_state(model, keep_p, mode="prefill", batch_size=None, **kw) -> SparseState:

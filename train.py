@@ -38,8 +38,9 @@ import multi_gpu
 import grpo
 import media
 import rewards
+from batching import repeat_prompts, split_groups
 from run_dir import DEFAULT_OUTPUT_DIR, checkpoints, plot_metrics, prepare_output_dir, save_checkpoint
-from rollout import SamplingConfig, generate, repeat_prompts, score_completions, split_groups
+from rollout import SamplingConfig, generate, score_completions
 from sparse_qwen import make_sparse, make_state, sparse_forward
 from toy import TOY_CACHE, TOY_DATA_SEED, TOY_PRESET, TOY_TRAIN_ROWS
 

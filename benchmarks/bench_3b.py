@@ -35,7 +35,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from transformers import DynamicCache, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration  # noqa: E402
 
 from rollout import prefill  # noqa: E402
-from sparse_qwen import continuation_positions, make_sparse, sparse_forward  # noqa: E402
+from mrope import continuation_positions  # noqa: E402
+from sparse_qwen import make_sparse, sparse_forward  # noqa: E402
 
 QWEN_TOKEN_IDS = dict(bos_token_id=151643, eos_token_id=151645, vision_start_token_id=151652,
                       vision_end_token_id=151653, image_token_id=151655, video_token_id=151656)

@@ -1,11 +1,12 @@
 """eval.py and the lmms-eval adapter on a tiny random Qwen2.5-VL and a few toy questions (image and video).
 
 Checks: metrics from hand-written answers with known truth; at keep_p = 1 ZipVL answers exactly as Full, with τ = 1
-and the same KV bytes (Full's = Σ_j ℓ·2·Hkv·d·bytes by hand); the timed sparse loop equals rollout.generate; visual
-token layout against transformers' own mRoPE and vision position ids; the darkening of dropped tokens; an end-to-end
-run writes the table, JSON and non-blank pictures; bad input is one clear error. Adapter: lmms-eval-style requests
-(a fake Instance) answered as rollout.generate answers hand-built prompts, `until` cutting, batching in order,
-loglikelihood against a stock dense forward, and the lmms subclass with a stand-in lmms_eval package.
+and the same KV bytes (Full's = Σ_j ℓ·2·Hkv·d·bytes by hand); eval's answers are HF generate's (Full) and
+rollout.generate's (ZipVL); eval.py does not import train.py; visual token layout against transformers' own mRoPE
+and vision position ids; the darkening of dropped tokens; an end-to-end run writes the table, JSON and non-blank
+pictures; bad input is one clear error. Adapter: lmms-eval-style requests (a fake Instance) answered as
+rollout.generate answers hand-built prompts, `until` cutting, batching in order, loglikelihood against a stock dense
+forward, and the lmms subclass with a stand-in lmms_eval package.
 """
 import ast
 import importlib
@@ -32,6 +33,7 @@ import train
 from lmms_eval_zipr1 import engine
 from pictures import dim_dropped, kept_token_picture, visual_token_grid
 from rollout import SamplingConfig, generate
+from sparse_qwen import make_sparse
 
 SIZES = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
              vision_hidden_size=32, vision_depth=1, vision_heads=1)
@@ -76,28 +78,46 @@ def test_metrics_on_answers_with_known_truth():
     assert ev.NOT_TRAINED in table[4] and all(line.count("|") == 11 for line in table)
 
 
+def hf_greedy_texts(tiny, inputs, max_new_tokens):
+    """Transformers' own greedy `generate` on the stock model (placeholder tokens suppressed, as rollout.py does)."""
+    stock = AutoModelForImageTextToText.from_pretrained(tiny.dir, attn_implementation="sdpa").eval()
+    placeholders = [stock.config.image_token_id, stock.config.video_token_id]
+    with torch.no_grad():
+        out = stock.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, suppress_tokens=placeholders)
+    return tiny.processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
 def test_keep_p_one_answers_exactly_as_full(tiny):
     model = ev.load_model(tiny.dir, "cpu", torch.float32, sparse=False)
-    full = ev.timed_generate(model, tiny.inputs, None, max_new_tokens=4)
+    full = ev.greedy(model, tiny.inputs, None, max_new_tokens=4)
     cfg = model.config.text_config
     head_dim = cfg.hidden_size // cfg.num_attention_heads
     by_hand = tiny.inputs["attention_mask"].sum(-1) * cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * head_dim * 4
-    assert torch.equal(full["kv_bytes"], by_hand)  # Σ_j ℓ·2·Hkv·d·bytes, fp32
-    sparse = ev.timed_generate(ev.set_attention(model, sparse=True), tiny.inputs, 1.0, max_new_tokens=4)
-    assert torch.equal(sparse["tokens"], full["tokens"])
-    assert torch.equal(sparse["tau"], torch.ones(4)) and torch.equal(sparse["kv_bytes"], full["kv_bytes"])
-    texts = tiny.processor.batch_decode(full["tokens"], skip_special_tokens=True)
-    records = [ev.score(tiny.rows, texts, o["tau"].tolist(), o["kv_bytes"].tolist()) for o in (full, sparse)]
+    assert torch.equal(full.kv_bytes, by_hand)  # Σ_j ℓ·2·Hkv·d·bytes, fp32
+    sparse = ev.greedy(model, tiny.inputs, 1.0, max_new_tokens=4)
+    assert torch.equal(sparse.completion_ids, full.completion_ids)
+    assert torch.equal(sparse.token_ratio, torch.ones(4)) and torch.equal(sparse.kv_bytes, full.kv_bytes)
+    assert torch.equal(full.token_ratio, torch.ones(4)) and torch.equal(sparse.selection, full.selection)
+    texts = tiny.processor.batch_decode(full.completion_ids, skip_special_tokens=True)
+    records = [ev.score(tiny.rows, texts, o.token_ratio.tolist(), o.kv_bytes.tolist()) for o in (full, sparse)]
     assert records[0] == records[1]
 
 
-def test_timed_sparse_loop_equals_rollout_generate(tiny):
+def test_eval_greedy_answers_equal_rollout_generate_and_hf_generate(tiny):
+    """evaluate_methods' answers: Full's are transformers' greedy `generate`, ZipVL's rollout.generate's (greedy, same
+    probe seed); τ, KV bytes and the decode token count are those of the same rollouts."""
     model = ev.load_model(tiny.dir, "cpu", torch.float32, sparse=True)
-    ours = ev.timed_generate(model, tiny.inputs, 0.6, max_new_tokens=5, seed=3)
-    ref = generate(model, tiny.inputs, 0.6, SamplingConfig(max_new_tokens=5, do_sample=False), seed=3)
-    assert torch.equal(ours["tokens"], ref.completion_ids) and torch.equal(ours["selection"], ref.selection)
-    assert torch.equal(ours["tau"], ref.token_ratio) and torch.equal(ours["kv_bytes"], ref.kv_bytes)
-    assert bool((ours["tau"] < 1).all()) and ours["decode_tokens"] == 4 * (ref.completion_ids.shape[1] - 1)
+    methods = ev.evaluate_methods({"Full": (model, None), "ZipVL": (model, 0.6)}, tiny.processor, [tiny.rows],
+                                  [tiny.inputs], max_new_tokens=5, seed=3, warmup=False)
+    ref = generate(make_sparse(model), tiny.inputs, 0.6, SamplingConfig(max_new_tokens=5, do_sample=False), seed=3)
+    zipvl = methods["ZipVL"]
+    assert [r["completion"] for r in zipvl["records"]] == tiny.processor.batch_decode(ref.completion_ids,
+                                                                                      skip_special_tokens=True)
+    assert [r["tau"] for r in zipvl["records"]] == ref.token_ratio.tolist() and zipvl["token_ratio"] < 1
+    assert [r["kv_bytes"] for r in zipvl["records"]] == ref.kv_bytes.tolist()
+    assert zipvl["timings"][0]["decode_tokens"] == 4 * (ref.completion_ids.shape[1] - 1)
+    assert [r["completion"] for r in methods["Full"]["records"]] == hf_greedy_texts(tiny, tiny.inputs, 5)
+    assert methods["Full"]["token_ratio"] == 1.0
 
 
 @pytest.mark.parametrize("index", [1, 2])  # an image row, a video row

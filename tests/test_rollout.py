@@ -9,8 +9,10 @@ from transformers import AttentionInterface, AutoModelForImageTextToText
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 import media
+import rollout
 import toy
-from rollout import SamplingConfig, generate, prefill, repeat_prompts, score_completions, split_groups
+from batching import repeat_prompts, split_groups
+from rollout import SamplingConfig, generate, prefill, score_completions
 from sparse_attention import sparse_attention
 from sparse_qwen import make_sparse
 
@@ -52,6 +54,29 @@ def test_keep_p_one_equals_hf_generate(tiny, kind):
     assert torch.equal(ours.completion_ids, tokens)
     torch.testing.assert_close(ours.step_logits, logits.float(), atol=1e-4, rtol=1e-4)
     assert bool((ours.token_ratio == 1).all())
+    dense = generate(stock, inputs, None, SamplingConfig(STEPS, do_sample=False), return_logits=True)  # dense mode
+    assert torch.equal(dense.completion_ids, tokens)
+    torch.testing.assert_close(dense.step_logits, logits.float(), atol=1e-4, rtol=1e-4)
+    assert torch.equal(dense.selection, ours.selection) and torch.equal(dense.kv_bytes, ours.kv_bytes)
+    assert torch.equal(dense.kept, ours.kept) and bool((dense.token_ratio == 1).all())
+
+
+def test_timings_and_the_clock(tiny, monkeypatch):
+    """timed=True: prefill and decode seconds, B × the one-token forwards; the clock waits for CUDA's queue."""
+    load, processor = tiny
+    inputs = media.encode_prompts(processor, items("padded_batch"))
+    model = make_sparse(load())
+    untimed = generate(model, inputs, 0.6, SamplingConfig(4, do_sample=False))
+    timed = generate(model, inputs, 0.6, SamplingConfig(4, do_sample=False), timed=True)
+    assert untimed.timing is None and torch.equal(timed.completion_ids, untimed.completion_ids)
+    assert timed.timing.prefill_s > 0 and timed.timing.decode_s > 0
+    assert timed.timing.decode_tokens == 3 * (timed.completion_ids.shape[1] - 1) == 3 * 3  # 4 tokens: 3 forwards
+    with pytest.raises(ValueError, match="stock attention"):
+        generate(model, inputs, None)  # dense mode on a sparse model: one clear error
+    synced = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: synced.append(torch.device(device).type))
+    rollout.clock("cpu"), rollout.clock(torch.device("cuda", 0))
+    assert synced == ["cuda"]
 
 
 def register_reference(selection):

@@ -95,7 +95,7 @@ def test_all_wrong_group_earns_no_efficiency_reward(sources, tmp_path):
 
 
 def test_media_encoded_once_per_group_give_the_rollout_of_per_row_copies(sources, tmp_path):
-    """Frozen vision: one vision pass per question (rollout.repeat_prompts). Trained vision: pixels per row, and the
+    """Frozen vision: one vision pass per question (batching.repeat_prompts). Trained vision: pixels per row, and the
     vision tower learns. Both give the same first rollout from the same weights."""
     frozen, trained = config(sources, tmp_path / "a"), config(sources, tmp_path / "b", freeze_vision=False, steps=1)
     table = data.load_dataset_rows(frozen.dataset)
