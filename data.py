@@ -149,7 +149,8 @@ def load_dataset_rows(dataset: str, media_root: str | None = None, on_bad_row: s
 
 
 def prompt_item(row: dict, max_frames: int = 16) -> dict:
-    """{"messages", "images", "videos", "fps"} for media.encode_prompts; media read now (errors name the row)."""
+    """media.prompt_item of a row: its image or video read now (errors name the row), its question in Video-R1's
+    format."""
     images, videos, fps = [], [], []
     try:
         if row["data_type"] == "image":
@@ -160,9 +161,8 @@ def prompt_item(row: dict, max_frames: int = 16) -> dict:
             fps.append(rate)
     except (OSError, ValueError) as err:
         raise DatasetError(f"row {row['row']}: {err}") from None
-    messages = media.build_messages(row["problem"], row["options"], len(images), len(videos),
-                                    problem_type=row["problem_type"])
-    return {"messages": messages, "images": images, "videos": videos, "fps": fps}
+    return media.prompt_item(media.question_text(row["problem"], row["options"], row["problem_type"]), images,
+                             videos, fps)
 
 
 def question_indices(num_rows: int, step: int, per_step: int, seed: int) -> list[int]:

@@ -276,16 +276,28 @@ def load_video(path, max_frames=16):
     return [frames[i] for i in keep], fps * len(keep) / len(frames)
 
 
-def build_messages(problem, options=None, num_images=0, num_videos=0, system=None, problem_type=None):
-    """Qwen chat messages: media entries first, then the question in Video-R1's format (answer in <answer> tags)."""
+def question_text(problem, options=None, problem_type=None) -> str:
+    """The question in Video-R1's format: the problem, its options, the answer-format instruction of its type."""
     problem_type = problem_type or ("multiple choice" if options else "free-form")
     if problem_type not in TYPE_TEMPLATE:
         raise ValueError(f"problem_type must be one of {sorted(TYPE_TEMPLATE)}, got {problem_type!r}")
     question = problem + (" Options:\n" + "\n".join(options) if options else "")
-    content = [{"type": "image"}] * num_images + [{"type": "video"}] * num_videos
-    content = [dict(c) for c in content] + [{"type": "text", "text": f"{question}\n{TYPE_TEMPLATE[problem_type]}"}]
-    system_message = [{"role": "system", "content": [{"type": "text", "text": system}]}] if system else []
-    return system_message + [{"role": "user", "content": content}]
+    return f"{question}\n{TYPE_TEMPLATE[problem_type]}"
+
+
+def prompt_item(text, images=(), videos=(), fps=None, system=None) -> dict:
+    """One prompt for `encode_prompts`: {"messages", "images", "videos", "fps"}.
+
+    messages: Qwen chat messages, one user turn of the media entries first (images, then videos) and then `text`
+    (after an optional system turn). images: PIL images; videos: lists of PIL frames; fps: one per video
+    (default DEFAULT_FPS). data.py, toy.py and the lmms-eval engine gather their media and build prompts here.
+    """
+    images, videos = list(images), list(videos)
+    content = [{"type": "image"} for _ in images] + [{"type": "video"} for _ in videos]
+    system_turn = [{"role": "system", "content": [{"type": "text", "text": system}]}] if system else []
+    messages = system_turn + [{"role": "user", "content": content + [{"type": "text", "text": text}]}]
+    return {"messages": messages, "images": images, "videos": videos,
+            "fps": [DEFAULT_FPS] * len(videos) if fps is None else list(fps)}
 
 
 def encode_prompts(processor, batch, completions=None):

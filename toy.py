@@ -73,7 +73,7 @@ def _corpus():
     for kind in KINDS:
         problem, options, _, _ = _question(kind, random.Random(0))
         ptype = "multiple choice" if options else "numerical"
-        texts += [m["text"] for m in media.build_messages(problem, options, problem_type=ptype)[0]["content"]]
+        texts.append(media.question_text(problem, options, ptype))
     texts += [f"{letter}. {w}" for letter in "ABCD" for w in words]
     return texts * 4
 
@@ -219,11 +219,10 @@ def toy_examples(n, seed=0, kinds=KINDS):
 
 
 def prompt_item(row):
-    """{"messages", "images", "videos", "fps"} for media.encode_prompts from an in-memory toy / Video-R1 row."""
+    """media.prompt_item of an in-memory toy row (its image or video frames held in the row)."""
     images, videos = ([row["image"]] if "image" in row else []), ([row["video"]] if "video" in row else [])
-    messages = media.build_messages(row["problem"], row["options"], len(images), len(videos),
-                                    problem_type=row["problem_type"])
-    return {"messages": messages, "images": images, "videos": videos, "fps": [row.get("fps", VIDEO_FPS)] * len(videos)}
+    return media.prompt_item(media.question_text(row["problem"], row["options"], row["problem_type"]), images, videos,
+                             [row.get("fps", VIDEO_FPS)] * len(videos))
 
 
 def write_toy_dataset(out_dir, n, seed=0, kinds=KINDS):

@@ -47,12 +47,9 @@ def split_visuals(visuals, max_frames: int):
     return images, videos, fps
 
 
-def prompt_item(context: str, visuals, max_frames: int = 16) -> dict:
-    """{"messages", "images", "videos", "fps"} for media.encode_prompts: media first, then the context."""
-    images, videos, fps = split_visuals(visuals, max_frames)
-    content = [{"type": "image"}] * len(images) + [{"type": "video"}] * len(videos)
-    content = [dict(c) for c in content] + [{"type": "text", "text": context.replace("<image>", "")}]
-    return {"messages": [{"role": "user", "content": content}], "images": images, "videos": videos, "fps": fps}
+def request_item(context: str, visuals, max_frames: int = 16) -> dict:
+    """media.prompt_item of a request: its media first, then the context without "<image>" placeholders."""
+    return media.prompt_item(context.replace("<image>", ""), *split_visuals(visuals, max_frames))
 
 
 def sampling_config(gen_kwargs: dict, default_max_new_tokens: int) -> SamplingConfig:
@@ -109,7 +106,7 @@ class SparseQwen:
 
     def _generate_batch(self, args, task_dict) -> list[str]:
         gen_kwargs = dict(args[0][1])
-        items = [prompt_item(context, to_visual(task_dict[task][split][doc_id]), self.max_frames)
+        items = [request_item(context, to_visual(task_dict[task][split][doc_id]), self.max_frames)
                  for context, _, to_visual, doc_id, task, split in args]
         rollout = generate(self.model, self._encode(items), self.keep_p,
                            sampling_config(gen_kwargs, self.max_new_tokens), seed=self.seed)
@@ -125,7 +122,7 @@ class SparseQwen:
         for context, to_target, to_visual, doc_id, task, split in (r.args for r in requests):
             doc = task_dict[task][split][doc_id]
             target = to_target(doc) if callable(to_target) else to_target
-            inputs = self._encode([prompt_item(context, to_visual(doc), self.max_frames)])
+            inputs = self._encode([request_item(context, to_visual(doc), self.max_frames)])
             ids = self.processor.tokenizer(target, add_special_tokens=False, return_tensors="pt")["input_ids"]
             batch = full_sequence(self.model, SimpleNamespace(inputs=inputs, completion_ids=ids.to(self.device)))
             state = make_state(self.model, self.keep_p, mode="teacher", batch_size=1,

@@ -287,7 +287,7 @@ def test_adapter_generation_settings_and_stop_strings():
     with pytest.raises(ValueError, match="until"):
         engine.stop_strings({"until": 3})
     with pytest.raises(ValueError, match="unsupported visual"):
-        engine.prompt_item("q", [np.zeros((2, 2, 3))])
+        engine.request_item("q", [np.zeros((2, 2, 3))])
 
 
 def test_adapter_loglikelihood_equals_a_stock_dense_forward_at_keep_p_one(tiny, lmms):

@@ -32,8 +32,8 @@ def items(kind):
     rows = {r["kind"]: r for r in toy.toy_examples(8, seed=3)}
     image, video = toy.prompt_item(rows["color"]), toy.prompt_item(rows["video"])
     extra = rows["shape"]["image"]
-    two = {"messages": media.build_messages("Which picture has more red? " * 2, ["A. first", "B. second"], 2),
-           "images": [image["images"][0], extra], "videos": [], "fps": []}
+    two = media.prompt_item(media.question_text("Which picture has more red? " * 2, ["A. first", "B. second"]),
+                            [image["images"][0], extra])
     return {"image": [image], "video": [video], "two_images": [two], "padded_batch": [image, two, video]}[kind]
 
 
