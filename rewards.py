@@ -182,6 +182,6 @@ def zipr1_rewards(acc, tau, num_generations, gate_efficiency=True):
         gate = r_acc.amax(dim=1, keepdim=True).expand_as(r_acc)  # (G, N): C = 1 iff any answer is correct
     else:
         gate = torch.ones_like(r_acc)  # (G, N)
-    reward = r_acc + gate * r_eff  # Eq. 4  (G, N): r = r_acc + C * r_eff
+    reward = r_acc + gate * r_eff  # (G, N): the paper's reward r = r_acc + C * r_eff (Eq. 4 is the advantage)
     out = {"reward": reward, "r_acc": r_acc, "r_eff": r_eff, "gate": gate}
     return {name: value.reshape(acc.shape) for name, value in out.items()}

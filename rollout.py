@@ -77,27 +77,27 @@ def sample_next(logits: torch.Tensor, cfg: SamplingConfig, generator=None) -> to
     generator: one torch.Generator for the batch, or a list of one per row (a row's samples then do not depend on
     which other rows share its batch)."""
     if not cfg.do_sample:
-        return logits.argmax(-1)
-    logits = logits.float() / cfg.temperature
+        return logits.argmax(-1)  # (B,)
+    logits = logits.float() / cfg.temperature  # (B, V)
     if cfg.top_k > 0:
         kth = logits.topk(min(cfg.top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        logits = logits.masked_fill(logits < kth, float("-inf"))  # (B, V)
     if cfg.top_p < 1.0:
         sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V)
-        probs = sorted_logits.softmax(-1)
-        drop = probs.cumsum(-1) - probs > cfg.top_p  # mass before a token already reaches top_p
-        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+        probs = sorted_logits.softmax(-1)  # (B, V), descending
+        drop = probs.cumsum(-1) - probs > cfg.top_p  # (B, V): mass before a token already reaches top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))  # (B, V)
     probs = logits.softmax(-1)  # (B, V)
     if isinstance(generator, list):
-        return torch.cat([torch.multinomial(row[None], 1, generator=g)[0] for row, g in zip(probs, generator)])
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        return torch.cat([torch.multinomial(row[None], 1, generator=g)[0] for row, g in zip(probs, generator)])  # (B,)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
 
 
 def without_placeholders(model, logits: torch.Tensor) -> torch.Tensor:
     """Forbid the image/video placeholder tokens: a sampled one would be read as a visual slot when the completion
     is scored teacher-forced. The policy's distribution is over the rest of the vocabulary, in rollout and scoring."""
-    ids = torch.tensor([model.config.image_token_id, model.config.video_token_id], device=logits.device)
-    return logits.index_fill(-1, ids, float("-inf"))
+    ids = torch.tensor([model.config.image_token_id, model.config.video_token_id], device=logits.device)  # (2,)
+    return logits.index_fill(-1, ids, float("-inf"))  # (..., V)
 
 
 def sampling_generators(device, seed: int, row_seeds: list[int] | None = None):
@@ -165,9 +165,11 @@ def dense_record(cache, attention_mask) -> dict:
     per_token = sum(layer.keys.shape[1] * layer.keys.shape[-1] * (layer.keys.element_size() +
                                                                   layer.values.element_size())
                     for layer in cache.layers)  # bytes of one token's K and V over all layers
-    ones = torch.ones(len(lengths), device=lengths.device)  # (B,)
-    return dict(keep_p=ones, kept=lengths[:, None].expand(-1, n_layers), lengths=lengths, token_ratio=ones,
-                kv_bytes=lengths * per_token, selection=attention_mask.bool()[:, None].expand(-1, n_layers, -1))
+    ones = torch.ones(len(lengths), device=lengths.device)  # (B,): keep_p and τ
+    kept = lengths[:, None].expand(-1, n_layers)  # (B, n_layers): k_j = ℓ
+    selection = attention_mask.bool()[:, None].expand(-1, n_layers, -1)  # (B, n_layers, P): every real token
+    return dict(keep_p=ones, kept=kept, lengths=lengths, token_ratio=ones, kv_bytes=lengths * per_token,  # (B,)
+                selection=selection)
 
 
 @torch.no_grad()
@@ -194,18 +196,19 @@ def generate(model, inputs, keep_p, sampling: SamplingConfig = SamplingConfig(),
     record = dense_record(cache, inputs["attention_mask"]) if state is None else sparse_record(state)
     mask = inputs["attention_mask"] if state is None else None  # (B, P) dense: the padding mask, grows per step
     bsz = logits.shape[0]
-    eos, pad = torch.tensor(eos_ids_of(model), device=device), pad_id_of(model)
+    eos, pad = torch.tensor(eos_ids_of(model), device=device), pad_id_of(model)  # (E,), int
     generator = sampling_generators(device, seed, row_seeds) if sampling.do_sample else None
     tokens, logps, raw = [], [], []
     done = torch.zeros(bsz, dtype=torch.bool, device=device)  # (B,)
     start = clock(device) if timed else 0.0
     for t in range(sampling.max_new_tokens):
-        raw.append(logits.float()) if return_logits else None
-        logits = without_placeholders(model, logits)
+        raw.append(logits.float()) if return_logits else None  # (B, V)
+        logits = without_placeholders(model, logits)  # (B, V)
         token = sample_next(logits, sampling, generator).masked_fill(done, pad)  # (B,)
-        logps.append(torch.log_softmax(logits.float() / sampling.temperature, -1).gather(-1, token[:, None])[:, 0])
+        logp = torch.log_softmax(logits.float() / sampling.temperature, -1)  # (B, V)
+        logps.append(logp.gather(-1, token[:, None])[:, 0])  # (B,)
         tokens.append(token)
-        done |= torch.isin(token, eos)
+        done |= torch.isin(token, eos)  # (B,)
         if bool(done.all()) or t + 1 == sampling.max_new_tokens:
             break
         if mask is not None:
@@ -228,8 +231,8 @@ def full_sequence(model, rollout: Rollout) -> dict:
     steps = completion.shape[1]
     return dict(
         input_ids=torch.cat([inputs["input_ids"], completion], 1),  # (B, P+T)
-        attention_mask=torch.cat([inputs["attention_mask"], torch.ones_like(completion)], 1),
-        mm_token_type_ids=torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(completion)], 1),
+        attention_mask=torch.cat([inputs["attention_mask"], torch.ones_like(completion)], 1),  # (B, P+T)
+        mm_token_type_ids=torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(completion)], 1),  # (B, P+T)
         position_ids=torch.cat([positions, continuation_positions(next_pos, steps)], 2),  # (3, B, P+T)
         **{k: inputs[k] for k in MEDIA_KEYS if inputs.get(k) is not None})
 

@@ -19,7 +19,8 @@ What a forward does is set per call by a `SparseState` made active with `with sp
                   log-probs it gives equal those of the rollout (inference-consistent).
 
 Positions are the original ones (mrope.py): prefill takes Qwen's mRoPE ids from `get_rope_index`, and generated
-tokens continue from the prompt's largest position (rope deltas), not from the pruned cache length. Sparsity is per sample: `keep_p` is a (B,) tensor, so one batch holds a group's N thresholds.
+tokens continue from the prompt's largest position (rope deltas), not from the pruned cache length. Sparsity is per
+sample: `keep_p` is a (B,) tensor, so one batch holds a group's N thresholds.
 """
 from __future__ import annotations
 
@@ -52,16 +53,16 @@ class PrunedKVCache(DynamicCache):
         layer = self.layers[layer_idx]
         idx, ok = mask_to_indices(mask)  # (B, K), (B, K)
         index = idx[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[-1])  # (B, Hkv, K, D)
-        layer.keys = torch.gather(layer.keys, 2, index)
-        layer.values = torch.gather(layer.values, 2, index)
-        self.key_valid[layer_idx] = ok
+        layer.keys = torch.gather(layer.keys, 2, index)  # (B, Hkv, K, D)
+        layer.values = torch.gather(layer.values, 2, index)  # (B, Hkv, K, D)
+        self.key_valid[layer_idx] = ok  # (B, K)
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         key_states, value_states = autocast_dtype(key_states, value_states)  # store fp32 rope'd keys in bf16 too
-        keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)  # (B, Hkv, K+L, D)
         if layer_idx in self.key_valid:  # decoding after a prune: the new tokens are valid keys
             new = torch.ones(key_states.shape[0], key_states.shape[2], dtype=torch.bool, device=key_states.device)
-            self.key_valid[layer_idx] = torch.cat([self.key_valid[layer_idx], new], dim=1)
+            self.key_valid[layer_idx] = torch.cat([self.key_valid[layer_idx], new], dim=1)  # (B, K+L)
         return keys, values
 
     def kv_bytes(self) -> torch.Tensor:
@@ -71,8 +72,8 @@ class PrunedKVCache(DynamicCache):
             per_token = layer.keys.shape[1] * layer.keys.shape[-1] * (layer.keys.element_size()
                                                                   + layer.values.element_size())  # K, V
             slots = self.key_valid[j].sum(-1) if j in self.key_valid else torch.full(
-                (layer.keys.shape[0],), layer.keys.shape[2], device=layer.keys.device)
-            total = total + slots * per_token
+                (layer.keys.shape[0],), layer.keys.shape[2], device=layer.keys.device)  # (B,) k_j
+            total = total + slots * per_token  # (B,)
         return total
 
 
@@ -149,8 +150,8 @@ def zipr1_attention(module, query, key, value, attention_mask, scaling=None, dro
     valid = torch.ones(bsz, key.shape[2], dtype=torch.bool, device=query.device) if attention_mask is None \
         else attention_mask.bool()  # (B, Lk)
     if state is None:
-        every_query = torch.ones(bsz, seq, dtype=torch.bool, device=query.device)
-        out = sparse_attention(query, key, value, every_query, valid, scale=scaling)  # dense over the real tokens
+        every_query = torch.ones(bsz, seq, dtype=torch.bool, device=query.device)  # (B, L)
+        out = sparse_attention(query, key, value, every_query, valid, scale=scaling)  # (B, H, L, D) dense, real tokens
     elif state.mode == "decode":
         out = zipr1_kernels.decode_attention(query, key, value, state.cache.key_valid[layer], scale=scaling)  # (B, H, 1, D)
     else:
@@ -158,7 +159,7 @@ def zipr1_attention(module, query, key, value, attention_mask, scaling=None, dro
         sel = zipr1_kernels.top_p_select(query[:, :, :n_prompt], key[:, :, :n_prompt], state.keep_p, valid[:, :n_prompt],
                            seed=state.seed + layer, scale=scaling)  # Eq. 3 on the prompt
         state.selections[layer] = sel
-        response = torch.ones(bsz, seq - n_prompt, dtype=torch.bool, device=query.device)  # decode queries: all in
+        response = torch.ones(bsz, seq - n_prompt, dtype=torch.bool, device=query.device)  # (B, L-P): all in
         mask = torch.cat([sel.mask, response], dim=1)  # (B, L): m_Q = m_K
         out = zipr1_kernels.prefill_sparse_attention(query, key, value, mask, scale=scaling)  # Eq. 1, (B, H, L, D)
         if state.mode == "prefill" and state.cache is not None:
@@ -181,6 +182,6 @@ def text_config(model):
 
 
 def make_state(model, keep_p, mode="prefill", batch_size=None, **kw) -> SparseState:
-    batch_size = batch_size or len(torch.as_tensor(keep_p).flatten())
+    batch_size = batch_size or len(torch.as_tensor(keep_p).flatten())  # B
     device = next(model.parameters()).device
     return SparseState(keep_p=check_keep_p(keep_p, batch_size, device), mode=mode, **kw)

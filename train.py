@@ -210,10 +210,10 @@ def sample_rollout(policy, processor, rows, cfg: Config, step: int, device, auto
     policy.eval()  # HF turns the KV cache off for checkpointed layers in train mode
     with autocast:
         if cfg.freeze_vision:  # each image/video through the vision tower once, for rollout and both scorings
-            inputs = repeat_prompts(policy, media.encode_prompts(processor, items).to(device), n)
+            inputs = repeat_prompts(policy, media.encode_prompts(processor, items).to(device), n)  # (G*N, P) + media
         else:  # a trained vision tower needs its pixels in the policy's training forward
-            inputs = media.encode_prompts(processor, [item for item in items for _ in range(n)]).to(device)
-        rollout = generate(policy, inputs, keep_p, sampling, seed=seed, row_seeds=row_seeds)
+            inputs = media.encode_prompts(processor, [item for item in items for _ in range(n)]).to(device)  # (G*N, P)
+        rollout = generate(policy, inputs, keep_p, sampling, seed=seed, row_seeds=row_seeds)  # (G*N, T) completions
     texts = processor.batch_decode(rollout.completion_ids.cpu(), skip_special_tokens=True)
     return rollout, texts
 
@@ -279,9 +279,9 @@ def train_step(policy, reference, processor, optimizer, rows, cfg: Config, step:
         rollouts, texts = sample_groups(policy, processor, rows, cfg, step, device, autocast, first)
     n = cfg.num_generations
     solutions = [row["solution"] for row in rows for _ in range(n)]
-    acc = rewards.accuracy_rewards(texts, solutions, [row["problem_type"] for row in rows for _ in range(n)])
+    acc = rewards.accuracy_rewards(texts, solutions, [row["problem_type"] for row in rows for _ in range(n)])  # (G*N,)
     tau = torch.cat([r.token_ratio for r in rollouts]).float().cpu()  # (G*N,)
-    parts = rewards.zipr1_rewards(acc, tau, n, cfg.gate_efficiency)  # r = r_acc + C (1 - tau)
+    parts = rewards.zipr1_rewards(acc, tau, n, cfg.gate_efficiency)  # r = r_acc + C (1 - tau), each (G*N,)
     advantages = grpo.group_advantages(parts["reward"], n).to(device)  # Eq. 4, (G*N,)
     stats = policy_update(policy, reference, optimizer, rollouts, list(advantages.split(n)), cfg, autocast, dist)
     kl = stats.pop("kl")  # masked mean of k3; nan without a reference
