@@ -95,6 +95,30 @@ def load_questions(args, out: Path):
     return rows, [rows[i:i + args.batch_size] for i in range(0, len(rows), args.batch_size)]
 
 
+# ------------------------------------------------------------------------------------------------ generation
+def greedy(model, inputs, keep_p, max_new_tokens: int, seed: int = 0):
+    """rollout.generate's greedy answers, timed, on the model's stock attention (keep_p None: Full) or sparse."""
+    return generate(set_attention(model, keep_p is not None), inputs, keep_p,
+                    SamplingConfig(max_new_tokens=max_new_tokens, do_sample=False), seed=seed, timed=True)
+
+
+def evaluate_methods(methods: dict, processor, batches, encoded, max_new_tokens, seed=0, warmup=True) -> dict:
+    """Greedy answers to every question under each method {name: (model, keep_p or None = dense)}, scored and timed.
+
+    Round robin: each batch runs under every method in turn, so a slow spell of a shared machine hits all alike.
+    """
+    records, timings = {name: [] for name in methods}, {name: [] for name in methods}
+    for name, (model, keep_p) in methods.items() if warmup else ():
+        greedy(model, encoded[0], keep_p, 2, seed)
+    for rows, inputs in zip(batches, encoded):
+        for name, (model, keep_p) in methods.items():
+            out = greedy(model, inputs, keep_p, max_new_tokens, seed)
+            texts = processor.batch_decode(out.completion_ids, skip_special_tokens=True)
+            records[name] += score(rows, texts, out.token_ratio.tolist(), out.kv_bytes.tolist())
+            timings[name].append(dataclasses.asdict(out.timing))
+    return {name: summarize(records[name], timings[name], keep_p) for name, (_, keep_p) in methods.items()}
+
+
 # ------------------------------------------------------------------------------------------------ metrics
 def score(rows, texts, tau, kv_bytes) -> list[dict]:
     """One record per question: its answer, r_acc (rewards.py, per problem_type), τ and KV bytes."""
@@ -117,29 +141,6 @@ def summarize(records, timings: list[dict], keep_p) -> dict:
                 prefill_ms=1000 * statistics.median(t["prefill_s"] for t in timings),
                 decode_tokens_per_s=statistics.median(rates) if rates else float("nan"),
                 questions=len(records), records=records, timings=timings)
-
-
-def greedy(model, inputs, keep_p, max_new_tokens: int, seed: int = 0):
-    """rollout.generate's greedy answers, timed, on the model's stock attention (keep_p None: Full) or sparse."""
-    return generate(set_attention(model, keep_p is not None), inputs, keep_p,
-                    SamplingConfig(max_new_tokens=max_new_tokens, do_sample=False), seed=seed, timed=True)
-
-
-def evaluate_methods(methods: dict, processor, batches, encoded, max_new_tokens, seed=0, warmup=True) -> dict:
-    """Greedy answers to every question under each method {name: (model, keep_p or None = dense)}, scored and timed.
-
-    Round robin: each batch runs under every method in turn, so a slow spell of a shared machine hits all alike.
-    """
-    records, timings = {name: [] for name in methods}, {name: [] for name in methods}
-    for name, (model, keep_p) in methods.items() if warmup else ():
-        greedy(model, encoded[0], keep_p, 2, seed)
-    for rows, inputs in zip(batches, encoded):
-        for name, (model, keep_p) in methods.items():
-            out = greedy(model, inputs, keep_p, max_new_tokens, seed)
-            texts = processor.batch_decode(out.completion_ids, skip_special_tokens=True)
-            records[name] += score(rows, texts, out.token_ratio.tolist(), out.kv_bytes.tolist())
-            timings[name].append(dataclasses.asdict(out.timing))
-    return {name: summarize(records[name], timings[name], keep_p) for name, (_, keep_p) in methods.items()}
 
 
 def add_ratios(methods: dict) -> dict:
