@@ -1,5 +1,5 @@
-"""A prompt batch's images and videos: how many each row holds, each prompt n times with its media encoded once,
-rows cut out with their own media, a rollout split into one part per question group.
+"""The images and videos of a prompt batch: how many each row holds, every prompt n times with its media encoded
+once (a GRPO group), rows cut out with their own media, and a rollout split into one part per question.
 
 A batch is the processor's left-padded dict (media.encode_prompts): input_ids, attention_mask, mm_token_type_ids
 (B, P), and per kind the pixels of every item in order (pixel_values / pixel_values_videos, rows = patches) with one
