@@ -282,8 +282,8 @@ def test_a_kernel_that_fails_to_compile_warns_once_and_runs_the_torch_reference(
     sparse_attn = importlib.import_module("zipr1_kernels.sparse_attn")
     calls = []
     monkeypatch.setattr(sparse_attn, "_forward", lambda *a: calls.append(1) or compile_error())
-    q, k, v = qkv(2, 4, 2, 20, 16, seed=21, dtype=torch.float32)
-    mask = selection("left_padded", 2, 20, seed=21)
+    q, k, v = (t.to(DEVICE) for t in qkv(2, 4, 2, 20, 16, seed=21, dtype=torch.float32))
+    mask = selection("left_padded", 2, 20, seed=21).to(DEVICE)
     assert zipr1_kernels.use_triton(q)  # "auto" picks Triton here...
     with pytest.warns(RuntimeWarning) as record:
         outs = [zipr1_kernels.prefill_sparse_attention(q, k, v, mask) for _ in range(3)]
@@ -294,7 +294,7 @@ def test_a_kernel_that_fails_to_compile_warns_once_and_runs_the_torch_reference(
     reference = gathered_sparse_attention(q, k, v, mask)
     assert all(torch.equal(out, reference) for out in outs)  # the torch path ran
     torch.testing.assert_close(outs[0].double(), sparse_attention(q.double(), k.double(), v.double(), mask, mask),
-                               atol=2e-5, rtol=2e-5)
+                               atol=2e-5, rtol=2e-5)  # and it is Eq. 1
     from triton.compiler.errors import CompilationError
     with pytest.raises(CompilationError):  # a forced backend still raises
         zipr1_kernels.prefill_sparse_attention(q, k, v, mask, backend="triton")
@@ -313,8 +313,8 @@ def test_a_failing_triton_backward_falls_back_to_the_reference_gradients(pretend
     weight = torch.randn(2, 4, 24, 16, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     expect = outputs_and_grads(lambda *t: sparse_attention(*t, mask, mask), tensors, torch.float64, weight)
     with pytest.warns(RuntimeWarning) as record:
-        runs = [outputs_and_grads(lambda *t: zipr1_kernels.prefill_sparse_attention(*t, mask), tensors,
-                                  torch.float32, weight) for _ in range(2)]
+        runs = [outputs_and_grads(lambda *t: zipr1_kernels.prefill_sparse_attention(*t, mask.to(t[0].device)),
+                                  tensors, torch.float32, weight, DEVICE) for _ in range(2)]
     messages = fallback_warnings(record)
     assert len(messages) == 1 and "prefill backward" in messages[0] and "ZIPR1_ATTN_BACKEND=torch" in messages[0]
     assert len(forwards) == 2 and len(backwards) == 1
@@ -322,8 +322,7 @@ def test_a_failing_triton_backward_falls_back_to_the_reference_gradients(pretend
         for name, a, b in zip(["out", "dq", "dk", "dv"], got, expect):
             torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5, msg=lambda m: f"{name}: {m}")
     with pytest.raises(Exception, match="made-up compile error"):
-        outputs_and_grads(lambda *t: zipr1_kernels.prefill_sparse_attention(*t, mask, backend="triton"), tensors,
-                          torch.float32, weight)
+        outputs_and_grads(triton_prefill(mask), tensors, torch.float32, weight, DEVICE)
 
 
 def test_failing_decode_and_probe_kernels_fall_back_to_torch(pretend_gpu, monkeypatch):
@@ -332,10 +331,10 @@ def test_failing_decode_and_probe_kernels_fall_back_to_torch(pretend_gpu, monkey
     def out_of_shared_memory(*args, **kwargs):
         raise OutOfResources(232448, 166912, "shared memory")
 
-    monkeypatch.setattr(importlib.import_module("zipr1_kernels.decode"), "decode_attention_triton", out_of_shared_memory)
-    monkeypatch.setattr(importlib.import_module("zipr1_kernels.probe"), "probe_column_mass_triton", out_of_shared_memory)
-    q, k, v, valid = (t.float() if t.is_floating_point() else t for t in decode_cache(seed=9))
-    qs, ks, _ = qkv(2, 4, 2, 48, 16, seed=13, dtype=torch.float32)
+    for module, launcher in (("decode", "decode_attention_triton"), ("probe", "probe_column_mass_triton")):
+        monkeypatch.setattr(importlib.import_module(f"zipr1_kernels.{module}"), launcher, out_of_shared_memory)
+    q, k, v, valid = (t.to(DEVICE, torch.float32) if t.is_floating_point() else t.to(DEVICE) for t in decode_cache(9))
+    qs, ks, _ = (t.to(DEVICE) for t in qkv(2, 4, 2, 48, 16, seed=13, dtype=torch.float32))
     with pytest.warns(RuntimeWarning) as record:
         out = zipr1_kernels.decode_attention(q, k, v, valid)
         sel = zipr1_kernels.top_p_select(qs, ks, 0.8, num_recent=8, num_random=8, seed=2)
@@ -345,3 +344,42 @@ def test_failing_decode_and_probe_kernels_fall_back_to_torch(pretend_gpu, monkey
     assert torch.equal(out, zipr1_kernels.decode_attention_torch(q, k, v, valid))
     expect = top_p_select(qs, ks, 0.8, num_recent=8, num_random=8, seed=2)
     assert torch.equal(sel.mask, expect.mask) and torch.equal(sel.count, expect.count)
+
+
+# ------------------------------------------------------------------------------ benchmarks/ragged_check.py, small
+def ragged_check():
+    spec = importlib.util.spec_from_file_location("ragged_check", os.path.join(ROOT, "benchmarks", "ragged_check.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ragged_check_builds_ragged_rows_and_catches_a_wrong_kernel(monkeypatch):
+    """The GPU script's pieces at tiny shapes (gpu_check.sh --dry-run runs all of it): per-row counts, every check
+    within tolerance on the real kernels, a 5% error in one kernel failing its check."""
+    rc = ragged_check()
+    args = rc.parse_args(["--dry-run"])
+    args.length = 24  # fewer probes: seconds in the interpreter
+    q, k, v, valid, mask, tau = rc.ragged_batch(args, torch.device(DEVICE))
+    valid, mask = valid.cpu(), mask.cpu()
+    assert torch.equal(mask.sum(-1), (tau * valid.sum(-1)).round().long().clamp(min=1))  # k_b = round(τ_b · length_b)
+    assert mask[:, -1].all() and not (mask & ~valid).any() and len(set(mask.sum(-1).tolist())) > 1
+    rows, mask, valid = [0, 1, 3], mask.to(DEVICE), valid.to(DEVICE)
+    checks = [rc.check_forward(q, k, v, mask, rows), rc.check_decode(k, v, mask, 4, rows),
+              rc.check_probe(q, k, valid, rows)]
+    assert all(err <= tol for err, tol, _ in checks), checks
+    decode = zipr1_kernels.decode_attention
+    monkeypatch.setattr(zipr1_kernels, "decode_attention", lambda *a, **kw: decode(*a, **kw) * 1.05)
+    err, tol, _ = rc.check_decode(k, v, mask, 4, rows)
+    assert err > tol
+
+
+def test_ragged_check_shapes_pass_int32_offsets_where_the_docstring_says():
+    rc = ragged_check()
+    args = rc.parse_args([])
+    q = torch.empty(args.batch, args.length, args.heads, args.head_dim, device="meta").transpose(1, 2)
+    k = torch.empty(args.batch, args.length, args.kv_heads, args.head_dim, device="meta").transpose(1, 2)
+    assert q.numel() == 2 ** 32 and k.numel() == 2 ** 29
+    line = rc.offsets_line(q, k)
+    assert "q and output 4294967296 elements (2^32.0, beyond int32)" in line and "samples ≥ 32 start past 2^31" in line
+    assert "k and v each 536870912 elements (2^29.0, within int32)" in line
