@@ -5,6 +5,7 @@ References are the literal masked form `sparse_attention` (Eq. 1) and `probe_col
 evaluated in float64; fp32 kernels must match them to fp32 rounding, fp16 / bf16 kernels must be no less accurate
 than the torch reference run in the same dtype.
 """
+import ast
 import importlib
 import os
 import subprocess
@@ -14,7 +15,7 @@ import pytest
 import torch
 
 import zipr1_kernels
-from sparse_attention import probe_column_mass, probe_indices, sparse_attention, top_p_select
+from sparse_attention import gathered_sparse_attention, probe_column_mass, probe_indices, sparse_attention, top_p_select
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # where the kernels run; references stay on the CPU
@@ -256,3 +257,129 @@ def test_bad_inputs_get_one_clear_error():
         zipr1_kernels.prefill_sparse_attention(q, k, v.bfloat16(), mask)
     with pytest.raises(ValueError, match="no backward"):
         zipr1_kernels.decode_attention(q[:, :, :1].requires_grad_(), k, v, mask, backend="triton")
+
+
+# ------------------------------------------------------------------------------------------ the runtime fall-back
+def compile_error(*args, **kwargs):
+    """What Triton raises when a kernel does not compile (here with a made-up message)."""
+    from triton.compiler.errors import CompilationError
+    raise CompilationError("s = tl.dot(q, k)", ast.parse("s = tl.dot(q, k)").body[0], "made-up compile error")
+
+
+@pytest.fixture
+def pretend_gpu(monkeypatch):
+    """"auto" decides as it would on CUDA (the kernels themselves run in the interpreter), nothing failed so far."""
+    monkeypatch.delenv(zipr1_kernels.ENV_VAR, raising=False)
+    monkeypatch.setattr(zipr1_kernels, "on_cuda", lambda x: True)
+    monkeypatch.setattr(zipr1_kernels, "FAILED", set())
+
+
+def fallback_warnings(record) -> list[str]:
+    return [str(w.message) for w in record if "zipr1_kernels" in str(w.message)]
+
+
+def test_a_kernel_that_fails_to_compile_warns_once_and_runs_the_torch_reference(pretend_gpu, monkeypatch):
+    sparse_attn = importlib.import_module("zipr1_kernels.sparse_attn")
+    calls = []
+    monkeypatch.setattr(sparse_attn, "_forward", lambda *a: calls.append(1) or compile_error())
+    q, k, v = (t.to(DEVICE) for t in qkv(2, 4, 2, 20, 16, seed=21, dtype=torch.float32))
+    mask = selection("left_padded", 2, 20, seed=21).to(DEVICE)
+    assert zipr1_kernels.use_triton(q)  # "auto" picks Triton here...
+    with pytest.warns(RuntimeWarning) as record:
+        outs = [zipr1_kernels.prefill_sparse_attention(q, k, v, mask) for _ in range(3)]
+    messages = fallback_warnings(record)
+    assert len(messages) == 1 and len(calls) == 1  # ...warns once, and the broken kernel is not tried again
+    assert "\n" not in messages[0] and "ZIPR1_ATTN_BACKEND=torch" in messages[0]
+    assert "CompilationError: made-up compile error" in messages[0]
+    reference = gathered_sparse_attention(q, k, v, mask)
+    assert all(torch.equal(out, reference) for out in outs)  # the torch path ran
+    torch.testing.assert_close(outs[0].double(), sparse_attention(q.double(), k.double(), v.double(), mask, mask),
+                               atol=2e-5, rtol=2e-5)  # and it is Eq. 1
+    from triton.compiler.errors import CompilationError
+    with pytest.raises(CompilationError):  # a forced backend still raises
+        zipr1_kernels.prefill_sparse_attention(q, k, v, mask, backend="triton")
+
+
+def test_a_failing_triton_backward_falls_back_to_the_reference_gradients(pretend_gpu, monkeypatch):
+    """The forward stays on Triton (so activation checkpointing recomputes what it saved); the gradients come from
+    the torch reference, recomputed from the saved tensors."""
+    sparse_attn = importlib.import_module("zipr1_kernels.sparse_attn")
+    forwards, backwards = [], []
+    real_forward = sparse_attn._forward
+    monkeypatch.setattr(sparse_attn, "_forward", lambda *a: forwards.append(1) or real_forward(*a))
+    monkeypatch.setattr(sparse_attn, "_backward", lambda *a: backwards.append(1) or compile_error())
+    tensors = qkv(2, 4, 2, 24, 16, seed=22)
+    mask = selection("random", 2, 24, seed=22)
+    weight = torch.randn(2, 4, 24, 16, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    expect = outputs_and_grads(lambda *t: sparse_attention(*t, mask, mask), tensors, torch.float64, weight)
+    with pytest.warns(RuntimeWarning) as record:
+        runs = [outputs_and_grads(lambda *t: zipr1_kernels.prefill_sparse_attention(*t, mask.to(t[0].device)),
+                                  tensors, torch.float32, weight, DEVICE) for _ in range(2)]
+    messages = fallback_warnings(record)
+    assert len(messages) == 1 and "prefill backward" in messages[0] and "ZIPR1_ATTN_BACKEND=torch" in messages[0]
+    assert len(forwards) == 2 and len(backwards) == 1
+    for got in runs:
+        for name, a, b in zip(["out", "dq", "dk", "dv"], got, expect):
+            torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5, msg=lambda m: f"{name}: {m}")
+    with pytest.raises(Exception, match="made-up compile error"):
+        outputs_and_grads(triton_prefill(mask), tensors, torch.float32, weight, DEVICE)
+
+
+def test_failing_decode_and_probe_kernels_fall_back_to_torch(pretend_gpu, monkeypatch):
+    from triton.runtime.errors import OutOfResources
+
+    def out_of_shared_memory(*args, **kwargs):
+        raise OutOfResources(232448, 166912, "shared memory")
+
+    for module, launcher in (("decode", "decode_attention_triton"), ("probe", "probe_column_mass_triton")):
+        monkeypatch.setattr(importlib.import_module(f"zipr1_kernels.{module}"), launcher, out_of_shared_memory)
+    q, k, v, valid = (t.to(DEVICE, torch.float32) if t.is_floating_point() else t.to(DEVICE) for t in decode_cache(9))
+    qs, ks, _ = (t.to(DEVICE) for t in qkv(2, 4, 2, 48, 16, seed=13, dtype=torch.float32))
+    with pytest.warns(RuntimeWarning) as record:
+        out = zipr1_kernels.decode_attention(q, k, v, valid)
+        sel = zipr1_kernels.top_p_select(qs, ks, 0.8, num_recent=8, num_random=8, seed=2)
+        zipr1_kernels.decode_attention(q, k, v, valid)
+    messages = fallback_warnings(record)
+    assert len(messages) == 2 and all("OutOfResources" in m and "ZIPR1_ATTN_BACKEND=torch" in m for m in messages)
+    assert torch.equal(out, zipr1_kernels.decode_attention_torch(q, k, v, valid))
+    expect = top_p_select(qs, ks, 0.8, num_recent=8, num_random=8, seed=2)
+    assert torch.equal(sel.mask, expect.mask) and torch.equal(sel.count, expect.count)
+
+
+# ------------------------------------------------------------------------------ benchmarks/ragged_check.py, small
+def ragged_check():
+    spec = importlib.util.spec_from_file_location("ragged_check", os.path.join(ROOT, "benchmarks", "ragged_check.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ragged_check_builds_ragged_rows_and_catches_a_wrong_kernel(monkeypatch):
+    """The GPU script's pieces at tiny shapes (gpu_check.sh --dry-run runs all of it): per-row counts, every check
+    within tolerance on the real kernels, a 5% error in one kernel failing its check."""
+    rc = ragged_check()
+    args = rc.parse_args(["--dry-run"])
+    args.length = 24  # fewer probes: seconds in the interpreter
+    q, k, v, valid, mask, tau = rc.ragged_batch(args, torch.device(DEVICE))
+    valid, mask = valid.cpu(), mask.cpu()
+    assert torch.equal(mask.sum(-1), (tau * valid.sum(-1)).round().long().clamp(min=1))  # k_b = round(τ_b · length_b)
+    assert mask[:, -1].all() and not (mask & ~valid).any() and len(set(mask.sum(-1).tolist())) > 1
+    rows, mask, valid = [0, 1, 3], mask.to(DEVICE), valid.to(DEVICE)
+    checks = [rc.check_forward(q, k, v, mask, rows), rc.check_decode(k, v, mask, 4, rows),
+              rc.check_probe(q, k, valid, rows)]
+    assert all(err <= tol for err, tol, _ in checks), checks
+    decode = zipr1_kernels.decode_attention
+    monkeypatch.setattr(zipr1_kernels, "decode_attention", lambda *a, **kw: decode(*a, **kw) * 1.05)
+    err, tol, _ = rc.check_decode(k, v, mask, 4, rows)
+    assert err > tol
+
+
+def test_ragged_check_shapes_pass_int32_offsets_where_the_docstring_says():
+    rc = ragged_check()
+    args = rc.parse_args([])
+    q = torch.empty(args.batch, args.length, args.heads, args.head_dim, device="meta").transpose(1, 2)
+    k = torch.empty(args.batch, args.length, args.kv_heads, args.head_dim, device="meta").transpose(1, 2)
+    assert q.numel() == 2 ** 32 and k.numel() == 2 ** 29
+    line = rc.offsets_line(q, k)
+    assert "q and output 4294967296 elements (2^32.0, beyond int32)" in line and "samples ≥ 32 start past 2^31" in line
+    assert "k and v each 536870912 elements (2^29.0, within int32)" in line

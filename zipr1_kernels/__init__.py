@@ -13,6 +13,12 @@ the dtype (fp16 / bf16 / fp32) and head_dim (16, 32, 64, 128), and the environme
 that needs TRITON_INTERPRET=1 set before triton is first imported: that is how the tests run them).
 ZIPR1_ATTN_BACKEND ∈ {auto, torch, triton} sets what "auto" means for the whole process.
 
+Fall-back: under "auto", a kernel that fails to compile or launch (a Triton CompilationError, a missing C compiler,
+too little shared memory, ...) does not stop the run: one warning of one line names the error and
+ZIPR1_ATTN_BACKEND=torch, and that kernel runs the torch reference from then on (`run_kernel`).  A forced "triton"
+raises the error instead.  A kernel that launches but computes wrong is not caught here: that is what the tests and
+benchmarks/ragged_check.py are for.
+
 Gradients: prefill has a Triton backward (zipr1_kernels/sparse_attn.py).  decode_attention and the probe scores are
 inference-only: decode_attention falls back to torch when a gradient is required (and refuses under "triton").
 Importing this package never imports triton; the kernel modules load on first use.
@@ -22,6 +28,7 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +39,7 @@ BACKENDS = ("auto", "torch", "triton")
 ENV_VAR = "ZIPR1_ATTN_BACKEND"
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 KERNEL_HEAD_DIMS = (16, 32, 64, 128)
+FAILED: set[str] = set()  # kernels that raised under "auto" in this process: they run the torch reference now
 
 
 @functools.cache
@@ -44,19 +52,29 @@ def triton_available() -> bool:
     return True
 
 
-def use_triton(x: torch.Tensor, backend: str = "auto", needs_grad: bool = False) -> bool:
-    """Resolve `backend` for tensors like x: True to run the Triton kernel, False for the torch reference."""
+def resolve_backend(backend: str) -> str:
+    """`backend`, with "auto" replaced by what ZIPR1_ATTN_BACKEND says (itself "auto" when unset)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     env = os.environ.get(ENV_VAR, "auto") or "auto"
     if env not in BACKENDS:
         raise ValueError(f"{ENV_VAR} must be one of {BACKENDS}, got {env!r}")
-    backend = env if backend == "auto" else backend
+    return env if backend == "auto" else backend
+
+
+def on_cuda(x: torch.Tensor) -> bool:
+    """The device half of the "auto" decision (a function of its own so that tests can pretend a GPU)."""
+    return x.is_cuda
+
+
+def use_triton(x: torch.Tensor, backend: str = "auto", needs_grad: bool = False) -> bool:
+    """Resolve `backend` for tensors like x: True to run the Triton kernel, False for the torch reference."""
+    backend = resolve_backend(backend)
     covered = x.dtype in KERNEL_DTYPES and x.shape[-1] in KERNEL_HEAD_DIMS
     if backend == "torch":
         return False
     if backend == "auto":
-        return x.is_cuda and covered and not needs_grad and triton_available()
+        return on_cuda(x) and covered and not needs_grad and triton_available()
     if not triton_available():
         raise RuntimeError("backend 'triton' asked for, but the triton package is not installed")
     if not covered:
@@ -71,6 +89,26 @@ def use_triton(x: torch.Tensor, backend: str = "auto", needs_grad: bool = False)
 
 def _kernels(name: str):
     return importlib.import_module(f"{__name__}.{name}")
+
+
+def run_kernel(name: str, kernel, reference, backend: str = "auto"):
+    """kernel(); under "auto", if it raises, warn once (one line) and return reference(), as for every later call of
+    the kernel `name`.  A forced "triton" lets the error through; so does running out of GPU memory."""
+    if resolve_backend(backend) == "triton":
+        return kernel()
+    if name in FAILED:
+        return reference()
+    try:
+        return kernel()
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as err:  # noqa: BLE001  compile and launch errors come in many types
+        FAILED.add(name)
+        detail = " ".join(str(getattr(err, "error_message", None) or err).split())[:200]  # one line
+        warnings.warn(f"zipr1_kernels: the Triton {name} kernel failed ({type(err).__name__}: {detail}); "
+                      f"running the torch reference for it from now on. {ENV_VAR}=torch skips Triton, "
+                      f"{ENV_VAR}=triton raises the error.", RuntimeWarning, stacklevel=3)
+        return reference()
 
 
 def check_attention_shapes(q, k, v, mask, name: str = "mask") -> None:
@@ -96,9 +134,12 @@ def prefill_sparse_attention(q, k, v, mask, scale: float | None = None, backend:
     check_attention_shapes(q, k, v, mask)
     if q.shape[2] != k.shape[2]:
         raise ValueError(f"prefill needs as many queries as keys, got {q.shape[2]} and {k.shape[2]}")
-    if use_triton(q, backend):
-        return _kernels("sparse_attn").sparse_attention_triton(q, k, v, mask, scale)
-    return ref.gathered_sparse_attention(q, k, v, mask, scale)
+    reference = functools.partial(ref.gathered_sparse_attention, q, k, v, mask, scale)
+    if not use_triton(q, backend):
+        return reference()
+    guard_backward = functools.partial(run_kernel, "prefill backward", backend=backend)
+    kernel = lambda: _kernels("sparse_attn").sparse_attention_triton(q, k, v, mask, scale, guard_backward)  # noqa: E731
+    return run_kernel("prefill", kernel, reference, backend)
 
 
 def decode_attention_torch(q, k, v, key_valid, scale: float | None = None) -> torch.Tensor:
@@ -121,17 +162,21 @@ def decode_attention(q, k, v, key_valid, scale: float | None = None, backend: st
     if q.shape[2] != 1:
         raise ValueError(f"decode takes one query per sample, got {q.shape[2]}")
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    if use_triton(q, backend, needs_grad=needs_grad):
-        return _kernels("decode").decode_attention_triton(q, k, v, key_valid, scale, splits)
-    return decode_attention_torch(q, k, v, key_valid, scale)
+    reference = functools.partial(decode_attention_torch, q, k, v, key_valid, scale)
+    if not use_triton(q, backend, needs_grad=needs_grad):
+        return reference()
+    kernel = lambda: _kernels("decode").decode_attention_triton(q, k, v, key_valid, scale, splits)  # noqa: E731
+    return run_kernel("decode", kernel, reference, backend)
 
 
 def probe_column_mass(q, k, valid, probe_idx, probe_ok, scale=None, backend: str = "auto"):
     """sparse_attention.probe_column_mass (Eq. 3 scores), fused in Triton: s (B, L) float32, n (B, L)."""
     check_attention_shapes(q, k, k, valid, name="valid")
-    if use_triton(q, backend):
-        return _kernels("probe").probe_column_mass_triton(q, k, valid, probe_idx, probe_ok, scale)
-    return ref.probe_column_mass(q, k, valid, probe_idx, probe_ok, scale)
+    reference = functools.partial(ref.probe_column_mass, q, k, valid, probe_idx, probe_ok, scale)
+    if not use_triton(q, backend):
+        return reference()
+    kernel = lambda: _kernels("probe").probe_column_mass_triton(q, k, valid, probe_idx, probe_ok, scale)  # noqa: E731
+    return run_kernel("probe scoring", kernel, reference, backend)
 
 
 def top_p_select(q, k, keep_p, valid=None, num_recent=ref.NUM_RECENT_PROBES, num_random=ref.NUM_RANDOM_PROBES,
@@ -139,10 +184,13 @@ def top_p_select(q, k, keep_p, valid=None, num_recent=ref.NUM_RECENT_PROBES, num
     """sparse_attention.top_p_select (Eq. 3), with the fused probe scoring on the Triton backend."""
     shape_valid = valid.bool() if valid is not None else torch.ones(k.shape[0], k.shape[2], dtype=torch.bool)
     check_attention_shapes(q, k, k, shape_valid, name="valid")
-    if use_triton(q, backend):
-        return _kernels("probe").top_p_select_triton(q, k, keep_p, valid, num_recent, num_random, seed, scale)
-    return ref.top_p_select(q, k, keep_p, valid, num_recent, num_random, seed, scale)
+    args = (q, k, keep_p, valid, num_recent, num_random, seed, scale)
+    reference = functools.partial(ref.top_p_select, *args)
+    if not use_triton(q, backend):
+        return reference()
+    return run_kernel("probe scoring", lambda: _kernels("probe").top_p_select_triton(*args), reference, backend)
 
 
 __all__ = ["prefill_sparse_attention", "decode_attention", "decode_attention_torch", "probe_column_mass",
-           "top_p_select", "use_triton", "triton_available", "check_attention_shapes", "BACKENDS", "ENV_VAR"]
+           "top_p_select", "use_triton", "resolve_backend", "run_kernel", "triton_available", "check_attention_shapes",
+           "BACKENDS", "ENV_VAR", "FAILED"]

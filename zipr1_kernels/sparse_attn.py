@@ -31,6 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
+from sparse_attention import gathered_sparse_attention
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 LOG2E = 1.4426950408889634  # exp(x) = exp2(x · log2 e): the kernels work in base 2
 
@@ -292,29 +294,46 @@ def _backward(q, k, v, out, lse, idx, count, sm_scale, dout):
     return dq, dk, dv
 
 
+def reference_grads(q, k, v, out, lse, idx, count, sm_scale, dout):
+    """`_backward`'s dq, dk, dv from the torch reference (sparse_attention.gathered_sparse_attention), recomputed
+    from the inputs: the fall-back when the Triton backward cannot run."""
+    ranks = torch.arange(idx.shape[1], device=idx.device)
+    mask = torch.zeros_like(idx, dtype=torch.bool).scatter_(1, idx, ranks < count[:, None])  # (B, L)
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        return torch.autograd.grad(gathered_sparse_attention(*leaves, mask, sm_scale), leaves, dout)
+
+
 class SparseAttention(torch.autograd.Function):
-    """Eq. 1 (m_Q = m_K) forward and backward in Triton; idx, count from `selected_positions`."""
+    """Eq. 1 (m_Q = m_K) forward and backward in Triton; idx, count from `selected_positions`.
+
+    `guard_backward(triton_grads, torch_grads)`, if given, picks what runs when the Triton backward fails
+    (zipr1_kernels.run_kernel).  Only the saved tensors are kept, so activation checkpointing still frees them."""
 
     @staticmethod
-    def forward(ctx, q, k, v, idx, count, sm_scale):
+    def forward(ctx, q, k, v, idx, count, sm_scale, guard_backward=None):
         q, k, v = (t if t.stride(-1) == 1 and _dense(t) else t.contiguous() for t in (q, k, v))
         out, lse = _forward(q, k, v, idx, count, sm_scale)
         ctx.save_for_backward(q, k, v, out, lse, idx, count)
-        ctx.sm_scale = sm_scale
+        ctx.sm_scale, ctx.guard_backward = sm_scale, guard_backward
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        dq, dk, dv = _backward(*ctx.saved_tensors, ctx.sm_scale, dout)
-        return dq, dk, dv, None, None, None
+        saved = (*ctx.saved_tensors, ctx.sm_scale, dout)
+        if ctx.guard_backward is None:
+            dq, dk, dv = _backward(*saved)
+        else:
+            dq, dk, dv = ctx.guard_backward(lambda: _backward(*saved), lambda: reference_grads(*saved))
+        return dq, dk, dv, None, None, None, None
 
 
-def sparse_attention_triton(q, k, v, mask, scale: float | None = None) -> torch.Tensor:
+def sparse_attention_triton(q, k, v, mask, scale: float | None = None, guard_backward=None) -> torch.Tensor:
     """Eq. 1 with m_Q = m_K = mask.  q: (B, H, L, D); k, v: (B, Hkv, L, D); mask: (B, L) bool -> (B, H, L, D)."""
     idx, count = selected_positions(mask)  # (B, L), (B,)
     sm_scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return SparseAttention.apply(q, k, v, idx, count, sm_scale)
+    return SparseAttention.apply(q, k, v, idx, count, sm_scale, guard_backward)
 
 
-__all__ = ["SparseAttention", "sparse_attention_triton", "selected_positions", "dot_flags", "configs", "INTERPRET",
-           "LOG2E"]
+__all__ = ["SparseAttention", "sparse_attention_triton", "selected_positions", "reference_grads", "dot_flags",
+           "configs", "INTERPRET", "LOG2E"]
