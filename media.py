@@ -225,7 +225,7 @@ def load_image(path):
     try:
         with Image.open(path) as img:
             return img.convert("RGB")
-    except (UnidentifiedImageError, OSError) as err:
+    except (UnidentifiedImageError, OSError, SyntaxError, EOFError) as err:  # PIL's errors for a corrupt file
         raise ValueError(f"cannot read image {path}: {err}") from None
 
 
@@ -337,7 +337,7 @@ def load_video(path, max_frames=16):
     if not path.exists():
         raise FileNotFoundError(f"video not found: {path}")
     av = _pyav()
-    errors = (UnidentifiedImageError, OSError, EOFError) + ((av.error.FFmpegError,) if av else ())
+    errors = (UnidentifiedImageError, OSError, EOFError, SyntaxError) + ((av.error.FFmpegError,) if av else ())
     try:
         frames, fps, total = _read_video(path, max_frames)
     except errors as err:
@@ -345,6 +345,52 @@ def load_video(path, max_frames=16):
     if not frames:
         raise ValueError(f"video {path} holds no frames")
     return frames, fps * len(frames) / total
+
+
+MEDIA_ERRORS = (UnidentifiedImageError, OSError, EOFError, SyntaxError, ValueError)  # what PIL raises on bad files
+
+
+def _check_image_file(path):
+    with Image.open(path) as img:
+        img.verify()  # PNG: every chunk's checksum; other formats: the header (no pixels are decoded)
+        if min(img.size) < 1:
+            raise ValueError(f"image {path} has size {img.size}")
+
+
+def _check_video_file(path):
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in FRAME_SUFFIXES)
+        if not files:
+            raise ValueError(f"video {path} holds no frames")
+        for frame in files:
+            _check_image_file(frame)
+    elif path.suffix.lower() in (".gif", ".webp"):
+        with Image.open(path) as img:
+            if getattr(img, "n_frames", 1) < 1 or min(img.size) < 1:
+                raise ValueError(f"video {path} holds no frames")
+            img.seek(0)
+            img.load()  # the first frame decodes
+    elif path.suffix.lower() == ".npy":
+        if not _npy_frames(path, 1)[2]:  # the header's shape and dtype, and the first frame
+            raise ValueError(f"video {path} holds no frames")
+    elif not _pyav_frames(path, 1)[0]:  # the container opens and its first frame decodes
+        raise ValueError(f"video {path} holds no frames")
+
+
+def check_media(path, data_type):
+    """Cheap check that `path` can be read as `data_type` ("image" or "video"): the image header (and PNG checksums),
+    or a video's first frame. ValueError naming the path when not; FileNotFoundError when missing."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{data_type} not found: {path}")
+    av = _pyav()
+    errors = MEDIA_ERRORS + ((av.error.FFmpegError,) if av else ())
+    try:
+        _check_image_file(path) if data_type == "image" else _check_video_file(path)
+    except errors as err:
+        ours = str(err).startswith((str(path), f"{data_type} {path}"))  # ValueErrors above already name the file
+        message = str(err) if ours else f"cannot read {data_type} {path}: {err}"
+        raise ValueError(message.splitlines()[0]) from None
 
 
 def build_messages(problem, options=None, num_images=0, num_videos=0, system=None, problem_type=None):
