@@ -184,13 +184,14 @@ def check_media_files(rows: list[dict], cache_file: Path | None, progress: bool 
             todo[key] = stamp
     bar = tqdm(total=len(results) + len(todo), initial=len(results), desc="checking media", unit="file",
                disable=not progress or not todo)
+    pool = ThreadPoolExecutor(min(8, os.cpu_count() or 1))  # PIL and PyAV decode outside the GIL
     try:
-        with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:  # PIL and PyAV decode outside the GIL
-            for key, error in zip(todo, pool.map(_media_error, todo)):
-                results[key] = error
-                cached[f"{key[1]}:{key[0]}"] = todo[key] + [error]
-                bar.update()
-    finally:  # also after Ctrl-C: what was checked stays checked
+        for key, error in zip(todo, pool.map(_media_error, todo)):
+            results[key] = error
+            cached[f"{key[1]}:{key[0]}"] = todo[key] + [error]
+            bar.update()
+    finally:  # also after Ctrl-C: queued checks are dropped, what was checked stays cached
+        pool.shutdown(wait=False, cancel_futures=True)
         bar.close()
         if cache_file and todo:
             _write_json_cache(cache_file, cached)
@@ -250,6 +251,24 @@ def prompt_item(row: dict, max_frames: int = 16) -> dict:
     messages = media.build_messages(row["problem"], row["options"], len(images), len(videos),
                                     problem_type=row["problem_type"])
     return {"messages": messages, "images": images, "videos": videos, "fps": fps}
+
+
+def replace_bad_rows(indices: list[int], rows: list[dict], bad) -> list[int]:
+    """`indices` (positions in `rows`) with each row whose source index is in `bad` replaced by the next usable
+    position after it (wrapping), not picked this step: it depends on (indices, bad) only, so a resumed run that knows
+    the same bad rows picks the same questions as the run that found them."""
+    if not any(rows[i]["row"] in bad for i in indices):
+        return list(indices)
+    if sum(r["row"] not in bad for r in rows) < len(indices):
+        raise DatasetError(f"too few readable rows left ({len(bad)} failed while training) for {len(indices)} "
+                           f"questions per step")
+    picked = []
+    for i in indices:
+        j = i
+        while rows[j]["row"] in bad or (j != i and (j in indices or j in picked)):
+            j = (j + 1) % len(rows)
+        picked.append(j)
+    return picked
 
 
 def question_indices(num_rows: int, step: int, per_step: int, seed: int) -> list[int]:

@@ -71,6 +71,28 @@ def resolve_model_dir(name):
         raise ModelNotAvailable(f"{hint} ({type(err).__name__})") from None
 
 
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def check_model_dir(path):
+    """The parsed config.json of model folder `path`, or ModelNotAvailable in one line: the folder is empty, its
+    config.json is missing or not JSON (e.g. a torn copy), names no model_type, or no weights file is there."""
+    path = Path(path)
+    config = path / "config.json"
+    if not config.is_file():
+        what = "is empty" if not any(path.iterdir()) else "holds no config.json"
+        raise ModelNotAvailable(f"model directory {path} {what}: pass a folder written by save_pretrained")
+    try:
+        parsed = json.loads(config.read_text())
+    except (ValueError, OSError) as err:
+        raise ModelNotAvailable(f"{config} is not valid JSON ({str(err).splitlines()[0]}): a torn or partial copy?")
+    if not isinstance(parsed, dict) or "model_type" not in parsed:
+        raise ModelNotAvailable(f"{config} names no model_type: not a transformers model config")
+    if not any((path / name).is_file() for name in WEIGHT_FILES):
+        raise ModelNotAvailable(f"model directory {path} holds no weights ({' / '.join(WEIGHT_FILES[::2])})")
+    return parsed
+
+
 def _read_json(path):
     return json.loads(path.read_text()) if path.is_file() else None
 
