@@ -380,22 +380,10 @@ def train(cfg: Config) -> list[dict]:
     metrics_path = Path(cfg.output_dir) / "metrics.jsonl"
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="ZipR1",
                disable=not cfg.progress or not dist.is_main)
-    found_bad = 0
+    known_bad = len(bad)
     for step in bar:
-        while True:  # a row whose media fails now is recorded, then replaced (or the run stops, naming it)
-            indices = data.replace_bad_rows(data.question_indices(len(table), step, cfg.per_step_questions, cfg.seed),
-                                            table.rows, bad)
-            mine = multi_gpu.rank_questions(len(indices), dist)  # whole groups: this rank's block of questions
-            rows = [table.rows[indices[q]] for q in mine]
-            try:
-                m = train_step(policy, reference, processor, optimizer, rows, cfg, step, device, autocast, dist,
-                               mine.start)
-                break
-            except data.DatasetError as err:
-                if err.row is None:
-                    raise
-                bad[err.row], found_bad = str(err), found_bad + 1
-                skip_bad_row(cfg, err, step, dist)
+        m = step_on_readable_rows(policy, reference, processor, optimizer, table, bad, cfg, step, device, autocast,
+                                  dist)
         metrics.append(m)
         if dist.is_main:
             with open(metrics_path, "a") as log:  # opened per step: a failed start leaves no empty log
@@ -407,11 +395,30 @@ def train(cfg: Config) -> list[dict]:
             if dist.is_main:
                 plot_metrics(metrics, Path(cfg.output_dir) / "metrics.png")
     if dist.is_main:
-        print(f"done: {len(table.skipped)} bad rows skipped at load, {found_bad} while training; checkpoint "
-              f"{checkpoints(Path(cfg.output_dir))[-1]}, metrics {metrics_path}, plot {metrics_path.with_suffix('.png')}",
-              file=sys.stderr)
+        print(f"done: {len(table.skipped)} bad rows skipped at load, {len(bad) - known_bad} while training; "
+              f"checkpoint {checkpoints(Path(cfg.output_dir))[-1]}, metrics {metrics_path}, "
+              f"plot {metrics_path.with_suffix('.png')}", file=sys.stderr)
     multi_gpu.shutdown(dist)
     return metrics
+
+
+def step_on_readable_rows(policy, reference, processor, optimizer, table, bad: dict, cfg: Config, step: int, device,
+                          autocast, dist) -> dict:
+    """train_step on step `step`'s questions, rows in `bad` replaced (data.replace_bad_rows). A row whose media fails
+    now joins `bad` and the step is redone without it (skip_bad_row; nothing was updated yet), or the run stops."""
+    while True:
+        indices = data.question_indices(len(table), step, cfg.per_step_questions, cfg.seed)
+        indices = data.replace_bad_rows(indices, table.rows, bad)
+        mine = multi_gpu.rank_questions(len(indices), dist)  # whole groups: this rank's block of questions
+        rows = [table.rows[indices[q]] for q in mine]
+        try:
+            return train_step(policy, reference, processor, optimizer, rows, cfg, step, device, autocast, dist,
+                              mine.start)
+        except data.DatasetError as err:
+            if err.row is None or err.row in bad:
+                raise
+            bad[err.row] = str(err)
+            skip_bad_row(cfg, err, step, dist)
 
 
 def skip_bad_row(cfg: Config, err: data.DatasetError, step: int, dist) -> None:
