@@ -21,7 +21,7 @@ STEPS = 6
 def assert_close_to_scale(got, want, atol, rtol, **kw):
     """assert_close with `atol` per unit of magnitude (times max(1, max|want|)): fp32 sums carry rounding that grows
     with their size and differs between CPUs, so a bare atol on large sums fails on some machines."""
-    scale = max(1.0, float(want.abs().max())) if want.numel() else 1.0
+    scale = max(1.0, float(want.detach().abs().max())) if want.numel() else 1.0
     torch.testing.assert_close(got, want, atol=atol * scale, rtol=rtol, **kw)
 
 
