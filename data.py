@@ -12,25 +12,40 @@ whose top level holds the .json/.jsonl/.parquet files), or a hub dataset id alre
 cache (its snapshot folder is then read like a local directory; nothing is downloaded).
 
 Validation (`check_row`) rejects rows with a missing or unreadable field, an unknown data_type or problem_type, a
-solution without a valid answer, or media that does not exist. `on_bad_row="error"` raises one `DatasetError`
-naming the row; `"skip"` drops the row and records why: `Rows.skipped` always says how many were dropped.
+solution without a valid answer, or media that does not exist; then `check_media_files` opens every media file
+(media.check_media: image header and PNG checksums, a video's first frame), with a progress bar, on threads, and
+caches each result by the file's (size, mtime_ns) in a JSON file (`media_check_cache`: `.zipr1-media-check.json` in
+the media root, or under ~/.cache/zipr1 when that is not writable), so a second load of 260k rows is a few stats.
+`on_bad_row="error"` raises one `DatasetError` naming the row; `"skip"` drops the row and records why:
+`Rows.skipped` always says how many were dropped. Media that passes the cheap check but fails when read in full is
+a DatasetError from `prompt_item` carrying `.row`; train.py records such rows (see `replace_bad_rows`).
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 import media
 import rewards
 
 DATA_TYPES = ("image", "video")
 DATA_FILE_SUFFIXES = (".json", ".jsonl", ".parquet")
+MEDIA_CHECK_FILE = ".zipr1-media-check.json"
 
 
 class DatasetError(ValueError):
-    """A dataset that cannot be found or read, or a bad row (the message names the row)."""
+    """A dataset that cannot be found or read, or a bad row (the message names the row; `.row` its source index)."""
+
+    def __init__(self, message, row: int | None = None):
+        super().__init__(message)
+        self.row = row
 
 
 @dataclass
@@ -69,7 +84,8 @@ def _read_table(source: Path, cache_dir=None):
     import datasets
     if source.is_dir() and (source / "state.json").is_file():
         return datasets.load_from_disk(str(source))
-    files = [source] if source.is_file() else sorted(p for p in source.iterdir() if p.suffix in DATA_FILE_SUFFIXES)
+    files = [source] if source.is_file() else sorted(  # hidden files (e.g. the media check cache) are not data
+        p for p in source.iterdir() if p.suffix in DATA_FILE_SUFFIXES and not p.name.startswith("."))
     if not files:
         raise DatasetError(f"{source}: no .json / .jsonl / .parquet data file found")
     if all(f.stat().st_size == 0 for f in files):
@@ -118,12 +134,78 @@ def check_row(row: dict, index: int, media_root: Path) -> dict:
     return {**row, "problem": problem, "options": options, "media_path": str(media_path.resolve()), "row": index}
 
 
+def media_check_cache(root: Path) -> Path:
+    """The JSON file caching media checks of files under `root` (see the module docstring)."""
+    if os.access(root, os.W_OK):
+        return root / MEDIA_CHECK_FILE
+    digest = hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:16]
+    return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "zipr1" / f"media-check-{digest}.json"
+
+
+def _read_json_cache(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):  # none yet, or torn by a killed run: start afresh
+        return {}
+
+
+def _write_json_cache(path: Path, files: dict) -> None:
+    try:  # written aside, then renamed: a killed run never leaves a torn cache
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"version": 1, "files": files}))
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only place: the checks are redone next time
+
+
+def _media_error(key: tuple[str, str]) -> str | None:
+    try:
+        media.check_media(key[0], key[1])
+    except (OSError, ValueError) as err:
+        return str(err)
+    return None
+
+
+def check_media_files(rows: list[dict], cache_file: Path | None, progress: bool = True) -> dict[int, str]:
+    """{row index: error} for the rows whose media fails media.check_media; each (file, data_type) is checked once,
+    and its result cached in `cache_file` under the file's (size, mtime_ns): an edited or replaced file is rechecked."""
+    cached = _read_json_cache(cache_file) if cache_file else {}
+    results, todo = {}, {}  # (path, data_type) -> error or None / -> cache entry
+    for row in rows:
+        key = (row["media_path"], row["data_type"])
+        if key in results or key in todo:
+            continue
+        stat = os.stat(key[0])
+        stamp, hit = [stat.st_size, stat.st_mtime_ns], cached.get(f"{key[1]}:{key[0]}")
+        if hit is not None and hit[:2] == stamp:
+            results[key] = hit[2]
+        else:
+            todo[key] = stamp
+    bar = tqdm(total=len(results) + len(todo), initial=len(results), desc="checking media", unit="file",
+               disable=not progress or not todo)
+    pool = ThreadPoolExecutor(min(8, os.cpu_count() or 1))  # PIL and PyAV decode outside the GIL
+    try:
+        for key, error in zip(todo, pool.map(_media_error, todo)):
+            results[key] = error
+            cached[f"{key[1]}:{key[0]}"] = todo[key] + [error]
+            bar.update()
+    finally:  # also after Ctrl-C: queued checks are dropped, what was checked stays cached
+        pool.shutdown(wait=False, cancel_futures=True)
+        bar.close()
+        if cache_file and todo:
+            _write_json_cache(cache_file, cached)
+    return {row["row"]: f"row {row['row']}: {results[(row['media_path'], row['data_type'])]}" for row in rows
+            if results.get((row["media_path"], row["data_type"])) is not None}
+
+
 def load_dataset_rows(dataset: str, media_root: str | None = None, on_bad_row: str = "error",
-                      cache_dir: str | None = None) -> Rows:
+                      cache_dir: str | None = None, check_media: bool = True, progress: bool = True) -> Rows:
     """Read and validate every row of `dataset` (file, directory, or cached hub id); see the module docstring.
 
     media_root defaults to the folder holding the data file (or the directory / cached snapshot itself).
     on_bad_row: "error" raises DatasetError at the first bad row; "skip" drops bad rows and counts them.
+    check_media: open every media file (cached, see check_media_files); False checks only that it exists.
     """
     if on_bad_row not in ("error", "skip"):
         raise ValueError(f"on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
@@ -135,14 +217,20 @@ def load_dataset_rows(dataset: str, media_root: str | None = None, on_bad_row: s
     root = Path(media_root) if media_root is not None else (source if source.is_dir() else source.parent)
     if not root.is_dir():
         raise DatasetError(f"media root is not a directory: {root}")
-    rows, skipped = [], []
+    rows, bad = [], {}  # bad: row index -> why
+    hint = "(pass --skip_bad_rows to skip and count bad rows)"
     for index, row in enumerate(_read_table(source, cache_dir)):
         try:
             rows.append(check_row(row, index, root))
         except DatasetError as err:
             if on_bad_row == "error":
-                raise DatasetError(f"{source}: {err} (pass --skip_bad_rows to skip and count bad rows)") from None
-            skipped.append(str(err))
+                raise DatasetError(f"{source}: {err} {hint}") from None
+            bad[index] = str(err)
+    unreadable = check_media_files(rows, media_check_cache(root), progress) if check_media else {}
+    if unreadable and on_bad_row == "error":
+        raise DatasetError(f"{source}: {unreadable[min(unreadable)]} {hint}")
+    bad.update(unreadable)
+    rows, skipped = [r for r in rows if r["row"] not in unreadable], [bad[i] for i in sorted(bad)]
     if not rows:
         raise DatasetError(f"{source}: no usable rows ({len(skipped)} bad rows skipped)")
     return Rows(rows, skipped, str(source))
@@ -160,9 +248,27 @@ def prompt_item(row: dict, max_frames: int = 16) -> dict:
             videos.append(frames)
             fps.append(rate)
     except (OSError, ValueError) as err:
-        raise DatasetError(f"row {row['row']}: {err}") from None
+        raise DatasetError(f"row {row['row']}: {err}", row=row["row"]) from None
     return media.prompt_item(media.question_text(row["problem"], row["options"], row["problem_type"]), images,
                              videos, fps)
+
+
+def replace_bad_rows(indices: list[int], rows: list[dict], bad) -> list[int]:
+    """`indices` (positions in `rows`) with each row whose source index is in `bad` replaced by the next usable
+    position after it (wrapping), not picked this step: it depends on (indices, bad) only, so a resumed run that knows
+    the same bad rows picks the same questions as the run that found them."""
+    if not any(rows[i]["row"] in bad for i in indices):
+        return list(indices)
+    if sum(r["row"] not in bad for r in rows) < len(indices):
+        raise DatasetError(f"too few readable rows left ({len(bad)} failed while training) for {len(indices)} "
+                           f"questions per step")
+    picked = []
+    for i in indices:
+        j = i
+        while rows[j]["row"] in bad or (j != i and (j in indices or j in picked)):
+            j = (j + 1) % len(rows)
+        picked.append(j)
+    return picked
 
 
 def question_indices(num_rows: int, step: int, per_step: int, seed: int) -> list[int]:

@@ -69,16 +69,29 @@ def zipr1_checkpoint(args):
     return path
 
 
+ARCHITECTURE_KEYS = ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "hidden_size", "vocab_size")
+
+
+def text_architecture(path) -> dict:
+    """model_type and the text decoder's sizes: what a checkpoint must share with the base it was trained from."""
+    config = AutoConfig.from_pretrained(path)
+    text = config.get_text_config()
+    return {"model_type": config.model_type, **{k: getattr(text, k, None) for k in ARCHITECTURE_KEYS}}
+
+
 def matching_checkpoint(zipr1, base, explicit: bool):
-    """(checkpoint, table status): a checkpoint with another vocabulary than the base is an error when given with
-    --zipr1, and reported in the table when found in train.py's default folder (e.g. trained on an older toy)."""
+    """(checkpoint, table status): a checkpoint whose model type or text decoder (layers, heads, kv heads, hidden
+    size, vocabulary) differs from the base is an error when given with --zipr1, and reported in the table when found
+    in train.py's default folder (e.g. trained on an older toy)."""
     if zipr1 is None:
         return None, NOT_TRAINED
-    vocab = [AutoConfig.from_pretrained(p).get_text_config().vocab_size for p in (zipr1, base)]
-    if vocab[0] == vocab[1]:
+    ours, theirs = text_architecture(zipr1), text_architecture(base)
+    differs = [f"{k} {ours[k]} vs {theirs[k]}" for k in ours if ours[k] != theirs[k]]
+    if not differs:
         return zipr1, ""
     if explicit:
-        raise ValueError(f"ZipR1 checkpoint {zipr1} has another vocabulary than {base}: pass its base with --model")
+        raise ValueError(f"ZipR1 checkpoint {zipr1} was not trained from {base} ({', '.join(differs)}): pass its "
+                         f"base with --model")
     return None, f"{zipr1} was trained from another base model — rerun `python train.py`"
 
 
@@ -90,9 +103,32 @@ def load_questions(args, out: Path):
         source = str(toy.write_toy_dataset(out / "toy_questions", n, seed=777_777 + args.seed))
     if Path(source).is_file() and not any(line.strip() for line in open(source)):
         raise ValueError(f"dataset {source} is empty")
-    rows = data.load_dataset_rows(source, media_root=args.media_root,
-                                  on_bad_row="skip" if args.skip_bad_rows else "error").rows[:args.limit]
+    table = data.load_dataset_rows(source, media_root=args.media_root,
+                                   on_bad_row="skip" if args.skip_bad_rows else "error")
+    if table.skipped:
+        print(f"data: {table.summary()}", file=sys.stderr)
+    rows = table.rows[:args.limit]
     return rows, [rows[i:i + args.batch_size] for i in range(0, len(rows), args.batch_size)]
+
+
+def encode_batches(processor, rows, args):
+    """(rows, batches, encoded batches): each row's media read now; with --skip-bad-rows a row whose media fails here
+    (past the load-time check, e.g. a truncated JPEG) is dropped with one line, else it is the error."""
+    items, kept = [], []
+    for row in rows:
+        try:
+            items.append(data.prompt_item(row, args.max_frames))
+            kept.append(row)
+        except data.DatasetError as err:
+            if not args.skip_bad_rows:
+                raise
+            print(f"skipped {err}", file=sys.stderr)
+    if not kept:
+        raise ValueError(f"no readable questions left ({len(rows)} skipped)")
+    size = args.batch_size
+    batches = [kept[i:i + size] for i in range(0, len(kept), size)]
+    encoded = [media.encode_prompts(processor, items[i:i + size]).to(args.device) for i in range(0, len(kept), size)]
+    return kept, batches, encoded
 
 
 # ------------------------------------------------------------------------------------------------ generation
@@ -227,8 +263,7 @@ def run(args) -> dict:
     else:
         base = media.resolve_model_dir(args.model)
     processor = media.load_processor(base)
-    encoded = [media.encode_prompts(processor, [data.prompt_item(r, args.max_frames) for r in b]).to(args.device)
-               for b in batches]
+    rows, batches, encoded = encode_batches(processor, rows, args)
     zipr1, status = matching_checkpoint(zipr1, base, explicit=args.zipr1 is not None)
     methods, models, curves = compare(args, base, zipr1, status, batches, processor, encoded, sweep)
     files = {"table": out / "results.md", "json": out / "results.json"}

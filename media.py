@@ -12,13 +12,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageSequence, UnidentifiedImageError
+from PIL import Image
 from transformers import AutoProcessor, AutoTokenizer, BatchFeature
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+# reading images and videos, and the load-time check: media_files.py (load_video is the entry point, here too)
+from media_files import DEFAULT_FPS, check_media, load_image, load_video  # noqa: F401
+
 logger = logging.getLogger(__name__)
 IMAGE_TOKEN, VIDEO_TOKEN = "<|image_pad|>", "<|video_pad|>"
-DEFAULT_FPS = 2.0  # frames per second assumed for frame folders and .npy videos (no timing stored)
 HF_VIDEO_FPS = 24.0  # HF's VideoMetadata.sampled_fps when a video comes without fps
 VIDEO_DEFAULTS = {"size": {"shortest_edge": 128 * 28 * 28, "longest_edge": 28 * 28 * 768}}  # Qwen2VLVideoProcessor
 VIDEO_KEYS = ("size", "min_pixels", "max_pixels", "patch_size", "temporal_patch_size", "merge_size", "image_mean",
@@ -69,6 +71,29 @@ def resolve_model_dir(name):
         return Path(snapshot_download(name))
     except Exception as err:
         raise ModelNotAvailable(f"{hint} ({type(err).__name__})") from None
+
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+
+
+def check_model_dir(path):
+    """The parsed config.json of model folder `path`, or ModelNotAvailable in one line: the folder is empty, its
+    config.json is missing or not JSON (e.g. a torn copy), names no model_type, or no weights file is there."""
+    path = Path(path)
+    config = path / "config.json"
+    if not config.is_file():
+        what = "is empty" if not any(path.iterdir()) else "holds no config.json"
+        raise ModelNotAvailable(f"model directory {path} {what}: pass a folder written by save_pretrained")
+    try:
+        parsed = json.loads(config.read_text())
+    except (ValueError, OSError) as err:
+        raise ModelNotAvailable(f"{config} is not valid JSON ({str(err).splitlines()[0]}): a torn or partial copy?")
+    if not isinstance(parsed, dict) or "model_type" not in parsed:
+        raise ModelNotAvailable(f"{config} names no model_type: not a transformers model config")
+    if not any((path / name).is_file() for name in WEIGHT_FILES):
+        raise ModelNotAvailable(f"model directory {path} holds no weights ({' / '.join(WEIGHT_FILES[::2])})")
+    return parsed
 
 
 def _read_json(path):
@@ -215,65 +240,6 @@ def _expand_placeholders(text, counts):
     pattern = re.compile(f"{re.escape(IMAGE_TOKEN)}|{re.escape(VIDEO_TOKEN)}")
     queues = {k: iter(v) for k, v in counts.items()}
     return [pattern.sub(lambda m: m.group() * int(next(queues[m.group()])), t) for t in text]
-
-
-def load_image(path):
-    """RGB PIL image; FileNotFoundError / ValueError naming the path when missing or unreadable."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"image not found: {path}")
-    try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
-    except (UnidentifiedImageError, OSError) as err:
-        raise ValueError(f"cannot read image {path}: {err}") from None
-
-
-def _frames_from_file(path):
-    """(frames, fps) from an animated GIF/WebP, a .npy (T,H,W,3) uint8 array, or any video PyAV can decode."""
-    suffix = path.suffix.lower()
-    if suffix in (".gif", ".webp"):
-        with Image.open(path) as img:
-            frames = [f.convert("RGB") for f in ImageSequence.Iterator(img)]
-            duration_ms = img.info.get("duration") or 0
-        return frames, (1000.0 / duration_ms if duration_ms else DEFAULT_FPS)
-    if suffix == ".npy":
-        array = np.load(path)
-        if array.ndim != 4 or array.shape[-1] != 3 or array.dtype != np.uint8:
-            raise ValueError(f"{path}: expected a (T,H,W,3) uint8 array, got {array.shape} {array.dtype}")
-        return [Image.fromarray(a) for a in array], DEFAULT_FPS
-    try:
-        import av
-    except ImportError:
-        raise ValueError(f"cannot read video {path}: decoding {suffix or 'this format'} needs PyAV "
-                         "(`pip install av`); or pass a folder of frames, a .gif/.webp or a .npy") from None
-    with av.open(str(path)) as container:
-        stream = container.streams.video[0]
-        frames = [f.to_image().convert("RGB") for f in container.decode(stream)]
-        return frames, float(stream.average_rate or DEFAULT_FPS)
-
-
-def load_video(path, max_frames=16):
-    """(frames, fps): RGB PIL frames, uniformly subsampled to <= max_frames, and the fps of the kept frames.
-
-    Sources: a folder of frame images (sorted by name, fps = DEFAULT_FPS), animated .gif/.webp (fps from the frame
-    duration), .npy (T,H,W,3) uint8 (fps = DEFAULT_FPS), other containers (mp4, ...) through PyAV when installed.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"video not found: {path}")
-    try:
-        if path.is_dir():
-            files = sorted(p for p in path.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp", ".bmp"))
-            frames, fps = [load_image(p) for p in files], DEFAULT_FPS
-        else:
-            frames, fps = _frames_from_file(path)
-    except (UnidentifiedImageError, OSError, EOFError) as err:
-        raise ValueError(f"cannot read video {path}: {err}") from None
-    if not frames:
-        raise ValueError(f"video {path} holds no frames")
-    keep = np.linspace(0, len(frames) - 1, min(max_frames, len(frames))).round().astype(int)  # uniform sampling
-    return [frames[i] for i in keep], fps * len(keep) / len(frames)
 
 
 def question_text(problem, options=None, problem_type=None) -> str:

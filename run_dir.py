@@ -4,12 +4,21 @@
                                     + trainer_state.pt (step, optimizer state keyed by parameter name, config)
     output_dir/metrics.jsonl        one line of metrics per step
     output_dir/metrics.png          reward, accuracy and token ratio τ over steps
+    output_dir/bad_rows.jsonl       rows whose media failed while training (train.py replaces them; kept on restart)
+
+A checkpoint is written to checkpoint-<step>.tmp and renamed when complete, so a run killed while saving leaves no
+half-written checkpoint-<step>; --resume still checks each (config, weights, trainer state) newest first, moves an
+incomplete one aside to checkpoint-<step>.incomplete and says so in one line. A torn last line of metrics.jsonl (a
+run killed while logging) is dropped.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
+import sys
+import zipfile
 from pathlib import Path
 
 import torch
@@ -24,27 +33,104 @@ def checkpoints(output_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
 
 
+class ResumeError(ValueError):
+    """--resume cannot continue this output_dir (reported as one line by train.main)."""
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(path.name.split("-")[-1])
+
+
 def save_checkpoint(policy, processor, optimizer, cfg, step: int, dist=multi_gpu.SINGLE) -> Path:
     """HF folder (save_pretrained: loadable by plain transformers) + optimizer state; keeps save_total_limit.
+    Written to checkpoint-<step>.tmp, then renamed: checkpoint-<step> only ever holds a complete checkpoint.
     Under torchrun every rank joins the gathers and rank 0 writes one consolidated checkpoint."""
     output_dir = Path(cfg.output_dir)
-    path = output_dir / f"checkpoint-{step}"
-    multi_gpu.save_pretrained(policy, path, dist)
+    path, tmp = output_dir / f"checkpoint-{step}", output_dir / f"checkpoint-{step}.tmp"
+    if dist.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while saving
+    multi_gpu.barrier(dist)
+    multi_gpu.save_pretrained(policy, tmp, dist)
     optimizer_state = multi_gpu.optimizer_state(policy, optimizer, dist)  # full, keyed by parameter name
     if dist.is_main:
-        processor.save_pretrained(path)
+        processor.save_pretrained(tmp)
         torch.save({"step": step, "optimizer": optimizer_state, "config": dataclasses.asdict(cfg)},
-                   path / "trainer_state.pt")
+                   tmp / "trainer_state.pt")
+        if path.exists():  # a step saved again (resumed before it): the new one replaces it
+            shutil.rmtree(path)
+        os.replace(tmp, path)
         for old in checkpoints(output_dir)[:-cfg.save_total_limit]:
             shutil.rmtree(old)
     multi_gpu.barrier(dist)
     return path
 
 
+def checkpoint_problem(path: Path) -> str | None:
+    """Why `path` is not a complete checkpoint (a missing or torn file), or None. Cheap: headers only."""
+    from safetensors import safe_open
+    try:
+        json.loads((path / "config.json").read_text())
+        index = path / "model.safetensors.index.json"
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else \
+            ["model.safetensors"]
+        for shard in shards:
+            with safe_open(str(path / shard), "pt"):  # the header parses and the file holds what it announces
+                pass
+        with zipfile.ZipFile(path / "trainer_state.pt"):  # torch.save's zip: a torn file has no central directory
+            pass
+    except FileNotFoundError as err:
+        return f"no {Path(err.filename).name}"
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, Exception) as err:  # safetensors raises its own
+        return f"unreadable: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
+    return None
+
+
+def resumable_checkpoint(output_dir: Path) -> Path | None:
+    """The newest complete checkpoint; incomplete newer ones are renamed checkpoint-<step>.incomplete, one line each."""
+    for path in reversed(checkpoints(output_dir)):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path
+        aside = path.with_name(path.name + ".incomplete")
+        shutil.rmtree(aside, ignore_errors=True)
+        path.rename(aside)
+        print(f"resume: {path.name} is incomplete ({problem}): moved to {aside.name}, trying the one before",
+              file=sys.stderr)
+    return None
+
+
 def read_metrics(path: Path, up_to_step: int | None = None) -> list[dict]:
-    lines = path.read_text().splitlines() if path.is_file() else []
-    rows = [json.loads(line) for line in lines if line.strip()]
+    """The logged steps (<= up_to_step); a torn last line (a run killed while writing it) is dropped."""
+    lines = [line for line in (path.read_text().splitlines() if path.is_file() else []) if line.strip()]
+    rows = []
+    for number, line in enumerate(lines, 1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number < len(lines):
+                raise ResumeError(f"{path}: line {number} is not JSON (only a torn last line is dropped)") from None
     return [r for r in rows if up_to_step is None or r["step"] <= up_to_step]
+
+
+def read_bad_rows(output_dir: Path) -> dict[int, str]:
+    """{source row index: why} of the rows whose media failed during this run's training (train.py)."""
+    found = {}
+    for line in (output_dir / "bad_rows.jsonl").read_text().splitlines() if (output_dir / "bad_rows.jsonl").is_file() \
+            else []:
+        try:
+            entry = json.loads(line)
+            found[int(entry["row"])] = entry["error"]
+        except (ValueError, KeyError, TypeError):  # a torn line
+            continue
+    return found
+
+
+def record_bad_row(output_dir: Path, row: int, error: str, step: int) -> Path:
+    path = output_dir / "bad_rows.jsonl"
+    output_dir.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as log:
+        log.write(json.dumps({"row": row, "step": step, "error": error}) + "\n")
+    return path
 
 
 def plot_metrics(metrics: list[dict], path: Path) -> None:
@@ -70,19 +156,41 @@ def plot_metrics(metrics: list[dict], path: Path) -> None:
 
 
 def prepare_output_dir(cfg) -> tuple[Path | None, list[dict]]:
-    """(checkpoint to resume or None, metrics kept); refuses to write over an earlier run by accident."""
+    """(checkpoint to resume or None, metrics kept); refuses to write over an earlier run by accident, and to resume
+    what cannot be resumed. Changes nothing on disk except moving incomplete checkpoints aside (see start_output_dir).
+    """
     output_dir, metrics_path = Path(cfg.output_dir), Path(cfg.output_dir) / "metrics.jsonl"
     existing = checkpoints(output_dir)
-    if cfg.resume and existing:
-        last = existing[-1]
-        kept = read_metrics(metrics_path, int(last.name.split("-")[-1]))  # later lines are redone
-        metrics_path.write_text("".join(json.dumps(m) + "\n" for m in kept))
-        return last, kept
-    if (existing or metrics_path.is_file()) and not (cfg.resume or cfg.overwrite_output_dir):
+    text = metrics_path.read_text() if metrics_path.is_file() else ""
+    logged = sum(1 for line in text.splitlines() if line.strip())  # 0: an empty log (a failed start) holds no run
+    last = resumable_checkpoint(output_dir) if cfg.resume else None
+    if cfg.resume and (last is not None or not cfg.overwrite_output_dir):  # both flags, nothing to resume: start over
+        if last is None:
+            held = f"{logged} logged steps but no complete checkpoint" if logged else "no checkpoint"
+            raise ResumeError(f"--resume: output_dir {output_dir} holds {held} to resume from: pass "
+                              f"--overwrite_output_dir to start over (deletes its checkpoints and metrics.jsonl)")
+        if checkpoint_step(last) > cfg.steps:
+            raise ResumeError(f"--resume: {last} is already past --steps {cfg.steps}: pass --steps larger than "
+                              f"{checkpoint_step(last)} to train further")
+        return last, read_metrics(metrics_path, checkpoint_step(last))  # later lines are redone
+    if (existing or logged) and not cfg.overwrite_output_dir:
         raise FileExistsError(f"output_dir {output_dir} already holds a run: pass --resume to continue it, "
                               f"--overwrite_output_dir to start over, or another --output_dir")
-    for old in existing:  # only what a run writes, never the folder itself
-        shutil.rmtree(old)
-    metrics_path.unlink(missing_ok=True)
-    output_dir.mkdir(parents=True, exist_ok=True)
     return None, []
+
+
+def start_output_dir(cfg, resume_from: Path | None, kept: list[dict]) -> None:
+    """Once the run has loaded everything: clears an overwritten run (only what a run writes, never the folder
+    itself; bad_rows.jsonl stays, the data did not change), or trims metrics.jsonl to the resumed checkpoint."""
+    output_dir, metrics_path = Path(cfg.output_dir), Path(cfg.output_dir) / "metrics.jsonl"
+    output_dir.mkdir(parents=True, exist_ok=True)
+    for stale in output_dir.glob("checkpoint-*.tmp"):  # a save that was killed
+        shutil.rmtree(stale)
+    if resume_from is not None and metrics_path.is_file():
+        tmp = metrics_path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(m) + "\n" for m in kept))
+        os.replace(tmp, metrics_path)
+    if resume_from is None and cfg.overwrite_output_dir:
+        for old in checkpoints(output_dir):
+            shutil.rmtree(old)
+        metrics_path.unlink(missing_ok=True)

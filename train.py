@@ -39,7 +39,9 @@ import grpo
 import media
 import rewards
 from batching import repeat_prompts, split_groups
-from run_dir import DEFAULT_OUTPUT_DIR, checkpoints, plot_metrics, prepare_output_dir, save_checkpoint
+import run_dir
+from run_dir import (DEFAULT_OUTPUT_DIR, checkpoints, plot_metrics, prepare_output_dir, save_checkpoint,
+                     start_output_dir)
 from rollout import SamplingConfig, generate, score_completions
 from sparse_qwen import make_sparse, make_state, sparse_forward
 from toy import TOY_CACHE, TOY_DATA_SEED, TOY_PRESET, TOY_TRAIN_ROWS
@@ -71,13 +73,13 @@ class Config:
     rollout_questions: int = 0  # questions sampled together in one batch (their N rows each); 0: all of a rank's
     num_iterations: int = 1  # mu: updates per rollout batch; > 1 uses the rollout's log-probs as pi_old
     max_new_tokens: int = 512
-    temperature: float = 1.0
+    temperature: float = 1.0  # 0: greedy decoding (no sampling; log-probs at temperature 1)
     loss_type: str = "grpo"  # grpo | bnpo | dapo | dr_grpo (see grpo.grpo_loss)
     gate_efficiency: bool = True  # C: no efficiency reward for an all-wrong group
     freeze_vision: bool = True  # train the language model only: the sparsity acts in the decoder
     steps: int = 1000
     save_every: int = 100
-    save_total_limit: int = 2  # checkpoints kept on disk
+    save_total_limit: int = 2  # newest checkpoints kept on disk (>= 1)
     output_dir: str = DEFAULT_OUTPUT_DIR
     overwrite_output_dir: bool = False
     seed: int = 0
@@ -128,9 +130,36 @@ def check_config(cfg: Config) -> Config:
                           f"(each takes whole question groups, the same number)")
     if cfg.loss_type not in grpo.LOSS_TYPES:
         raise ConfigError(f"loss_type must be one of {grpo.LOSS_TYPES}, got {cfg.loss_type!r}")
+    check_ranges(cfg)
     cuda = torch.cuda.is_available()
     return dataclasses.replace(cfg, bf16=cuda if cfg.bf16 is None else cfg.bf16, gradient_checkpointing=cuda
                                if cfg.gradient_checkpointing is None else cfg.gradient_checkpointing)
+
+
+def check_ranges(cfg: Config) -> None:
+    """One ConfigError per setting outside the range where it means something."""
+    ranges = {"max_new_tokens": (cfg.max_new_tokens >= 1, ">= 1"), "save_every": (cfg.save_every >= 1, ">= 1"),
+              "save_total_limit": (cfg.save_total_limit >= 1, ">= 1 (the newest checkpoints kept)"),
+              "learning_rate": (cfg.learning_rate >= 0, ">= 0"), "weight_decay": (cfg.weight_decay >= 0, ">= 0"),
+              "temperature": (cfg.temperature >= 0, ">= 0 (0: greedy)"), "beta": (cfg.beta >= 0, ">= 0"),
+              "epsilon": (cfg.epsilon > 0, "> 0"), "max_grad_norm": (cfg.max_grad_norm > 0, "> 0"),
+              "max_frames": (cfg.max_frames >= 1, ">= 1")}
+    for name, (ok, allowed) in ranges.items():
+        if not ok:
+            raise ConfigError(f"{name} must be {allowed}, got {getattr(cfg, name)}")
+
+
+def check_sources(cfg: Config, model_dir: str, num_rows: int) -> None:
+    """What the loaded data and the model folder allow: enough rows per step; --overwrite_output_dir would not
+    delete the model the run starts from (e.g. --model outs/x/checkpoint-12 --output_dir outs/x)."""
+    if cfg.per_step_questions > num_rows:
+        raise ConfigError(f"per_step_questions={cfg.per_step_questions} exceeds the {num_rows} usable rows of "
+                          f"{cfg.dataset}")
+    model, output = Path(model_dir).resolve(), Path(cfg.output_dir).resolve()
+    if cfg.overwrite_output_dir and not cfg.resume and any(model.is_relative_to(c.resolve())
+                                                           for c in checkpoints(output)):
+        raise ConfigError(f"--overwrite_output_dir would delete the model it starts from ({model_dir} lies in "
+                          f"{cfg.output_dir}): pass another --output_dir, or copy the model out first")
 
 
 # ----------------------------------------------------------------------------------------------- setup
@@ -142,6 +171,7 @@ def resolve_sources(cfg: Config) -> tuple[str, str]:
         model = str(toy.ensure_toy_model(TOY_CACHE / "toy-model", progress=cfg.progress))
     else:
         model = str(media.resolve_model_dir(model))  # ModelNotAvailable (one line) when not on disk offline
+        media.check_model_dir(model)  # empty folder, torn config.json, no weights: one line, before loading
     if dataset == "toy":
         import toy
         folder = TOY_CACHE / f"toy-data-v{toy.TASK_VERSION}-{TOY_TRAIN_ROWS}"  # a new task version: new data
@@ -206,7 +236,8 @@ def sample_rollout(policy, processor, rows, cfg: Config, step: int, device, auto
     items, n, seed = [data.prompt_item(row, cfg.max_frames) for row in rows], cfg.num_generations, step_seed(cfg, step)
     keep_p = keep_p_for_rows(cfg, position + len(rows), step)[position * n:].to(device)  # (G*N,)
     row_seeds = [multi_gpu.question_seed(seed, position + g) + j for g in range(len(rows)) for j in range(n)]
-    sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature)
+    sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, do_sample=cfg.temperature > 0,
+                              temperature=cfg.temperature or 1.0)  # temperature 0: greedy
     policy.eval()  # HF turns the KV cache off for checkpointed layers in train mode
     with autocast:
         if cfg.freeze_vision:  # each image/video through the vision tower once, for rollout and both scorings
@@ -303,19 +334,25 @@ def train_step(policy, reference, processor, optimizer, rows, cfg: Config, step:
 
 # ----------------------------------------------------------------------------------------------- loop
 def train(cfg: Config) -> list[dict]:
-    """Run (or resume) ZipR1 training; returns the metrics of every step."""
+    """Run (or resume) ZipR1 training; returns the metrics of every step.
+
+    Everything is checked and loaded (settings, model folder, data and its media, what --resume would continue)
+    before anything in output_dir is deleted or written."""
     dist = multi_gpu.init_distributed()  # torchrun: join the process group; plain python: one process
     torch.manual_seed(cfg.seed)
     device = dist.device
     with multi_gpu.main_first(dist):  # rank 0 builds the toy model / data caches first
         model_dir, dataset = resolve_sources(cfg)
         processor = media.load_processor(model_dir)
-        table = data.load_dataset_rows(dataset, cfg.media_root, "skip" if cfg.skip_bad_rows else "error")
+        table = data.load_dataset_rows(dataset, cfg.media_root, "skip" if cfg.skip_bad_rows else "error",
+                                       progress=cfg.progress and dist.is_main)
+    check_sources(cfg, model_dir, len(table))
     if dist.is_main:
         print(f"data: {table.summary()}", file=sys.stderr)
         for message in table.skipped[:5]:
             print(f"  skipped {message}", file=sys.stderr)
-    resume_from, metrics = multi_gpu.broadcast(prepare_output_dir(cfg) if dist.is_main else None, dist)
+    resume_from, metrics, bad = multi_gpu.broadcast(
+        (*prepare_output_dir(cfg), run_dir.read_bad_rows(Path(cfg.output_dir))) if dist.is_main else None, dist)
     policy = load_policy(resume_from or model_dir, cfg, device, dist)
     reference = load_reference(model_dir, cfg, device, dist)
     params = [p for p in policy.parameters() if p.requires_grad]
@@ -330,39 +367,86 @@ def train(cfg: Config) -> list[dict]:
                    and state["config"].get(k) != v]
         if changed and dist.is_main:
             print(f"warning: resuming {resume_from} with changed settings {changed}: not a replay", file=sys.stderr)
+        if start == cfg.steps and dist.is_main:
+            print(f"nothing to do: {resume_from} is at --steps {cfg.steps}", file=sys.stderr)
+    if dist.is_main:
+        start_output_dir(cfg, resume_from, metrics)  # only now: deletes an overwritten run, trims the metrics
+    multi_gpu.barrier(dist)
     autocast = torch.autocast(device.type, torch.bfloat16) if cfg.bf16 else contextlib.nullcontext()
     metrics_path = Path(cfg.output_dir) / "metrics.jsonl"
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="ZipR1",
                disable=not cfg.progress or not dist.is_main)
-    with open(metrics_path if dist.is_main else os.devnull, "a") as log:
-        for step in bar:
-            indices = data.question_indices(len(table), step, cfg.per_step_questions, cfg.seed)
-            mine = multi_gpu.rank_questions(len(indices), dist)  # whole groups: this rank's block of questions
-            rows = [table.rows[indices[q]] for q in mine]
-            m = train_step(policy, reference, processor, optimizer, rows, cfg, step, device, autocast, dist,
-                           mine.start)
-            metrics.append(m)
-            log.write(json.dumps(m) + "\n")
-            log.flush()
-            kl = "off" if m["kl"] is None else f"{m['kl']:.4f}"
-            bar.set_postfix(reward=f"{m['reward']:.3f}", acc=f"{m['accuracy']:.2f}", tau=f"{m['tau']:.3f}", kl=kl)
-            if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
-                save_checkpoint(policy, processor, optimizer, cfg, step + 1, dist)
-                if dist.is_main:
-                    plot_metrics(metrics, Path(cfg.output_dir) / "metrics.png")
+    known_bad = len(bad)
+    for step in bar:
+        m = step_on_readable_rows(policy, reference, processor, optimizer, table, bad, cfg, step, device, autocast,
+                                  dist)
+        metrics.append(m)
+        if dist.is_main:
+            with open(metrics_path, "a") as log:  # opened per step: a failed start leaves no empty log
+                log.write(json.dumps(m) + "\n")
+        kl = "off" if m["kl"] is None else f"{m['kl']:.4f}"
+        bar.set_postfix(reward=f"{m['reward']:.3f}", acc=f"{m['accuracy']:.2f}", tau=f"{m['tau']:.3f}", kl=kl)
+        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
+            save_checkpoint(policy, processor, optimizer, cfg, step + 1, dist)
+            if dist.is_main:
+                plot_metrics(metrics, Path(cfg.output_dir) / "metrics.png")
     if dist.is_main:
-        print(f"done: {len(table.skipped)} bad rows skipped; checkpoint {checkpoints(Path(cfg.output_dir))[-1]}, "
-              f"metrics {metrics_path}, plot {metrics_path.with_suffix('.png')}", file=sys.stderr)
+        print(f"done: {len(table.skipped)} bad rows skipped at load, {len(bad) - known_bad} while training; "
+              f"checkpoint {checkpoints(Path(cfg.output_dir))[-1]}, metrics {metrics_path}, "
+              f"plot {metrics_path.with_suffix('.png')}", file=sys.stderr)
     multi_gpu.shutdown(dist)
     return metrics
 
 
+def step_on_readable_rows(policy, reference, processor, optimizer, table, bad: dict, cfg: Config, step: int, device,
+                          autocast, dist) -> dict:
+    """train_step on step `step`'s questions, rows in `bad` replaced (data.replace_bad_rows). A row whose media fails
+    now joins `bad` and the step is redone without it (skip_bad_row; nothing was updated yet), or the run stops."""
+    while True:
+        indices = data.question_indices(len(table), step, cfg.per_step_questions, cfg.seed)
+        indices = data.replace_bad_rows(indices, table.rows, bad)
+        mine = multi_gpu.rank_questions(len(indices), dist)  # whole groups: this rank's block of questions
+        rows = [table.rows[indices[q]] for q in mine]
+        try:
+            return train_step(policy, reference, processor, optimizer, rows, cfg, step, device, autocast, dist,
+                              mine.start)
+        except data.DatasetError as err:
+            if err.row is None or err.row in bad:
+                raise
+            bad[err.row] = str(err)
+            skip_bad_row(cfg, err, step, dist)
+
+
+def skip_bad_row(cfg: Config, err: data.DatasetError, step: int, dist) -> None:
+    """A row whose media failed while sampling step `step`: recorded in output_dir/bad_rows.jsonl (a resume or a
+    rerun in that folder replaces it, see data.replace_bad_rows); then skipped with one line, or the run stops."""
+    where = run_dir.record_bad_row(Path(cfg.output_dir), err.row, str(err), step + 1)
+    if not cfg.skip_bad_rows or dist.enabled:  # ranks cannot agree on a replacement mid-step: stop them all
+        hint = "" if cfg.skip_bad_rows else "; --skip_bad_rows replaces such rows as they come"
+        raise data.DatasetError(f"step {step + 1}: {err}: recorded in {where}, --resume continues without it{hint}",
+                                row=err.row) from None
+    tqdm.write(f"skipping {err} (step {step + 1}; recorded in {where})", file=sys.stderr)
+
+
+def interrupted(cfg: Config | None) -> str:
+    """The one line printed on Ctrl-C: how to continue."""
+    found = [c for c in run_dir.checkpoints(Path(cfg.output_dir)) if run_dir.checkpoint_problem(c) is None] \
+        if cfg is not None else []
+    if not found:
+        return "interrupted before the first checkpoint: nothing to resume (rerun the command to start over)"
+    return (f"interrupted: the last checkpoint is {found[-1]}; run the same command with --resume to continue "
+            f"from it")
+
+
 def main(argv=None) -> None:
+    cfg = None
     try:
         cfg = parse_config(argv)
         train(cfg)
-    except (media.ModelNotAvailable, data.DatasetError, ConfigError, FileExistsError) as err:
+    except (media.ModelNotAvailable, data.DatasetError, ConfigError, FileExistsError, run_dir.ResumeError) as err:
         raise SystemExit(f"error: {err}") from None
+    except KeyboardInterrupt:
+        raise SystemExit(interrupted(cfg)) from None
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@
 The fixture is made here: tiny PNG images, a tiny animated WebP video and a folder of frames, with rows written the
 way Video-R1-260k.json stores them ("./"-relative paths, "<answer>X</answer>" solutions).
 """
+import io
 import json
+from pathlib import Path
 
 import datasets
 import numpy as np
@@ -161,3 +163,71 @@ def test_empty_data_file_is_one_clear_error(tmp_path):
     empty.write_text("")
     with pytest.raises(data.DatasetError, match="empty"):
         data.load_dataset_rows(str(empty))
+
+
+def corrupt_media(folder):
+    """A PNG with a flipped byte (its checksum fails), and random bytes named .mp4 and .webp."""
+    png = (folder / "imgs" / "red.png").read_bytes()
+    (folder / "imgs" / "corrupt.png").write_bytes(png[:40] + bytes(b ^ 0xFF for b in png[40:48]) + png[48:])
+    noise = np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes()
+    (folder / "noise.mp4").write_bytes(noise)
+    (folder / "noise.webp").write_bytes(noise)
+    return {1: "imgs/corrupt.png", 2: "noise.mp4", 3: "noise.webp"}
+
+
+@pytest.mark.parametrize("row", [1, 2, 3])
+def test_unreadable_media_is_caught_at_load_time_naming_its_row(fixture_dir, tmp_path, row):
+    rows, paths = good_rows(), corrupt_media(fixture_dir)
+    rows[row] = {**rows[row], "path": paths[row], "data_type": "image" if row == 1 else "video"}
+    path = write_jsonl(fixture_dir / "bad.jsonl", rows)
+    with pytest.raises(data.DatasetError, match=f"row {row}: cannot read .*{Path(paths[row]).name}") as err:
+        data.load_dataset_rows(str(path), cache_dir=str(tmp_path / "c"))
+    assert "\n" not in str(err.value) and "--skip_bad_rows" in str(err.value)
+
+
+def test_unreadable_media_rows_are_skipped_and_counted(fixture_dir, tmp_path):
+    rows, paths = good_rows() * 2, corrupt_media(fixture_dir)  # rows 4..7 repeat rows 0..3
+    for row, kind in ((1, "image"), (2, "video"), (7, "video")):
+        rows[row] = {**rows[row], "path": paths[min(row, 3)], "data_type": kind}
+    rows[5] = {**rows[5], "data_type": "audio"}  # a row bad for another reason, counted in order
+    table = data.load_dataset_rows(str(write_jsonl(fixture_dir / "bad.jsonl", rows)), on_bad_row="skip",
+                                   cache_dir=str(tmp_path / "c"))
+    assert [r["row"] for r in table.rows] == [0, 3, 4, 6]
+    assert [m.split(":")[0] for m in table.skipped] == ["row 1", "row 2", "row 5", "row 7"]
+    for row in table.rows:  # what passed the check reads
+        data.prompt_item(row)
+
+
+def test_media_checks_are_cached_by_size_and_mtime(fixture_dir, tmp_path, monkeypatch):
+    path = write_jsonl(fixture_dir / "t.jsonl", good_rows() + good_rows())  # each file used by two rows
+    checked = []
+    real = data.media.check_media
+    monkeypatch.setattr(data.media, "check_media", lambda p, kind: checked.append(Path(p).name) or real(p, kind))
+    data.load_dataset_rows(str(path), cache_dir=str(tmp_path / "c"))
+    assert sorted(checked) == sorted(["red.png", "clip.webp", "blue.png", "frames"])  # once per file, not per row
+    cache = fixture_dir / data.MEDIA_CHECK_FILE
+    assert data.media_check_cache(fixture_dir) == cache and cache.is_file()
+    checked.clear()
+    data.load_dataset_rows(str(path), cache_dir=str(tmp_path / "c"))
+    assert checked == []  # all from the cache
+    blue = fixture_dir / "imgs" / "blue.png"
+    blue.write_bytes(blue.read_bytes()[:30])  # the file changes (size and mtime): checked again, and now bad
+    with pytest.raises(data.DatasetError, match="row 2: .*blue.png"):
+        data.load_dataset_rows(str(path), cache_dir=str(tmp_path / "c"))
+    assert checked == ["blue.png"]
+    cache.write_text('{"version": 1, "files": {"image:')  # a torn cache (a killed run) is ignored, then rewritten
+    table = data.load_dataset_rows(str(path), on_bad_row="skip", cache_dir=str(tmp_path / "c"))
+    assert len(table) == 6 and json.loads(cache.read_text())["version"] == 1
+
+
+def test_media_failing_only_when_read_in_full_names_its_row(fixture_dir, tmp_path):
+    """A truncated JPEG passes the header check; reading it for a prompt is a DatasetError carrying the row."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buffer, "JPEG")
+    (fixture_dir / "imgs" / "cut.jpg").write_bytes(buffer.getvalue()[:len(buffer.getvalue()) // 2])
+    rows = good_rows()
+    rows[2] = {**rows[2], "path": "imgs/cut.jpg"}
+    table = data.load_dataset_rows(str(write_jsonl(fixture_dir / "t.jsonl", rows)), cache_dir=str(tmp_path / "c"))
+    with pytest.raises(data.DatasetError, match="row 2: cannot read image .*cut.jpg") as err:
+        data.prompt_item(table.rows[2])
+    assert err.value.row == 2

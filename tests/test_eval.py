@@ -10,6 +10,7 @@ forward, and the lmms subclass with a stand-in lmms_eval package.
 """
 import ast
 import importlib
+import io
 import json
 import shutil
 import sys
@@ -216,7 +217,7 @@ def test_kept_token_picture_returns_the_layers_selection(tiny, tmp_path):
 @pytest.mark.parametrize("argv, message", [
     (["--keep-p", "0"], "keep_p must lie in"), (["--keep-p", "1.5"], "keep_p must lie in"),
     (["--sweep", "0.9,2"], "keep_p must lie in"), (["--zipr1", "no/such/checkpoint"], "no/such/checkpoint"),
-    (["--zipr1", "TMP"], "holds no config.json"), (["--zipr1", "OTHER"], "has another vocabulary"),
+    (["--zipr1", "TMP"], "holds no config.json"), (["--zipr1", "OTHER"], "was not trained from"),
     (["--dataset", "EMPTY"], "empty.jsonl is empty"), (["--dataset", "BLANK"], "blank.jsonl"),
     (["--dataset", "missing.jsonl"], "not found")])
 def test_bad_input_is_one_clear_error(tiny, tmp_path, argv, message):
@@ -228,6 +229,38 @@ def test_bad_input_is_one_clear_error(tiny, tmp_path, argv, message):
     with pytest.raises(SystemExit) as err:
         ev.main(["--model", str(tiny.dir), "--out", str(tmp_path / "out"), *argv])
     assert str(err.value).startswith("eval.py: error:") and message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_checkpoint_of_another_architecture_is_one_line(tiny, tmp_path):
+    """Same vocabulary, other decoder: before, only vocabularies were compared and it was scored as ZipR1."""
+    for change, words in ((dict(num_hidden_layers=1), "num_hidden_layers 1 vs 2"),
+                          (dict(num_key_value_heads=2), "num_key_value_heads 2 vs 1")):
+        other = toy.build_tiny_model_dir(tmp_path / str(change), seed=0, **{**SIZES, **change})
+        with pytest.raises(SystemExit) as err:
+            ev.main(["--model", str(tiny.dir), "--zipr1", str(other), "--dataset", str(tiny.jsonl), "--limit", "1",
+                     "--sweep", "", "--max-new-tokens", "2", "--out", str(tmp_path / "out")])
+        message = str(err.value)
+        assert "was not trained from" in message and words in message and "\n" not in message
+    vocab = json.loads((tiny.dir / "config.json").read_text())["text_config"]["vocab_size"]
+    assert ev.text_architecture(tiny.dir) == {"model_type": "qwen2_5_vl", "num_hidden_layers": 2,
+                                              "num_attention_heads": 2, "num_key_value_heads": 1, "hidden_size": 32,
+                                              "vocab_size": vocab}
+
+
+def test_skip_bad_rows_skips_corrupt_media(tiny, tmp_path):
+    folder = Path(shutil.copytree(tiny.jsonl.parent, tmp_path / "data"))
+    rows = [json.loads(line) for line in (folder / "toy.jsonl").read_text().splitlines()]
+    png_bytes = (folder / rows[0]["path"]).read_bytes()
+    (folder / rows[0]["path"]).write_bytes(png_bytes[:40] + b"\xff" * 8 + png_bytes[48:])  # fails the load-time check
+    jpeg = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(jpeg, "JPEG")
+    (folder / rows[3]["path"]).write_bytes(jpeg.getvalue()[:len(jpeg.getvalue()) // 2])  # fails only when read
+    argv = ["--model", str(tiny.dir), "--dataset", str(folder / "toy.jsonl"), "--sweep", "", "--max-new-tokens", "2",
+            "--max-frames", "4", "--out", str(tmp_path / "out")]
+    with pytest.raises(SystemExit, match="row 0: cannot read image"):
+        ev.main(argv)
+    results = ev.main(argv + ["--skip-bad-rows"])
+    assert [r["row"] for r in results["methods"]["Full"]["records"]] == [1, 2]
 
 
 # ------------------------------------------------------------------------------------------ lmms-eval adapter

@@ -11,6 +11,7 @@ from transformers import AutoModelForImageTextToText
 from transformers.models.qwen2_5_vl.processing_qwen2_5_vl import Qwen2_5_VLProcessor
 
 import media
+import media_files
 import toy
 
 
@@ -235,3 +236,69 @@ def test_load_video_errors(tmp_path, monkeypatch):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no frames"):
         media.load_video(tmp_path / "empty")
+
+
+def write_mp4(path, n=90, fps=10, gop=5, size=32):
+    """A tiny mpeg4 .mp4 written with PyAV: frame t is a gradient shifted by t (frames differ), a keyframe every
+    `gop` frames."""
+    import av
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=fps)
+        stream.width = stream.height = size
+        stream.pix_fmt = "yuv420p"
+        stream.codec_context.gop_size = gop
+        ramp = np.add.outer(np.arange(size), np.arange(size)) * 4  # (H, W) int
+        for t in range(n):
+            rgb = np.stack([(ramp + 3 * t) % 256, np.full_like(ramp, 8 * t % 256), 255 - ramp], -1).astype(np.uint8)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")))
+        container.mux(stream.encode())
+    return path
+
+
+def all_frames_subsampled(path, max_frames):
+    """The reference: decode every frame with PyAV, then keep round(linspace(0, T - 1, k))."""
+    import av
+    with av.open(str(path)) as container:
+        frames = [f.to_image().convert("RGB") for f in container.decode(container.streams.video[0])]
+    keep = np.linspace(0, len(frames) - 1, min(max_frames, len(frames))).round().astype(int)
+    return [frames[i] for i in keep], len(frames)
+
+
+@pytest.mark.parametrize("max_frames", [1, 3, 7, 16, 200])
+def test_mp4_decodes_only_the_kept_frames_and_equals_decoding_all(tmp_path, max_frames):
+    path = write_mp4(tmp_path / "clip.mp4")
+    want, total = all_frames_subsampled(path, max_frames)
+    assert total == 90
+    got, fps = media.load_video(path, max_frames=max_frames)
+    assert same_frames(got, want) and fps == pytest.approx(10.0 * len(want) / total)
+    kept, _, count, decoded = media_files._pyav_frames(path, max_frames)
+    assert same_frames(kept, want) and count == total
+    if max_frames <= 3:  # 4.4 s between kept frames: seeks to the keyframe before each (decodes <= a GOP each)
+        assert decoded <= max_frames * 5
+    else:
+        assert decoded <= total
+
+
+def test_mp4_without_a_frame_count_in_its_header(tmp_path):
+    """Containers that store no frame count (e.g. some .mkv/.webm): the packets are counted instead."""
+    import av
+    mp4 = write_mp4(tmp_path / "clip.mp4", n=30, gop=10)
+    mkv = tmp_path / "clip.mkv"
+    with av.open(str(mp4)) as src, av.open(str(mkv), "w") as dst:  # remux, no re-encoding
+        out = dst.add_stream_from_template(src.streams.video[0])
+        for packet in src.demux(src.streams.video[0]):
+            if packet.dts is not None:
+                packet.stream = out
+                dst.mux(packet)
+    want, _ = all_frames_subsampled(mkv, 4)
+    got, _ = media.load_video(mkv, max_frames=4)
+    assert same_frames(got, want)
+
+
+def test_corrupt_video_files_are_one_line_errors(tmp_path):
+    (tmp_path / "noise.mp4").write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    (tmp_path / "noise.webp").write_bytes(np.random.default_rng(1).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    for name in ("noise.mp4", "noise.webp"):
+        with pytest.raises(ValueError, match=name) as err:
+            media.load_video(tmp_path / name)
+        assert "\n" not in str(err.value)
