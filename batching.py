@@ -118,5 +118,6 @@ def split_groups(model, rollout: Rollout, n: int) -> list[Rollout]:
             completion_mask=rollout.completion_mask[rows, :steps], logprobs=rollout.logprobs[rows, :steps],
             keep_p=rollout.keep_p[rows], kept=rollout.kept[rows], lengths=rollout.lengths[rows],
             token_ratio=rollout.token_ratio[rows], kv_bytes=rollout.kv_bytes[rows],
-            selection=rollout.selection[rows, :, first:], step_logits=logits))
+            selection=rollout.selection[rows, :, first:], step_logits=logits,
+            truncated=rollout.truncated[rows] if rollout.truncated is not None else None))
     return parts

@@ -2,7 +2,7 @@
 
     python eval.py                     # toy model + 40 toy questions, offline, CPU
     python eval.py --model Qwen/Qwen2.5-VL-3B-Instruct --zipr1 outputs/zipr1/checkpoint-1000 \
-                   --dataset data/eval.jsonl --keep-p 0.975 --sweep 0.9,0.95,0.975,1
+                   --dataset data/eval.jsonl --keep_p 0.975 --sweep 0.9,0.95,0.975,1
 
 Methods, on the same encoded questions: Full = the base model with stock "sdpa" attention (τ = 1); ZipVL = the same
 weights with Top-p sparse attention at keep_p (Eq. 1-3) and a pruned KV cache; ZipR1 = the RL-trained checkpoint
@@ -18,16 +18,19 @@ both drawn by pictures.py.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import statistics
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from transformers import AutoConfig, AutoModelForImageTextToText
+from transformers.hf_argparser import HfArg
 
+import cli
 import data
 import media
 import rewards
@@ -112,7 +115,7 @@ def load_questions(args, out: Path):
 
 
 def encode_batches(processor, rows, args):
-    """(rows, batches, encoded batches): each row's media read now; with --skip-bad-rows a row whose media fails here
+    """(rows, batches, encoded batches): each row's media read now; with --skip_bad_rows a row whose media fails here
     (past the load-time check, e.g. a truncated JPEG) is dropped with one line, else it is the error."""
     items, kept = [], []
     for row in rows:
@@ -206,40 +209,50 @@ def markdown_table(methods: dict, batch_size: int) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ command line
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Accuracy, token ratio, KV memory and speed of Full / ZipVL / ZipR1.")
-    p.add_argument("--model", default="toy", help="base model folder or hub id; toy = the offline tiny model")
-    p.add_argument("--zipr1", help="ZipR1 checkpoint folder (default: the newest train.py wrote, if any)")
-    p.add_argument("--dataset", default="toy", help="Video-R1-style .json/.jsonl/folder/cached hub id; toy = 40 "
-                                                    "rendered questions unseen in training")
-    p.add_argument("--media-root", help="folder the rows' 'path' is relative to (default: the dataset's folder)")
-    p.add_argument("--skip-bad-rows", "--skip_bad_rows", action="store_true", help="drop and count bad rows")
-    p.add_argument("--keep-p", type=float, default=0.975, help="Top-p threshold of ZipVL and ZipR1, in (0, 1]")
-    p.add_argument("--sweep", default=DEFAULT_SWEEP, help="comma-separated keep_p values for pareto.png ('' = none)")
-    p.add_argument("--limit", type=int, help="evaluate the first N questions only")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, help="default: 8 for the toy model, else 256")
-    p.add_argument("--max-frames", type=int, default=16, help="frames sampled per video")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), help="default: bf16 on GPU, fp32 on CPU")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random probe queries and the toy questions")
-    p.add_argument("--out", default="outputs/eval", help="folder for results.json/.md and the pictures")
-    return p.parse_args(argv)
+@dataclass
+class EvalConfig:
+    """Every setting of an evaluation; one flag per field (`python eval.py --help`), in train.py's style."""
+
+    model: str = HfArg(default="toy", help="base model folder or hub id; 'toy': the offline tiny model")
+    zipr1: str | None = HfArg(default=None, help="ZipR1 checkpoint folder (default: the newest train.py wrote)")
+    dataset: str = HfArg(default="toy", help="Video-R1-style .json/.jsonl/folder/cached hub id; 'toy': 40 rendered "
+                                              "questions unseen in training")
+    media_root: str | None = HfArg(default=None, help="folder the rows' 'path' is relative to (default: the "
+                                                      "dataset's folder)")
+    skip_bad_rows: bool = HfArg(default=False, help="drop and count bad rows")
+    keep_p: float = HfArg(default=0.975, help="Top-p threshold of ZipVL and ZipR1, in (0, 1]")
+    sweep: str = HfArg(default=DEFAULT_SWEEP, help="comma-separated keep_p values for pareto.png ('' = none)")
+    limit: int | None = HfArg(default=None, help="evaluate the first N questions only")
+    batch_size: int = HfArg(default=8, help="questions per forward")
+    max_completion_length: int | None = HfArg(default=None, help="new tokens per answer (default: 8 for the toy "
+                                                                 "model, else 256)")
+    max_frames: int = HfArg(default=16, help="frames sampled per video")
+    device: str = HfArg(default_factory=lambda: "cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    dtype: Literal["bfloat16", "float16", "float32"] | None = HfArg(default=None, help="default: bf16 on GPU, fp32 "
+                                                                                        "on CPU")
+    seed: int = HfArg(default=0, help="seed of the random probe queries and the toy questions")
+    out: str = HfArg(default="outputs/eval", help="folder for results.json/.md and the pictures")
+
+
+def parse_args(argv=None) -> EvalConfig:
+    """The command line (HfArgumentParser over EvalConfig, see cli.py); --max_new_tokens is the old name."""
+    return cli.parse(EvalConfig, argv, renamed={"max_new_tokens": "max_completion_length"},
+                     description="Accuracy, token ratio, KV memory and speed of Full / ZipVL / ZipR1.")
 
 
 def check_args(args) -> list[float]:
     """The cheap checks, before anything is loaded: thresholds in (0, 1], sizes; returns the sweep values."""
     sweep = [float(v) for v in args.sweep.split(",") if v.strip()]
     check_keep_p([args.keep_p, *sweep], 1 + len(sweep))  # ValueError naming the values unless all lie in (0, 1]
-    if args.batch_size < 1 or (args.limit is not None and args.limit < 1) or (args.max_new_tokens or 2) < 2:
-        raise ValueError("--batch-size and --limit must be >= 1, --max-new-tokens >= 2")
+    if args.batch_size < 1 or (args.limit is not None and args.limit < 1) or (args.max_completion_length or 2) < 2:
+        raise ValueError("--batch_size and --limit must be >= 1, --max_completion_length >= 2")
     return sweep
 
 
 def compare(args, base, zipr1, zipr1_status, batches, processor, encoded, sweep):
-    """Every method's metrics at --keep-p, the sparse models, and their (keep_p, accuracy, τ) sweep curves."""
+    """Every method's metrics at --keep_p, the sparse models, and their (keep_p, accuracy, τ) sweep curves."""
     dtype = getattr(torch, args.dtype or ("float32" if args.device == "cpu" else "bfloat16"))
-    max_new = args.max_new_tokens or (8 if args.model == "toy" else 256)
+    max_new = args.max_completion_length or (8 if args.model == "toy" else 256)
     models = {"ZipVL": load_model(base, args.device, dtype, sparse=True)}  # Full: the same model, stock attention
     if zipr1 is not None:
         models["ZipR1"] = load_model(zipr1, args.device, dtype, sparse=True)

@@ -16,11 +16,16 @@ Shapes: B = G*N sequences (G groups of N answers, group-contiguous), T completio
 import torch
 
 LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")
+REWARD_SCALINGS = ("group", "batch", "none")  # TRL's scale_rewards: the std Eq. 4 divides by
 KL_LOG_RATIO_CLAMP = 20.0  # |ref - logp| is clamped to this before exp(): exp(20) ~ 5e8, finite in fp16/bf16/fp32
 
 
-def group_advantages(rewards: torch.Tensor, num_generations: int, eps: float = 1e-4) -> torch.Tensor:
+def group_advantages(rewards: torch.Tensor, num_generations: int, eps: float = 1e-4,
+                     scale: str = "group") -> torch.Tensor:
     """Eq. 4: A = (r - mean_group(r)) / (std_group(r) + eps), per group of `num_generations` answers.
+
+    scale (TRL's scale_rewards): "group" is Eq. 4; "batch" divides by the std of all rewards of the batch (the mean
+    stays per group); "none" only centres, A = r - mean_group(r) (Dr. GRPO).
 
     `rewards` is (G*N,) in group-contiguous order (answers 0..N-1 belong to question 0, ...) or (G, N); the
     result has the same shape. std is the *unbiased* (Bessel-corrected, divide by N-1) sample std, as in TRL's
@@ -35,10 +40,17 @@ def group_advantages(rewards: torch.Tensor, num_generations: int, eps: float = 1
         raise ValueError(f"rewards of shape {tuple(rewards.shape)} need {num_generations} columns (G, N)")
     if rewards.dim() not in (1, 2):
         raise ValueError(f"rewards must be (G*N,) or (G, N), got shape {tuple(rewards.shape)}")
+    if scale not in REWARD_SCALINGS:
+        raise ValueError(f"scale must be one of {REWARD_SCALINGS}, got {scale!r}")
     r = rewards.reshape(-1, num_generations).to(torch.float32)  # (G, N)
     mean = r.mean(dim=1, keepdim=True)  # (G, 1)
-    std = r.std(dim=1, keepdim=True, correction=1 if num_generations > 1 else 0)  # (G, 1)
-    advantages = (r - mean) / (std + eps)  # (G, N)  # Eq. 4
+    if scale == "group":
+        std = r.std(dim=1, keepdim=True, correction=1 if num_generations > 1 else 0)  # (G, 1)
+        advantages = (r - mean) / (std + eps)  # (G, N)  # Eq. 4
+    elif scale == "batch":
+        advantages = (r - mean) / (r.std(correction=1 if r.numel() > 1 else 0) + eps)  # (G, N)
+    else:
+        advantages = r - mean  # (G, N)
     constant = r.amax(dim=1, keepdim=True) == r.amin(dim=1, keepdim=True)  # (G, 1) zero-std groups
     advantages = torch.where(constant, torch.zeros_like(advantages), advantages)  # (G, N)
     return advantages.reshape(rewards.shape)

@@ -53,6 +53,7 @@ class Rollout:
     seed: int
     step_logits: torch.Tensor | None = None  # (B, T, V) raw logits of each step, when asked for
     timing: Timing | None = None  # prefill and decode seconds, when asked for
+    truncated: torch.Tensor | None = None  # (B,) bool: the answer hit max_new_tokens without an EOS
 
 
 @dataclass
@@ -221,7 +222,7 @@ def generate(model, inputs, keep_p, sampling: SamplingConfig = SamplingConfig(),
     valid = completion_mask(completion, eos.tolist(), None)  # (B, T)
     return Rollout(inputs=dict(inputs), completion_ids=completion, completion_mask=valid,
                    logprobs=torch.stack(logps, 1) * valid, **record, temperature=sampling.temperature, seed=seed,
-                   step_logits=torch.stack(raw, 1) if return_logits else None, timing=timing)
+                   step_logits=torch.stack(raw, 1) if return_logits else None, timing=timing, truncated=~done)
 
 
 def full_sequence(model, rollout: Rollout) -> dict:

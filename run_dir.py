@@ -1,4 +1,5 @@
-"""A training run's output folder: HF checkpoints, the metrics log, the curves plot, and what --resume picks up.
+"""A training run's output folder: HF checkpoints, the metrics log, the curves plot, and what
+--resume_from_checkpoint picks up.
 
     output_dir/checkpoint-<step>/   save_pretrained (model + processor, loadable by plain transformers)
                                     + trainer_state.pt (step, optimizer state keyed by parameter name, config)
@@ -7,7 +8,8 @@
     output_dir/bad_rows.jsonl       rows whose media failed while training (train.py replaces them; kept on restart)
 
 A checkpoint is written to checkpoint-<step>.tmp and renamed when complete, so a run killed while saving leaves no
-half-written checkpoint-<step>; --resume still checks each (config, weights, trainer state) newest first, moves an
+half-written checkpoint-<step>; --resume_from_checkpoint still checks each (config, weights, trainer state) newest
+first, moves an
 incomplete one aside to checkpoint-<step>.incomplete and says so in one line. A torn last line of metrics.jsonl (a
 run killed while logging) is dropped.
 """
@@ -34,7 +36,7 @@ def checkpoints(output_dir: Path) -> list[Path]:
 
 
 class ResumeError(ValueError):
-    """--resume cannot continue this output_dir (reported as one line by train.main)."""
+    """--resume_from_checkpoint cannot continue this output_dir (reported as one line by train.main)."""
 
 
 def checkpoint_step(path: Path) -> int:
@@ -97,6 +99,17 @@ def resumable_checkpoint(output_dir: Path) -> Path | None:
         print(f"resume: {path.name} is incomplete ({problem}): moved to {aside.name}, trying the one before",
               file=sys.stderr)
     return None
+
+
+def chosen_checkpoint(path) -> Path:
+    """A checkpoint folder named by --resume_from_checkpoint PATH, checked like the newest one; ResumeError if not."""
+    path = Path(path)
+    if not path.is_dir() or not path.name.split("-")[-1].isdigit():
+        raise ResumeError(f"--resume_from_checkpoint {path}: not a checkpoint-<step> folder (or pass 'last')")
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise ResumeError(f"--resume_from_checkpoint {path}: the checkpoint is incomplete ({problem})")
+    return path
 
 
 def read_metrics(path: Path, up_to_step: int | None = None) -> list[dict]:
@@ -163,19 +176,20 @@ def prepare_output_dir(cfg) -> tuple[Path | None, list[dict]]:
     existing = checkpoints(output_dir)
     text = metrics_path.read_text() if metrics_path.is_file() else ""
     logged = sum(1 for line in text.splitlines() if line.strip())  # 0: an empty log (a failed start) holds no run
-    last = resumable_checkpoint(output_dir) if cfg.resume else None
-    if cfg.resume and (last is not None or not cfg.overwrite_output_dir):  # both flags, nothing to resume: start over
+    resume = cfg.resume_from_checkpoint  # None, "last" or a checkpoint folder
+    last = resumable_checkpoint(output_dir) if resume == "last" else chosen_checkpoint(resume) if resume else None
+    if resume and (last is not None or not cfg.overwrite_output_dir):  # both flags, nothing to resume: start over
         if last is None:
             held = f"{logged} logged steps but no complete checkpoint" if logged else "no checkpoint"
-            raise ResumeError(f"--resume: output_dir {output_dir} holds {held} to resume from: pass "
+            raise ResumeError(f"--resume_from_checkpoint: output_dir {output_dir} holds {held} to resume from: pass "
                               f"--overwrite_output_dir to start over (deletes its checkpoints and metrics.jsonl)")
-        if checkpoint_step(last) > cfg.steps:
-            raise ResumeError(f"--resume: {last} is already past --steps {cfg.steps}: pass --steps larger than "
-                              f"{checkpoint_step(last)} to train further")
+        if checkpoint_step(last) > cfg.max_steps:
+            raise ResumeError(f"--resume_from_checkpoint: {last} is already past --max_steps {cfg.max_steps}: pass "
+                              f"--max_steps larger than {checkpoint_step(last)} to train further")
         return last, read_metrics(metrics_path, checkpoint_step(last))  # later lines are redone
     if (existing or logged) and not cfg.overwrite_output_dir:
-        raise FileExistsError(f"output_dir {output_dir} already holds a run: pass --resume to continue it, "
-                              f"--overwrite_output_dir to start over, or another --output_dir")
+        raise FileExistsError(f"output_dir {output_dir} already holds a run: pass --resume_from_checkpoint to "
+                              f"continue it, --overwrite_output_dir to start over, or another --output_dir")
     return None, []
 
 

@@ -59,7 +59,7 @@ KINDS = ("color", "shape", "position", "count", "video")
 VIDEO_FPS = 2.0
 TASK_VERSION, STEPS = 4, 600  # bump TASK_VERSION whenever rendering or questions change (invalidates caches)
 # the offline default of train.py and eval.py: sizes that make `python train.py` a few-minute CPU run
-TOY_PRESET = dict(learning_rate=2e-4, per_step_questions=2, max_new_tokens=8, steps=40, save_every=20,
+TOY_PRESET = dict(learning_rate=2e-4, per_step_questions=2, max_completion_length=8, max_steps=40, save_steps=20,
                   output_dir="outputs/zipr1-toy", max_frames=8)
 TOY_TRAIN_ROWS, TOY_CACHE = 512, Path(".cache")  # RL questions train.py writes; where the toy model and data live
 TOY_DATA_SEED = 424_242  # RL questions: a seed the warm-up (seeds 0..steps-1) and eval.py (777_777 + seed) never use

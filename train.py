@@ -10,7 +10,8 @@ One step, for G = per_step_questions questions with N = num_generations answers 
   3. advantages A = (r - mean) / std within each group                                  (grpo.group_advantages, Eq. 4)
   4. num_iterations (mu) AdamW updates of the clipped surrogate - beta KL(pi_theta || pi_ref): the policy's
      log-probs under the rollout's sparsity, the frozen reference's under full attention   (grpo.grpo_loss, Eq. 5)
-Everything random is seeded by (seed, step), so --resume continues exactly where the last checkpoint left off.
+Everything random is seeded by (seed, step), so --resume_from_checkpoint continues exactly where the last checkpoint
+left off.
 A rank's questions are rolled out in one batch (`rollout_questions` at a time), each answer sampled from its own
 stream seeded by its place in the step's global batch; each question's group is then one update micro-batch.
 
@@ -18,7 +19,6 @@ stream seeded by its place in the step's global batch; each question's group is 
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import json
@@ -29,10 +29,13 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from tqdm.auto import tqdm
+from transformers.hf_argparser import HfArg
 
+import cli
 import data
 import multi_gpu
 import grpo
@@ -42,7 +45,7 @@ from batching import repeat_prompts, split_groups
 import run_dir
 from run_dir import (DEFAULT_OUTPUT_DIR, checkpoints, plot_metrics, prepare_output_dir, save_checkpoint,
                      start_output_dir)
-from rollout import SamplingConfig, generate, score_completions
+from rollout import SamplingConfig, eos_ids_of, generate, score_completions
 from sparse_qwen import make_sparse, make_state, sparse_forward
 from toy import TOY_CACHE, TOY_DATA_SEED, TOY_PRESET, TOY_TRAIN_ROWS
 
@@ -53,75 +56,101 @@ class ConfigError(ValueError):
     """A setting that cannot work (reported as one line by main)."""
 
 
+OPTIONAL_BOOL = {"nargs": "?", "const": True}  # `--bf16` alone means true; unset: decided by the device
+
+
 @dataclass
 class Config:
-    model: str = "toy"  # HF hub id (in the local cache), or a local directory; "toy": the offline tiny Qwen2.5-VL
-    dataset: str = "toy"  # Video-R1-schema .json/.jsonl, a directory, or a cached hub id; "toy": rendered toy task
-    media_root: str | None = None  # where rows' "path" are resolved; default: the dataset's folder
-    skip_bad_rows: bool = False  # drop (and count) bad rows instead of stopping at the first one
-    max_frames: int = 16  # frames sampled per video
-    num_generations: int = 8  # N answers per question
-    keep_p_grid: tuple[float, ...] = PAPER_KEEP_P_GRID  # sparsity thresholds p, cycled over each group
-    keep_p_uniform: bool = False  # instead draw p = 1 - u (1 - keep_p_low), u ~ U[0, 1): p in (keep_p_low, 1]
-    keep_p_low: float = 0.0  # 0 is the method text's U(0, 1); 1 - u never gives p = 0
-    beta: float = 0.04  # KL weight; 0 skips the reference model entirely
-    epsilon: float = 0.2  # PPO clip range
-    learning_rate: float = 1e-6
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    per_step_questions: int = 1  # G questions per step (G * N rollout rows)
-    rollout_questions: int = 0  # questions sampled together in one batch (their N rows each); 0: all of a rank's
-    num_iterations: int = 1  # mu: updates per rollout batch; > 1 uses the rollout's log-probs as pi_old
-    max_new_tokens: int = 512
-    temperature: float = 1.0  # 0: greedy decoding (no sampling; log-probs at temperature 1)
-    loss_type: str = "grpo"  # grpo | bnpo | dapo | dr_grpo (see grpo.grpo_loss)
-    gate_efficiency: bool = True  # C: no efficiency reward for an all-wrong group
-    freeze_vision: bool = True  # train the language model only: the sparsity acts in the decoder
-    steps: int = 1000
-    save_every: int = 100
-    save_total_limit: int = 2  # newest checkpoints kept on disk (>= 1)
-    output_dir: str = DEFAULT_OUTPUT_DIR
-    overwrite_output_dir: bool = False
-    seed: int = 0
-    bf16: bool | None = None  # autocast to bf16 (fp32 master weights); default: on with CUDA
-    gradient_checkpointing: bool | None = None  # default: on with CUDA
-    resume: bool = False  # continue from the last checkpoint in output_dir
-    progress: bool = True
+    """Every setting of a run; the command line has one flag per field (`python train.py --help`). Names follow TRL's
+    GRPOConfig where TRL has the concept (README: "Settings and TRL")."""
+
+    # model and data
+    model: str = HfArg(default="toy", help="HF hub id in the local cache, or a local directory; 'toy': the offline "
+                                             "tiny Qwen2.5-VL")
+    dataset: str = HfArg(default="toy", help="Video-R1-schema .json/.jsonl, a directory, or a cached hub id; 'toy': "
+                                               "the rendered toy task")
+    media_root: str | None = HfArg(default=None, help="where rows' 'path' are resolved (default: the dataset's folder)")
+    skip_bad_rows: bool = HfArg(default=False, help="drop and count bad rows instead of stopping at the first one")
+    max_frames: int = HfArg(default=16, help="frames sampled per video")
+    # ZipR1: N answers per question, each under its own sparsity threshold p_n
+    num_generations: int = HfArg(default=8, help="N answers per question (a GRPO group)")
+    keep_p_grid: list[float] = HfArg(default_factory=lambda: list(PAPER_KEEP_P_GRID),
+                                     help="sparsity thresholds p, cycled over each group (paper: 0.94..0.975)")
+    keep_p_uniform: bool = HfArg(default=False, help="instead draw p = 1 - u (1 - keep_p_low), u ~ U[0, 1)")
+    keep_p_low: float = HfArg(default=0.0, help="lower end of the uniform p; 0 is the method text's U(0, 1)")
+    gate_efficiency: bool = HfArg(default=True, help="C: no efficiency reward for an all-wrong group")
+    # GRPO (Eq. 4-5)
+    beta: float = HfArg(default=0.04, help="KL weight (paper 0.04; TRL's default 0.0); 0 skips the reference model")
+    epsilon: float = HfArg(default=0.2, help="lower clip range of the ratio")
+    epsilon_high: float | None = HfArg(default=None, help="upper clip range (default: epsilon; DAPO uses 0.28)")
+    loss_type: Literal["grpo", "bnpo", "dapo", "dr_grpo"] = HfArg(
+        default="grpo", help="how per-token terms are averaged (paper: grpo; TRL's default dapo), see grpo.grpo_loss")
+    scale_rewards: Literal["group", "batch", "none"] = HfArg(
+        default="group", help="divide advantages by the group's reward std (Eq. 4), the whole batch's, or nothing")
+    mask_truncated_completions: bool = HfArg(default=False, help="leave answers that hit max_completion_length "
+                                                                 "without EOS out of the loss")
+    num_iterations: int = HfArg(default=1, help="mu: updates per rollout batch; > 1 uses the rollout's log-probs "
+                                                "as pi_old")
+    # batches: TRL counts completions, we count questions (README: "Settings and TRL")
+    per_step_questions: int = HfArg(default=1, help="G questions per optimizer step (G * N completions)")
+    generation_batch_size: int = HfArg(default=0, help="TRL's name: completions per step, G * N; sets "
+                                                       "per_step_questions when given")
+    rollout_questions: int = HfArg(default=0, help="questions a process samples in one batch; 0: all of its own")
+    max_completion_length: int = HfArg(default=512, help="new tokens per answer at most")
+    temperature: float = HfArg(default=1.0, help="sampling temperature; 0: greedy (log-probs at temperature 1)")
+    # optimisation
+    learning_rate: float = HfArg(default=1e-6, help="AdamW learning rate")
+    weight_decay: float = HfArg(default=0.0, help="AdamW weight decay")
+    max_grad_norm: float = HfArg(default=1.0, help="gradient clipping norm")
+    freeze_vision: bool = HfArg(default=True, help="train the language model only: the sparsity acts in the decoder")
+    bf16: bool | None = HfArg(default=None, metadata=OPTIONAL_BOOL, help="autocast to bf16 over fp32 master weights "
+                                                                           "(default: on with CUDA)")
+    gradient_checkpointing: bool | None = HfArg(default=None, metadata=OPTIONAL_BOOL,
+                                                help="recompute activations in backward (default: on with CUDA)")
+    seed: int = HfArg(default=0, help="seeds questions, thresholds, probes and sampling: a rerun is a replay")
+    # the run
+    max_steps: int = HfArg(default=1000, help="optimizer steps")
+    save_steps: int = HfArg(default=100, help="save a checkpoint every this many steps (and at the end)")
+    save_total_limit: int = HfArg(default=2, help="newest checkpoints kept on disk (>= 1)")
+    output_dir: str = HfArg(default=DEFAULT_OUTPUT_DIR, help="checkpoints, metrics.jsonl, metrics.png")
+    overwrite_output_dir: bool = HfArg(default=False, help="start over in an output_dir that holds a run")
+    resume_from_checkpoint: str | None = HfArg(default=None, metadata={"nargs": "?", "const": "last"},
+                                               help="a checkpoint folder to continue from, or 'last' (the flag "
+                                                    "alone): the newest complete one in output_dir")
+    disable_tqdm: bool = HfArg(default=False, help="no progress bars")
+
+
+RENAMED = {"max_new_tokens": "max_completion_length", "steps": "max_steps", "save_every": "save_steps",
+           "resume": "resume_from_checkpoint"}  # old flag names, still accepted with a deprecation line
+INVERTED = {"progress": "disable_tqdm"}
 
 
 def parse_config(argv=None) -> Config:
-    """argparse mirroring Config; fields not given on the command line take TOY_PRESET when --model is toy."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    for f in dataclasses.fields(Config):
-        kind = {"bool | None": "bool", "str | None": "str"}.get(str(f.type), str(f.type))
-        if kind == "bool":
-            parser.add_argument(f"--{f.name}", type=_bool, nargs="?", const=True, default=argparse.SUPPRESS,
-                                help=f"true/false (default: {f.default})")
-        elif f.name == "keep_p_grid":
-            parser.add_argument("--keep_p_grid", type=lambda s: tuple(float(x) for x in s.split(",")),
-                                default=argparse.SUPPRESS, help="comma separated, e.g. 0.94,0.95,0.975")
-        else:
-            parser.add_argument(f"--{f.name}", type={"int": int, "float": float}.get(kind, str),
-                                default=argparse.SUPPRESS, help=f"(default: {f.default})")
-    given = vars(parser.parse_args(argv))
-    preset = TOY_PRESET if given.get("model", Config.model) == "toy" else {}
-    return check_config(Config(**{**preset, **given}))
-
-
-def _bool(text: str) -> bool:
-    if text.lower() not in ("1", "0", "true", "false", "yes", "no"):
-        raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
-    return text.lower() in ("1", "true", "yes")
+    """The command line (HfArgumentParser over Config, see cli.py); fields not given take TOY_PRESET when --model
+    is toy."""
+    cfg = cli.parse(Config, argv, presets=lambda given: TOY_PRESET if given.get("model", Config.model) == "toy"
+                    else {}, renamed=RENAMED, inverted=INVERTED,
+                    description=__doc__.split("\n")[0] + " With --model toy (the default), unset fields take "
+                    "toy.TOY_PRESET: " + ", ".join(f"{k}={v}" for k, v in TOY_PRESET.items()))
+    return check_config(cfg)
 
 
 def check_config(cfg: Config) -> Config:
-    """Clear errors for settings that cannot work; resolves the CUDA-dependent defaults."""
+    """Clear errors for settings that cannot work; resolves generation_batch_size, resume_from_checkpoint ("last"
+    or a path) and the CUDA-dependent defaults."""
+    cfg = dataclasses.replace(cfg, keep_p_grid=list(cfg.keep_p_grid),
+                              resume_from_checkpoint=resume_target(cfg.resume_from_checkpoint))
+    if cfg.generation_batch_size:
+        if cfg.generation_batch_size < 0 or cfg.generation_batch_size % cfg.num_generations:
+            raise ConfigError(f"generation_batch_size={cfg.generation_batch_size} must be a multiple of "
+                              f"num_generations={cfg.num_generations} (it counts completions, G * N)")
+        cfg = dataclasses.replace(cfg, per_step_questions=cfg.generation_batch_size // cfg.num_generations)
     if not all(0 < p <= 1 for p in cfg.keep_p_grid) or not cfg.keep_p_grid:
         raise ConfigError(f"keep_p_grid values must lie in (0, 1], got {cfg.keep_p_grid}")
     if not 0 <= cfg.keep_p_low < 1:
         raise ConfigError(f"keep_p_low must lie in [0, 1), got {cfg.keep_p_low}")
-    if cfg.num_generations < 2 or cfg.per_step_questions < 1 or cfg.num_iterations < 1 or cfg.steps < 1:
-        raise ConfigError("need num_generations >= 2 and per_step_questions, num_iterations, steps >= 1")
+    if cfg.num_generations < 2 or cfg.per_step_questions < 1 or cfg.num_iterations < 1 or cfg.max_steps < 1:
+        raise ConfigError("need num_generations >= 2 and per_step_questions, num_iterations, max_steps >= 1")
     if cfg.rollout_questions < 0:
         raise ConfigError(f"rollout_questions must be >= 0 (0: all of a process's), got {cfg.rollout_questions}")
     world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's process count
@@ -130,19 +159,32 @@ def check_config(cfg: Config) -> Config:
                           f"(each takes whole question groups, the same number)")
     if cfg.loss_type not in grpo.LOSS_TYPES:
         raise ConfigError(f"loss_type must be one of {grpo.LOSS_TYPES}, got {cfg.loss_type!r}")
+    if cfg.scale_rewards not in grpo.REWARD_SCALINGS:
+        raise ConfigError(f"scale_rewards must be one of {grpo.REWARD_SCALINGS}, got {cfg.scale_rewards!r}")
     check_ranges(cfg)
     cuda = torch.cuda.is_available()
     return dataclasses.replace(cfg, bf16=cuda if cfg.bf16 is None else cfg.bf16, gradient_checkpointing=cuda
                                if cfg.gradient_checkpointing is None else cfg.gradient_checkpointing)
 
 
+def resume_target(value) -> str | None:
+    """resume_from_checkpoint as run_dir reads it: None (start fresh), "last", or a checkpoint path. true/yes/1 mean
+    "last" (TRL's `--resume_from_checkpoint true`), false/no/0 and "" mean None."""
+    if value is None or str(value).lower() in ("", "false", "no", "0"):
+        return None
+    return "last" if value is True or str(value).lower() in ("last", "true", "yes", "1") else str(value)
+
+
 def check_ranges(cfg: Config) -> None:
     """One ConfigError per setting outside the range where it means something."""
-    ranges = {"max_new_tokens": (cfg.max_new_tokens >= 1, ">= 1"), "save_every": (cfg.save_every >= 1, ">= 1"),
+    ranges = {"max_completion_length": (cfg.max_completion_length >= 1, ">= 1"),
+              "save_steps": (cfg.save_steps >= 1, ">= 1"),
               "save_total_limit": (cfg.save_total_limit >= 1, ">= 1 (the newest checkpoints kept)"),
               "learning_rate": (cfg.learning_rate >= 0, ">= 0"), "weight_decay": (cfg.weight_decay >= 0, ">= 0"),
               "temperature": (cfg.temperature >= 0, ">= 0 (0: greedy)"), "beta": (cfg.beta >= 0, ">= 0"),
-              "epsilon": (cfg.epsilon > 0, "> 0"), "max_grad_norm": (cfg.max_grad_norm > 0, "> 0"),
+              "epsilon": (cfg.epsilon > 0, "> 0"),
+              "epsilon_high": (cfg.epsilon_high is None or cfg.epsilon_high >= 0, ">= 0 (or unset: epsilon)"),
+              "max_grad_norm": (cfg.max_grad_norm > 0, "> 0"),
               "max_frames": (cfg.max_frames >= 1, ">= 1")}
     for name, (ok, allowed) in ranges.items():
         if not ok:
@@ -156,7 +198,7 @@ def check_sources(cfg: Config, model_dir: str, num_rows: int) -> None:
         raise ConfigError(f"per_step_questions={cfg.per_step_questions} exceeds the {num_rows} usable rows of "
                           f"{cfg.dataset}")
     model, output = Path(model_dir).resolve(), Path(cfg.output_dir).resolve()
-    if cfg.overwrite_output_dir and not cfg.resume and any(model.is_relative_to(c.resolve())
+    if cfg.overwrite_output_dir and cfg.resume_from_checkpoint is None and any(model.is_relative_to(c.resolve())
                                                            for c in checkpoints(output)):
         raise ConfigError(f"--overwrite_output_dir would delete the model it starts from ({model_dir} lies in "
                           f"{cfg.output_dir}): pass another --output_dir, or copy the model out first")
@@ -168,7 +210,7 @@ def resolve_sources(cfg: Config) -> tuple[str, str]:
     model, dataset = cfg.model, cfg.dataset
     if model == "toy":
         import toy
-        model = str(toy.ensure_toy_model(TOY_CACHE / "toy-model", progress=cfg.progress))
+        model = str(toy.ensure_toy_model(TOY_CACHE / "toy-model", progress=not cfg.disable_tqdm))
     else:
         model = str(media.resolve_model_dir(model))  # ModelNotAvailable (one line) when not on disk offline
         media.check_model_dir(model)  # empty folder, torn config.json, no weights: one line, before loading
@@ -236,7 +278,7 @@ def sample_rollout(policy, processor, rows, cfg: Config, step: int, device, auto
     items, n, seed = [data.prompt_item(row, cfg.max_frames) for row in rows], cfg.num_generations, step_seed(cfg, step)
     keep_p = keep_p_for_rows(cfg, position + len(rows), step)[position * n:].to(device)  # (G*N,)
     row_seeds = [multi_gpu.question_seed(seed, position + g) + j for g in range(len(rows)) for j in range(n)]
-    sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, do_sample=cfg.temperature > 0,
+    sampling = SamplingConfig(max_new_tokens=cfg.max_completion_length, do_sample=cfg.temperature > 0,
                               temperature=cfg.temperature or 1.0)  # temperature 0: greedy
     policy.eval()  # HF turns the KV cache off for checkpointed layers in train mode
     with autocast:
@@ -261,6 +303,14 @@ def sample_groups(policy, processor, rows, cfg: Config, step: int, device, autoc
     return groups, texts
 
 
+def loss_mask(rollout, cfg: Config) -> torch.Tensor:
+    """The completion tokens the loss sees: all up to EOS, or none of a truncated answer with
+    mask_truncated_completions (TRL's DAPO option).  (N, T)"""
+    if not cfg.mask_truncated_completions or rollout.truncated is None:
+        return rollout.completion_mask
+    return rollout.completion_mask * ~rollout.truncated[:, None]  # (N, T)
+
+
 def policy_update(policy, reference, optimizer, rollouts, advantages, cfg: Config, autocast,
                   dist=multi_gpu.SINGLE) -> dict:
     """num_iterations AdamW steps on Eq. 5, one micro-batch per answer group (a Rollout, or lists of Rollouts and
@@ -274,21 +324,22 @@ def policy_update(policy, reference, optimizer, rollouts, advantages, cfg: Confi
             ref_logps = [score_completions(reference, r, sparse=False) for r in rollouts]  # (N, T) full attention
     states = [make_state(policy, r.keep_p, mode="teacher", prompt_len=r.inputs["input_ids"].shape[1], seed=r.seed)
               for r in rollouts]  # the states score_completions builds: active during backward
-    counts = [grpo.loss_normalizer(r.completion_mask, cfg.loss_type, cfg.max_new_tokens) for r in rollouts]
+    masks = [loss_mask(r, cfg) for r in rollouts]  # (N, T) each: the tokens the loss averages over
+    counts = [grpo.loss_normalizer(m, cfg.loss_type, cfg.max_completion_length) for m in masks]
     total = multi_gpu.all_sum(sum(counts), dist)  # the global batch's normaliser
     policy.train()
     history = []
     for _ in range(cfg.num_iterations):
         optimizer.zero_grad(set_to_none=True)
         parts = []
-        for rollout, adv, ref_logp, state, count in zip(rollouts, advantages, ref_logps, states, counts):
+        for rollout, adv, ref_logp, state, count, mask in zip(rollouts, advantages, ref_logps, states, counts, masks):
             with sparse_forward(state):
                 with autocast:
                     logp = score_completions(policy, rollout)  # (N, T) under the rollout's sparsity
                 old_logp = rollout.logprobs if cfg.num_iterations > 1 else None  # mu = 1: logp.detach()
-                loss, stats = grpo.grpo_loss(logp, old_logp, ref_logp, adv, rollout.completion_mask, cfg.epsilon,
+                loss, stats = grpo.grpo_loss(logp, old_logp, ref_logp, adv, mask, cfg.epsilon, cfg.epsilon_high,
                                              beta=cfg.beta, loss_type=cfg.loss_type,
-                                             max_completion_length=cfg.max_new_tokens)  # Eq. 5
+                                             max_completion_length=cfg.max_completion_length)  # Eq. 5
                 weight = multi_gpu.loss_weight(count, total, dist)
                 (weight * loss).backward()
             parts.append({**stats, "loss": weight * loss.item()})  # mean over ranks of Σ: the global loss
@@ -313,7 +364,7 @@ def train_step(policy, reference, processor, optimizer, rows, cfg: Config, step:
     acc = rewards.accuracy_rewards(texts, solutions, [row["problem_type"] for row in rows for _ in range(n)])  # (G*N,)
     tau = torch.cat([r.token_ratio for r in rollouts]).float().cpu()  # (G*N,)
     parts = rewards.zipr1_rewards(acc, tau, n, cfg.gate_efficiency)  # r = r_acc + C (1 - tau), each (G*N,)
-    advantages = grpo.group_advantages(parts["reward"], n).to(device)  # Eq. 4, (G*N,)
+    advantages = grpo.group_advantages(parts["reward"], n, scale=cfg.scale_rewards).to(device)  # Eq. 4, (G*N,)
     stats = policy_update(policy, reference, optimizer, rollouts, list(advantages.split(n)), cfg, autocast, dist)
     kl = stats.pop("kl")  # masked mean of k3; nan without a reference
     seconds = time.perf_counter() - start
@@ -336,8 +387,8 @@ def train_step(policy, reference, processor, optimizer, rows, cfg: Config, step:
 def train(cfg: Config) -> list[dict]:
     """Run (or resume) ZipR1 training; returns the metrics of every step.
 
-    Everything is checked and loaded (settings, model folder, data and its media, what --resume would continue)
-    before anything in output_dir is deleted or written."""
+    Everything is checked and loaded (settings, model folder, data and its media, what --resume_from_checkpoint
+    would continue) before anything in output_dir is deleted or written."""
     dist = multi_gpu.init_distributed()  # torchrun: join the process group; plain python: one process
     torch.manual_seed(cfg.seed)
     device = dist.device
@@ -345,7 +396,7 @@ def train(cfg: Config) -> list[dict]:
         model_dir, dataset = resolve_sources(cfg)
         processor = media.load_processor(model_dir)
         table = data.load_dataset_rows(dataset, cfg.media_root, "skip" if cfg.skip_bad_rows else "error",
-                                       progress=cfg.progress and dist.is_main)
+                                       progress=not cfg.disable_tqdm and dist.is_main)
     check_sources(cfg, model_dir, len(table))
     if dist.is_main:
         print(f"data: {table.summary()}", file=sys.stderr)
@@ -363,19 +414,19 @@ def train(cfg: Config) -> list[dict]:
                            mmap=True)  # ranks share the file's pages; each keeps only its shard
         multi_gpu.load_optimizer_state(policy, optimizer, state["optimizer"], dist)
         start = state["step"]
-        changed = [k for k, v in dataclasses.asdict(cfg).items() if k not in ("steps", "resume", "progress")
-                   and state["config"].get(k) != v]
+        changed = [k for k, v in dataclasses.asdict(cfg).items()
+                   if k not in ("max_steps", "resume_from_checkpoint", "disable_tqdm") and state["config"].get(k) != v]
         if changed and dist.is_main:
             print(f"warning: resuming {resume_from} with changed settings {changed}: not a replay", file=sys.stderr)
-        if start == cfg.steps and dist.is_main:
-            print(f"nothing to do: {resume_from} is at --steps {cfg.steps}", file=sys.stderr)
+        if start == cfg.max_steps and dist.is_main:
+            print(f"nothing to do: {resume_from} is at --max_steps {cfg.max_steps}", file=sys.stderr)
     if dist.is_main:
         start_output_dir(cfg, resume_from, metrics)  # only now: deletes an overwritten run, trims the metrics
     multi_gpu.barrier(dist)
     autocast = torch.autocast(device.type, torch.bfloat16) if cfg.bf16 else contextlib.nullcontext()
     metrics_path = Path(cfg.output_dir) / "metrics.jsonl"
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="ZipR1",
-               disable=not cfg.progress or not dist.is_main)
+    bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, desc="ZipR1",
+               disable=cfg.disable_tqdm or not dist.is_main)
     known_bad = len(bad)
     for step in bar:
         m = step_on_readable_rows(policy, reference, processor, optimizer, table, bad, cfg, step, device, autocast,
@@ -386,7 +437,7 @@ def train(cfg: Config) -> list[dict]:
                 log.write(json.dumps(m) + "\n")
         kl = "off" if m["kl"] is None else f"{m['kl']:.4f}"
         bar.set_postfix(reward=f"{m['reward']:.3f}", acc=f"{m['accuracy']:.2f}", tau=f"{m['tau']:.3f}", kl=kl)
-        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
+        if (step + 1) % cfg.save_steps == 0 or step + 1 == cfg.max_steps:
             save_checkpoint(policy, processor, optimizer, cfg, step + 1, dist)
             if dist.is_main:
                 plot_metrics(metrics, Path(cfg.output_dir) / "metrics.png")
@@ -423,7 +474,8 @@ def skip_bad_row(cfg: Config, err: data.DatasetError, step: int, dist) -> None:
     where = run_dir.record_bad_row(Path(cfg.output_dir), err.row, str(err), step + 1)
     if not cfg.skip_bad_rows or dist.enabled:  # ranks cannot agree on a replacement mid-step: stop them all
         hint = "" if cfg.skip_bad_rows else "; --skip_bad_rows replaces such rows as they come"
-        raise data.DatasetError(f"step {step + 1}: {err}: recorded in {where}, --resume continues without it{hint}",
+        raise data.DatasetError(f"step {step + 1}: {err}: recorded in {where}, --resume_from_checkpoint continues "
+                                f"without it{hint}",
                                 row=err.row) from None
     tqdm.write(f"skipping {err} (step {step + 1}; recorded in {where})", file=sys.stderr)
 
@@ -434,7 +486,8 @@ def interrupted(cfg: Config | None) -> str:
         if cfg is not None else []
     if not found:
         return "interrupted before the first checkpoint: nothing to resume (rerun the command to start over)"
-    return (f"interrupted: the last checkpoint is {found[-1]}; run the same command with --resume to continue "
+    return (f"interrupted: the last checkpoint is {found[-1]}; run the same command with --resume_from_checkpoint "
+            f"to continue "
             f"from it")
 
 

@@ -275,8 +275,8 @@ def zipr1_step_rows(args, device, size):
         model_dir, jsonl = write_step_sources(Path(tmp), size, device, args.step_frames, args.step_frame_size)
         cfg = train.check_config(train.Config(
             model=str(model_dir), dataset=str(jsonl), num_generations=args.step_n, per_step_questions=1,
-            max_new_tokens=args.step_new_tokens, max_frames=args.step_frames, gradient_checkpointing=True,
-            output_dir=str(Path(tmp) / "out"), progress=False))
+            max_completion_length=args.step_new_tokens, max_frames=args.step_frames, gradient_checkpointing=True,
+            output_dir=str(Path(tmp) / "out"), disable_tqdm=True))
         processor, rows = media.load_processor(model_dir), data.load_dataset_rows(str(jsonl)).rows
         prompt = media.encode_prompts(processor, [data.prompt_item(rows[0], cfg.max_frames)])["input_ids"].shape[1]
         policy = train.load_policy(model_dir, cfg, device)

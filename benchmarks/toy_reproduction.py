@@ -46,10 +46,10 @@ def parse_args(argv=None):
 
 def train_zipr1(args) -> float:
     """ZipR1 on the toy with train.py's toy preset and the chosen overrides; returns wall seconds."""
-    cfg = train.Config(**{**toy.TOY_PRESET, "steps": args.steps, "save_every": 25, "learning_rate":
+    cfg = train.Config(**{**toy.TOY_PRESET, "max_steps": args.steps, "save_steps": 25, "learning_rate":
                           args.learning_rate, "beta": args.beta, "per_step_questions": args.per_step_questions,
                           "keep_p_uniform": args.keep_p_uniform, "keep_p_low": args.keep_p_low, "seed": args.seed,
-                          "output_dir": str(Path(args.output_dir) / "train"), "resume": args.resume})
+                          "output_dir": str(Path(args.output_dir) / "train"), "resume_from_checkpoint": "last" if args.resume else None})
     start = time.perf_counter()
     train.train(train.check_config(cfg))
     return time.perf_counter() - start

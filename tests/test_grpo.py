@@ -29,6 +29,20 @@ def test_advantages_hand_example():
     torch.testing.assert_close(adv, expected.float())
 
 
+def test_advantages_scale_rewards_batch_and_none_hand_example():
+    """TRL's scale_rewards: "batch" centres per group and divides by the std of all six rewards; "none" only centres."""
+    r = torch.tensor([1.0, 2.0, 3.0, 0.0, 0.0, 3.0])  # group means 2 and 1
+    centred = torch.tensor([-1.0, 0.0, 1.0, -1.0, -1.0, 2.0])
+    batch_std = statistics.stdev(r.tolist())  # unbiased over the batch: mean 1.5, Σ(r - 1.5)^2 = 9.5, sqrt(9.5 / 5)
+    assert batch_std == pytest.approx(math.sqrt(1.9))
+    torch.testing.assert_close(group_advantages(r, 3, scale="batch"), (centred / (batch_std + 1e-4)).float())
+    torch.testing.assert_close(group_advantages(r, 3, scale="none"), centred.float())
+    constant = group_advantages(torch.tensor([0.1, 0.1, 0.1, 1.0, 0.0, 1.0]), 3, scale="none")
+    assert torch.equal(constant[:3], torch.zeros(3, dtype=constant.dtype))  # a constant group stays exactly 0
+    with pytest.raises(ValueError, match="scale must be one of"):
+        group_advantages(r, 3, scale="std")
+
+
 def test_advantages_2d_input_keeps_shape_and_matches_flat():
     r = torch.rand(4, 8)
     adv2d = group_advantages(r, num_generations=8)

@@ -125,10 +125,10 @@ def _free_port() -> int:
 def train_args(model_dir, jsonl, out_dir) -> list[str]:
     """A deterministic 2-step run: 2 questions × 4 answers per step, sharded reference (beta > 0), checkpointing,
     clipping active (‖g‖ > max_grad_norm = 1), v1 reward so the untrained model still gets nonzero advantages."""
-    return ["--model", str(model_dir), "--dataset", str(jsonl), "--output_dir", str(out_dir), "--steps", "2",
-            "--save_every", "1", "--per_step_questions", "2", "--num_generations", "4", "--max_new_tokens", "4",
+    return ["--model", str(model_dir), "--dataset", str(jsonl), "--output_dir", str(out_dir), "--max_steps", "2",
+            "--save_steps", "1", "--per_step_questions", "2", "--num_generations", "4", "--max_completion_length", "4",
             "--learning_rate", "1e-2", "--gate_efficiency", "false", "--gradient_checkpointing", "true",
-            "--max_frames", "4", "--progress", "false"]
+            "--max_frames", "4", "--disable_tqdm", "true"]
 
 
 @pytest.fixture(scope="module")
@@ -179,7 +179,7 @@ def test_a_two_process_checkpoint_resumes_in_one_process(runs, tmp_path):
     import train
     shutil.copytree(runs["root"] / "two", tmp_path / "run")
     shutil.rmtree(tmp_path / "run" / "checkpoint-2")
-    cfg = train.parse_config(train_args(runs["model_dir"], runs["jsonl"], tmp_path / "run") + ["--resume"])
+    cfg = train.parse_config(train_args(runs["model_dir"], runs["jsonl"], tmp_path / "run") + ["--resume_from_checkpoint"])
     resumed = train.train(cfg)
     assert resumed[1]["loss"] == pytest.approx(runs["one"][1]["loss"], rel=1e-4)
     one, again = weights(runs["root"] / "one" / "checkpoint-2"), weights(tmp_path / "run" / "checkpoint-2")

@@ -25,7 +25,7 @@ def sources(tmp_path_factory):
 
 def config(sources, out, **kw):
     base = dict(model=str(sources[0]), dataset=str(sources[1]), num_generations=4, per_step_questions=1,
-                max_new_tokens=3, learning_rate=1e-2, steps=3, save_every=2, output_dir=str(out), progress=False,
+                max_completion_length=3, learning_rate=1e-2, max_steps=3, save_steps=2, output_dir=str(out), disable_tqdm=True,
                 max_frames=4, gate_efficiency=False, keep_p_grid=(0.9, 0.95))
     return train.check_config(train.Config(**{**base, **kw}))
 
@@ -54,7 +54,7 @@ def test_resume_falls_back_past_a_torn_checkpoint_and_a_torn_metrics_line(source
     (out / "checkpoint-4.tmp").mkdir()  # a save killed before its rename
     with open(out / "metrics.jsonl", "a") as log:
         log.write('{"step": 4, "reward": 0.')  # killed while logging
-    resumed = train.train(config(sources, out, resume=True))
+    resumed = train.train(config(sources, out, resume_from_checkpoint="last"))
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("resume:")]
     assert len(lines) == 1 and "checkpoint-3 is incomplete" in lines[0] and "checkpoint-3.incomplete" in lines[0]
     assert [m["step"] for m in resumed] == [1, 2, 3]
@@ -74,11 +74,11 @@ def test_a_save_killed_midway_leaves_no_checkpoint(sources, tmp_path, monkeypatc
     monkeypatch.setattr(run_dir.torch, "save", killed)
     out = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
-        train.train(config(sources, out, steps=1))
+        train.train(config(sources, out, max_steps=1))
     assert run_dir.checkpoints(out) == [] and (out / "checkpoint-1.tmp").is_dir()
     monkeypatch.setattr(run_dir.torch, "save", real_save)
     with pytest.raises(run_dir.ResumeError, match="1 logged steps but no complete checkpoint"):
-        train.train(config(sources, out, steps=1, resume=True))
+        train.train(config(sources, out, max_steps=1, resume_from_checkpoint="last"))
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 1  # nothing deleted
 
 
@@ -86,9 +86,9 @@ def test_resume_with_nothing_to_resume_is_one_line_and_keeps_the_metrics(sources
     out = tmp_path / "run"
     out.mkdir()
     (out / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2}\n')
-    argv = ["--model", str(sources[0]), "--dataset", str(sources[1]), "--output_dir", str(out), "--resume",
-            "--progress", "false", "--steps", "1", "--max_new_tokens", "2", "--num_generations", "2"]
-    with pytest.raises(SystemExit, match="--resume: output_dir .* holds 2 logged steps but no complete checkpoint"
+    argv = ["--model", str(sources[0]), "--dataset", str(sources[1]), "--output_dir", str(out), "--resume_from_checkpoint",
+            "--disable_tqdm", "true", "--max_steps", "1", "--max_completion_length", "2", "--num_generations", "2"]
+    with pytest.raises(SystemExit, match="--resume_from_checkpoint: output_dir .* holds 2 logged steps but no complete checkpoint"
                                          ".*--overwrite_output_dir") as err:
         train.main(argv)
     assert "\n" not in str(err.value.code)
@@ -99,10 +99,10 @@ def test_resume_with_nothing_to_resume_is_one_line_and_keeps_the_metrics(sources
 
 def test_resume_behind_the_checkpoint_is_one_line(sources, finished, tmp_path):
     out = copy_run(finished, tmp_path)
-    with pytest.raises(run_dir.ResumeError, match="checkpoint-3 is already past --steps 2: pass --steps larger "
+    with pytest.raises(run_dir.ResumeError, match="checkpoint-3 is already past --max_steps 2: pass --max_steps larger "
                                                   "than 3"):
-        train.train(config(sources, out, resume=True, steps=2))
-    assert train.train(config(sources, out, resume=True)) == finished[1]  # --steps 3: nothing more to do
+        train.train(config(sources, out, resume_from_checkpoint="last", max_steps=2))
+    assert train.train(config(sources, out, resume_from_checkpoint="last")) == finished[1]  # --steps 3: nothing more to do
 
 
 def test_overwrite_deletes_nothing_until_everything_loaded(sources, finished, tmp_path):
@@ -119,7 +119,7 @@ def test_overwrite_deletes_nothing_until_everything_loaded(sources, finished, tm
             train.train(config(sources, out, overwrite_output_dir=True, **change))
         assert sorted(p.name for p in out.iterdir()) == listing, case
     run_dir.record_bad_row(out, 2, "row 2: cannot read image x.png", 1)
-    train.train(config(sources, out, overwrite_output_dir=True, steps=1))
+    train.train(config(sources, out, overwrite_output_dir=True, max_steps=1))
     assert run_dir.checkpoints(out) == [out / "checkpoint-1"]
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
     assert run_dir.read_bad_rows(out) == {2: "row 2: cannot read image x.png"}  # the data did not change: kept
@@ -127,7 +127,7 @@ def test_overwrite_deletes_nothing_until_everything_loaded(sources, finished, tm
 
 def test_save_total_limit_keeps_the_newest(sources, tmp_path):
     out = tmp_path / "run"
-    train.train(config(sources, out, steps=3, save_every=1, save_total_limit=1))
+    train.train(config(sources, out, max_steps=3, save_steps=1, save_total_limit=1))
     assert run_dir.checkpoints(out) == [out / "checkpoint-3"]
     with pytest.raises(train.ConfigError, match="save_total_limit must be >= 1"):
         config(sources, out, save_total_limit=0)

@@ -51,8 +51,8 @@ def sources(tmp_path_factory):
 
 def config(sources, out, **kw):
     model_dir, jsonl = sources
-    base = dict(model=str(model_dir), dataset=str(jsonl), num_generations=4, per_step_questions=1, max_new_tokens=3,
-                learning_rate=1e-2, steps=3, save_every=2, output_dir=str(out), progress=False, max_frames=4)
+    base = dict(model=str(model_dir), dataset=str(jsonl), num_generations=4, per_step_questions=1, max_completion_length=3,
+                learning_rate=1e-2, max_steps=3, save_steps=2, output_dir=str(out), disable_tqdm=True, max_frames=4)
     return train.check_config(train.Config(**{**base, **kw}))
 
 
@@ -95,12 +95,12 @@ def test_three_step_run_updates_the_policy_and_logs_tau(sources, tmp_path):
 
 
 def test_all_wrong_group_earns_no_efficiency_reward(sources, tmp_path):
-    gated = train.train(config(sources, tmp_path / "gated", steps=1, beta=0.0))[0]
+    gated = train.train(config(sources, tmp_path / "gated", max_steps=1, beta=0.0))[0]
     assert gated["accuracy"] == 0.0  # the untrained model answers nothing right
     assert gated["reward"] == 0.0 and gated["gate"] == 0.0 and gated["zero_std_groups"] == 1.0
     assert gated["kl"] is None  # beta = 0: no reference model
     assert all(torch.equal(weights(sources[0])[k], v) for k, v in weights(tmp_path / "gated" / "checkpoint-1").items())
-    ungated = train.train(config(sources, tmp_path / "v1", steps=1, beta=0.0, gate_efficiency=False))[0]
+    ungated = train.train(config(sources, tmp_path / "v1", max_steps=1, beta=0.0, gate_efficiency=False))[0]
     assert ungated["reward"] == pytest.approx(1 - ungated["tau"]) and ungated["zero_std_groups"] == 0.0
     assert not all(torch.equal(weights(sources[0])[k], v) for k, v in weights(tmp_path / "v1" / "checkpoint-1").items())
 
@@ -108,7 +108,7 @@ def test_all_wrong_group_earns_no_efficiency_reward(sources, tmp_path):
 def test_media_encoded_once_per_group_give_the_rollout_of_per_row_copies(sources, tmp_path):
     """Frozen vision: one vision pass per question (batching.repeat_prompts). Trained vision: pixels per row, and the
     vision tower learns. Both give the same first rollout from the same weights."""
-    frozen, trained = config(sources, tmp_path / "a"), config(sources, tmp_path / "b", freeze_vision=False, steps=1)
+    frozen, trained = config(sources, tmp_path / "a"), config(sources, tmp_path / "b", freeze_vision=False, max_steps=1)
     table = data.load_dataset_rows(frozen.dataset)
     rows = [table.rows[i] for i in data.question_indices(len(table), 0, 1, frozen.seed)]
     processor, none = media.load_processor(sources[0]), train.contextlib.nullcontext()
@@ -155,10 +155,42 @@ def test_gradient_checkpointing_gives_the_same_gradients(sources, tmp_path):
         grpo.grpo_loss(logp, None, None, advantages, rollout.completion_mask, beta=0.0)[0].backward()
 
 
+def test_mask_truncated_completions_leaves_truncated_answers_out_of_the_loss(sources, tmp_path, monkeypatch):
+    """TRL's mask_truncated_completions: a truncated answer adds nothing, exactly as if its advantage were 0 (β = 0,
+    loss_type grpo keeps the row in the mean). Also: epsilon_high and scale_rewards reach grpo.py."""
+    cfg = config(sources, tmp_path, beta=0.0, keep_p_grid=(0.5, 0.7, 0.9, 1.0), max_completion_length=4)
+    processor, table = media.load_processor(sources[0]), data.load_dataset_rows(cfg.dataset)
+    policy = train.load_policy(sources[0], cfg, "cpu")
+    rollout, _ = train.sample_rollout(policy, processor, table.rows[:1], cfg, 0, "cpu", train.contextlib.nullcontext())
+    eos = torch.tensor(train.eos_ids_of(policy))
+    assert torch.equal(rollout.truncated, ~torch.isin(rollout.completion_ids, eos).any(-1))  # no EOS: truncated
+    rollout = dataclasses.replace(rollout, truncated=torch.tensor([True, False, True, False]))
+    advantages = torch.tensor([1.0, -0.5, 0.25, -0.75])
+    masked = _gradients(policy, None, rollout, advantages, dataclasses.replace(cfg, mask_truncated_completions=True))
+    zeroed = _gradients(policy, None, rollout, advantages * torch.tensor([0.0, 1.0, 0.0, 1.0]), cfg)
+    plain = _gradients(policy, None, rollout, advantages, cfg)
+    assert masked.keys() == zeroed.keys()
+    for name in masked:
+        assert_close_to_scale(masked[name], zeroed[name], atol=1e-6, rtol=1e-5, msg=name)
+    assert any(not torch.allclose(masked[n], plain[n]) for n in masked)
+
+    seen = {}
+    def recording_loss(*args, **kwargs):
+        seen.update(epsilon_high=args[6] if len(args) > 6 else kwargs.get("epsilon_high"))
+        return grpo.grpo_loss.__wrapped__(*args, **kwargs)
+    recording_loss.__wrapped__ = grpo.grpo_loss
+    monkeypatch.setattr(grpo, "grpo_loss", recording_loss)
+    _gradients(policy, None, rollout, advantages, dataclasses.replace(cfg, epsilon_high=0.28))
+    assert seen["epsilon_high"] == 0.28
+    monkeypatch.setattr(grpo, "group_advantages", lambda r, n, scale: seen.update(scale=scale) or torch.zeros_like(r))
+    train.train(config(sources, tmp_path / "none", max_steps=1, scale_rewards="none"))
+    assert seen["scale"] == "none"
+
+
 def test_questions_rolled_out_together_or_apart_make_the_same_step(sources, tmp_path):
     """Batching a step's questions into one rollout (row-seeded sampling, split per group for the update) changes
     nothing: metrics and the updated weights equal those of one question per rollout batch."""
-    base = dict(steps=1, per_step_questions=2, gate_efficiency=False, keep_p_grid=(0.5, 0.7, 0.9, 1.0))
+    base = dict(max_steps=1, per_step_questions=2, gate_efficiency=False, keep_p_grid=(0.5, 0.7, 0.9, 1.0))
     apart = train.train(config(sources, tmp_path / "apart", rollout_questions=1, **base))[0]
     together = train.train(config(sources, tmp_path / "together", **base))[0]  # 0: both questions in one batch
     for key in apart:
@@ -172,7 +204,7 @@ def test_questions_rolled_out_together_or_apart_make_the_same_step(sources, tmp_
 
 def test_cuda_defaults_bf16_autocast_and_checkpointing_run_a_step(sources, tmp_path):
     """The CUDA defaults (bf16 autocast over fp32 master weights, gradient checkpointing), exercised on CPU."""
-    cfg = config(sources, tmp_path / "bf16", steps=1, bf16=True, gradient_checkpointing=True, gate_efficiency=False)
+    cfg = config(sources, tmp_path / "bf16", max_steps=1, bf16=True, gradient_checkpointing=True, gate_efficiency=False)
     metrics = train.train(cfg)[0]
     assert all(torch.isfinite(torch.tensor(float(metrics[k]))) for k in ("loss", "kl", "grad_norm", "tau"))
     before, after = weights(sources[0]), weights(tmp_path / "bf16" / "checkpoint-1")
@@ -187,29 +219,76 @@ def test_resume_reproduces_the_next_metrics(sources, tmp_path):
     shutil.rmtree(out / "checkpoint-3")  # interrupted after logging step 3, before saving it
     with pytest.raises(FileExistsError, match="--resume"):
         train.train(cfg)
-    resumed = train.train(dataclasses.replace(cfg, resume=True))
+    resumed = train.train(dataclasses.replace(cfg, resume_from_checkpoint="last"))
     assert [m["step"] for m in resumed] == [1, 2, 3]
     for key in full[2]:
         if key not in TIMING_KEYS:
             assert resumed[2][key] == pytest.approx(full[2][key], rel=1e-5), key
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 3  # step 3 logged once
-    assert train.train(dataclasses.replace(cfg, resume=True)) == resumed  # finished run: nothing more to do
+    assert train.train(dataclasses.replace(cfg, resume_from_checkpoint="last")) == resumed  # finished run: nothing more to do
 
 
 def test_config_from_the_command_line():
     toy_cfg = train.parse_config([])
     assert toy_cfg.model == "toy" and toy_cfg.learning_rate == toy.TOY_PRESET["learning_rate"]
     real = train.parse_config(["--model", "Qwen/Qwen2.5-VL-3B-Instruct", "--gate_efficiency", "false", "--bf16",
-                               "--keep_p_grid", "0.9,0.975", "--steps", "7"])
-    assert real.learning_rate == train.Config.learning_rate and real.max_new_tokens == train.Config.max_new_tokens
-    assert (real.gate_efficiency, real.bf16, real.keep_p_grid, real.steps) == (False, True, (0.9, 0.975), 7)
+                               "--keep_p_grid", "0.9,0.975", "--max_steps", "7"])
+    assert real.learning_rate == train.Config.learning_rate
+    assert real.max_completion_length == train.Config.max_completion_length
+    assert (real.gate_efficiency, real.bf16, real.keep_p_grid, real.max_steps) == (False, True, [0.9, 0.975], 7)
+    assert train.parse_config(["--keep_p_grid", "0.9", "0.975"]).keep_p_grid == [0.9, 0.975]  # space-separated too
     assert train.parse_config(["--learning_rate", "0.5"]).learning_rate == 0.5  # an explicit value beats the preset
     assert train.PAPER_KEEP_P_GRID == pytest.approx([0.94, 0.945, 0.95, 0.955, 0.96, 0.965, 0.97, 0.975])
-    bad_settings = (["--keep_p_grid", "0.9,1.2"], ["--keep_p_low", "1"], ["--loss_type", "ppo"],
-                    ["--num_generations", "1"], ["--rollout_questions", "-1"])
+    bad_settings = (["--keep_p_grid", "0.9,1.2"], ["--keep_p_low", "1"], ["--num_generations", "1"],
+                    ["--rollout_questions", "-1"])
     for bad in bad_settings:
         with pytest.raises(train.ConfigError):
             train.parse_config(bad)
+    with pytest.raises(train.ConfigError, match="loss_type"):  # what the parser's choices catch on the command line
+        train.check_config(train.Config(loss_type="ppo"))
+
+
+def test_trl_names_old_aliases_and_one_flag_style(capsys):
+    """TRL's names; the old ones still work with one deprecation line each; --name-with-dashes equals --name."""
+    new = train.parse_config(["--max_completion_length", "5", "--max_steps", "3", "--save_steps", "2",
+                              "--resume_from_checkpoint", "--disable_tqdm"])
+    assert capsys.readouterr().err == ""
+    old = train.parse_config(["--max_new_tokens", "5", "--steps", "3", "--save_every", "2", "--resume",
+                              "--progress", "false"])
+    warnings = capsys.readouterr().err.strip().splitlines()
+    assert new == old and len(warnings) == 5 and all("deprecated" in w for w in warnings)
+    assert (new.max_completion_length, new.max_steps, new.save_steps) == (5, 3, 2)
+    assert new.resume_from_checkpoint == "last" and new.disable_tqdm  # the bare flag: the newest checkpoint
+    assert train.parse_config(["--max-completion-length", "5", "--disable-tqdm", "true"]).max_completion_length == 5
+    for value, meant in (("true", "last"), ("last", "last"), ("false", None), ("runs/x/checkpoint-4", "runs/x/checkpoint-4")):
+        assert train.parse_config(["--resume_from_checkpoint", value]).resume_from_checkpoint == meant
+    assert train.parse_config(["--progress"]).disable_tqdm is False
+
+
+def test_command_line_errors_are_one_line(capsys):
+    for argv, says in ((["--loss_type", "ppo"], "invalid choice: 'ppo'"), (["--max_steps", "x"], "invalid int"),
+                       (["--no_such_flag"], "unrecognized arguments: --no_such_flag")):
+        with pytest.raises(SystemExit):
+            train.parse_config(argv)
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and says in err, err
+
+
+def test_generation_batch_size_counts_completions():
+    cfg = train.parse_config(["--generation_batch_size", "16", "--num_generations", "4"])
+    assert cfg.per_step_questions == 4  # TRL counts completions: 16 = G * N with N = 4
+    with pytest.raises(train.ConfigError, match="multiple of num_generations=4"):
+        train.parse_config(["--generation_batch_size", "10", "--num_generations", "4"])
+
+
+def test_help_lists_the_trl_names():
+    result = subprocess.run([sys.executable, "train.py", "--help"], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    for flag in ("--max_completion_length", "--max_steps", "--save_steps", "--resume_from_checkpoint",
+                 "--disable_tqdm", "--epsilon_high", "--scale_rewards", "--mask_truncated_completions",
+                 "--generation_batch_size"):
+        assert flag in result.stdout, flag
+    assert "{group,batch,none}" in result.stdout and "KL weight" in result.stdout
 
 
 def test_keep_p_per_row():
@@ -243,9 +322,9 @@ def broken_model_dirs(root):
 
 
 BAD_SETTINGS = {  # argv -> words of the one-line error
-    "max_new_tokens 0": (["--max_new_tokens", "0"], "max_new_tokens must be >= 1"),
+    "max_completion_length 0": (["--max_completion_length", "0"], "max_completion_length must be >= 1"),
     "learning_rate -1": (["--learning_rate", "-1"], "learning_rate must be >= 0"),
-    "save_every 0": (["--save_every", "0"], "save_every must be >= 1"),
+    "save_steps 0": (["--save_steps", "0"], "save_steps must be >= 1"),
     "save_total_limit 0": (["--save_total_limit", "0"], "save_total_limit must be >= 1"),
     "temperature -1": (["--temperature", "-1"], "temperature must be >= 0"),
     "more questions than rows": (["--per_step_questions", "5"], "per_step_questions=5 exceeds the 4 usable rows"),
@@ -261,8 +340,8 @@ def test_bad_settings_are_one_line_errors_before_the_model_loads(sources, tmp_pa
     argv = [a.format(**dirs) for a in argv]
     monkeypatch.setattr(train, "load_policy", lambda *a, **k: pytest.fail("the model loaded"))
     out = tmp_path / "out"
-    base = ["--model", str(sources[0]), "--dataset", str(sources[1]), "--output_dir", str(out), "--progress", "false",
-            "--steps", "2", "--num_generations", "2"]
+    base = ["--model", str(sources[0]), "--dataset", str(sources[1]), "--output_dir", str(out), "--disable_tqdm", "true",
+            "--max_steps", "2", "--num_generations", "2"]
     with pytest.raises(SystemExit) as err:
         train.main(base + argv)
     message = str(err.value.code)
@@ -271,7 +350,7 @@ def test_bad_settings_are_one_line_errors_before_the_model_loads(sources, tmp_pa
 
 
 def test_temperature_zero_decodes_greedily(sources, tmp_path):
-    cfg = config(sources, tmp_path, temperature=0.0, max_new_tokens=4)
+    cfg = config(sources, tmp_path, temperature=0.0, max_completion_length=4)
     table = data.load_dataset_rows(cfg.dataset)
     processor, policy = media.load_processor(sources[0]), train.load_policy(sources[0], cfg, "cpu")
     rollout, _ = train.sample_rollout(policy, processor, table.rows[:1], cfg, 0, "cpu", train.contextlib.nullcontext())
@@ -292,14 +371,14 @@ def test_ctrl_c_is_one_line_saying_how_to_resume(sources, tmp_path, monkeypatch)
 
     monkeypatch.setattr(train, "train_step", interrupted_at_step_3)
     out = tmp_path / "run"
-    argv = ["--model", str(sources[0]), "--dataset", str(sources[1]), "--output_dir", str(out), "--progress", "false",
-            "--steps", "3", "--save_every", "2", "--num_generations", "2", "--max_new_tokens", "2"]
+    argv = ["--model", str(sources[0]), "--dataset", str(sources[1]), "--output_dir", str(out), "--disable_tqdm", "true",
+            "--max_steps", "3", "--save_steps", "2", "--num_generations", "2", "--max_completion_length", "2"]
     with pytest.raises(SystemExit) as err:
         train.main(argv)
     message = str(err.value.code)
     assert "\n" not in message and str(out / "checkpoint-2") in message and "--resume" in message
     monkeypatch.setattr(train, "train_step", real_step)
-    assert [m["step"] for m in train.train(train.parse_config(argv + ["--resume"]))] == [1, 2, 3]
+    assert [m["step"] for m in train.train(train.parse_config(argv + ["--resume_from_checkpoint"]))] == [1, 2, 3]
 
 
 def truncate_to_a_broken_jpeg(path):
@@ -323,7 +402,7 @@ def test_media_failing_mid_run_is_recorded_and_never_fails_again(sources, tmp_pa
         (folder / "toy.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     truncate_to_a_broken_jpeg(folder / rows[step2]["path"])
     dataset = str(folder / "toy.jsonl")
-    kw = dict(dataset=dataset, steps=3, save_every=1, gate_efficiency=False, keep_p_grid=(0.9, 0.95))
+    kw = dict(dataset=dataset, max_steps=3, save_steps=1, gate_efficiency=False, keep_p_grid=(0.9, 0.95))
     skipped = train.train(config(sources, tmp_path / "skip", skip_bad_rows=True, **kw))
     assert [m["step"] for m in skipped] == [1, 2, 3]
     assert list(run_dir.read_bad_rows(tmp_path / "skip")) == [step2]
@@ -331,7 +410,7 @@ def test_media_failing_mid_run_is_recorded_and_never_fails_again(sources, tmp_pa
     with pytest.raises(data.DatasetError, match=f"step 2: row {step2}: cannot read image .*--resume") as err:
         train.train(config(sources, tmp_path / "stop", **kw))
     assert "\n" not in str(err.value)
-    resumed = train.train(config(sources, tmp_path / "stop", resume=True, **kw))
+    resumed = train.train(config(sources, tmp_path / "stop", resume_from_checkpoint="last", **kw))
     for got, want in zip(resumed, skipped):
         for key in want:
             if key not in TIMING_KEYS:
