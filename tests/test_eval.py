@@ -394,3 +394,12 @@ def test_lmms_subclass_registers_as_zipr1_and_delegates(tiny, lmms, monkeypatch)
     assert model.batch_size == 2 and model.loglikelihood(lmms.requests[:0]) == []
     with pytest.raises(ValueError, match="unknown model_args"):
         cls(pretrained=str(tiny.dir), temprature=0.1)
+
+
+def test_eval_flags_share_train_py_style(capsys):
+    """HfArgumentParser over EvalConfig: --keep_p and --keep-p alike, bare booleans, the old --max_new_tokens name."""
+    a = ev.parse_args(["--keep_p", "0.9", "--skip_bad_rows", "--max_completion_length", "4", "--batch_size", "2"])
+    b = ev.parse_args(["--keep-p", "0.9", "--skip-bad-rows", "true", "--max_new_tokens", "4", "--batch-size", "2"])
+    assert a == b and (a.keep_p, a.skip_bad_rows, a.max_completion_length, a.batch_size) == (0.9, True, 4, 2)
+    assert "deprecated" in capsys.readouterr().err
+    assert ev.parse_args([]) == ev.EvalConfig()
