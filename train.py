@@ -91,11 +91,14 @@ class Config:
     gradient_checkpointing: bool | None = None  # default: on with CUDA
     resume: bool = False  # continue from the last checkpoint in output_dir
     progress: bool = True
+    num_threads: int = 0  # torch CPU threads per process; 0: torch's default
 
 
 # the offline default: sizes that make `python train.py` a few-minute CPU run (toy.ensure_toy_model, toy.py)
+TOY_LEARNED = dict(sparsity_coef=0.3, sparsity_temperature=0.01, sparsity_gate="group", sparsity_target=0.3,
+                   sparsity_warmup_steps=0)  # the learned-sparsity recipe of the toy (benchmarks/RESULTS.md)
 TOY_PRESET = dict(learning_rate=2e-4, per_step_questions=2, max_new_tokens=8, steps=40, save_every=20,
-                  output_dir="outputs/zipr1-toy", max_frames=8)
+                  output_dir="outputs/zipr1-toy", max_frames=8, num_threads=1)  # 1 thread: see toy.WARMUP_THREADS
 TOY_TRAIN_ROWS, TOY_CACHE = 512, Path(".cache")
 TOY_DATA_SEED = 424_242  # RL questions: a seed the warm-up (seeds 0..steps-1) and eval.py (777_777 + seed) never use
 
@@ -133,6 +136,8 @@ def check_config(cfg: Config) -> Config:
         raise ConfigError(f"keep_p_low must lie in [0, 1), got {cfg.keep_p_low}")
     if cfg.num_generations < 2 or cfg.per_step_questions < 1 or cfg.num_iterations < 1 or cfg.steps < 1:
         raise ConfigError("need num_generations >= 2 and per_step_questions, num_iterations, steps >= 1")
+    if cfg.num_threads < 0:
+        raise ConfigError(f"num_threads must be >= 0 (0: torch's default), got {cfg.num_threads}")
     if cfg.rollout_questions < 0:
         raise ConfigError(f"rollout_questions must be >= 0 (0: all of a process's), got {cfg.rollout_questions}")
     world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's process count
@@ -365,6 +370,8 @@ def train_step(policy, reference, processor, optimizer, rows, cfg: Config, step:
 # ----------------------------------------------------------------------------------------------- loop
 def train(cfg: Config) -> list[dict]:
     """Run (or resume) ZipR1 training; returns the metrics of every step."""
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
     dist = multi_gpu.init_distributed()  # torchrun: join the process group; plain python: one process
     torch.manual_seed(cfg.seed)
     device = dist.device
