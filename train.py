@@ -98,7 +98,8 @@ class Config:
 TOY_LEARNED = dict(sparsity_coef=0.3, sparsity_temperature=0.01, sparsity_gate="group", sparsity_target=0.3,
                    sparsity_warmup_steps=0)  # the learned-sparsity recipe of the toy (benchmarks/RESULTS.md)
 TOY_PRESET = dict(learning_rate=2e-4, per_step_questions=2, max_new_tokens=8, steps=40, save_every=20,
-                  output_dir="outputs/zipr1-toy", max_frames=8, num_threads=1)  # 1 thread: see toy.WARMUP_THREADS
+                  output_dir="outputs/zipr1-toy", max_frames=8, num_threads=1,  # 1 thread: see toy.WARMUP_THREADS
+                  **TOY_LEARNED)  # --sparsity_coef 0: the paper's literal recipe
 TOY_TRAIN_ROWS, TOY_CACHE = 512, Path(".cache")
 TOY_DATA_SEED = 424_242  # RL questions: a seed the warm-up (seeds 0..steps-1) and eval.py (777_777 + seed) never use
 

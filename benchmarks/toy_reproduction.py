@@ -51,8 +51,9 @@ def parse_args(argv=None):
     for name in SPARSITY:  # the learned recipe's term (the literal recipe has sparsity_coef = 0)
         default = train.TOY_LEARNED.get(name, getattr(train.Config, name))
         p.add_argument(f"--{name}", type=type(default), default=default, help=f"learned recipe (default {default})")
-    p.add_argument("--learned_from_literal", action="store_true",
-                   help="the learned run starts from the literal run's last checkpoint (which is also its reference)")
+    p.add_argument("--learned_init", default="toy",
+                   help="the learned run's start (and KL reference): toy (the warmed-up model), literal (the literal "
+                        "run's last checkpoint), or a checkpoint folder (e.g. an earlier learned run: two stages)")
     p.add_argument("--keep_p", type=float, default=0.975, help="inference threshold of ZipVL and ZipR1")
     p.add_argument("--sweep", default="0.9,0.95,0.975", help="keep_p values of the Pareto plot")
     p.add_argument("--eval_questions", type=int, default=200, help="held-out toy questions")
@@ -72,8 +73,10 @@ def recipe_config(args, recipe: str) -> train.Config:
     out = Path(args.output_dir) / recipe / "train"
     sparsity = {k: getattr(args, k) for k in SPARSITY} if recipe == "learned" else {"sparsity_coef": 0.0}
     model = "toy"
-    if recipe == "learned" and args.learned_from_literal:
+    if recipe == "learned" and args.learned_init == "literal":
         model = str(run_dir.checkpoints(Path(args.output_dir) / "literal" / "train")[-1])
+    elif recipe == "learned":
+        model = args.learned_init
     return train.check_config(train.Config(**{
         **train.TOY_PRESET, **sparsity, "model": model, "steps": args.steps, "save_every": 25,
         "learning_rate": args.learning_rate, "beta": args.beta, "per_step_questions": args.per_step_questions,
@@ -150,9 +153,11 @@ def summarize(args, recipe: str, results: dict, train_seconds: float | None) -> 
 
 def markdown(summary: dict) -> list[str]:
     s, layers = summary, lambda v: " / ".join(f"{t:.2f}" for t in v)  # noqa: E731
-    lines = [f"### {s['recipe']} (λ = {s['sparsity_coef']}, T = {s['sparsity_temperature']}, gate "
-             f"{s['sparsity_gate']}, target {s['sparsity_target']}, warm-up {s['sparsity_warmup_steps']}; "
-             f"{s['steps']} steps, lr {s['learning_rate']}, seed {s['seed']}, {s['train_seconds'] or 0:.0f} s)",
+    term = "λ = 0" if s["recipe"] == "literal" else (
+        f"λ = {s['sparsity_coef']}, T = {s['sparsity_temperature']}, gate {s['sparsity_gate']}, target "
+        f"{s['sparsity_target']}, warm-up {s['sparsity_warmup_steps']}, start {s['start']}")
+    lines = [f"### {s['recipe']} ({term}; {s['steps']} steps, lr {s['learning_rate']}, seed {s['seed']}, "
+             f"{s['train_seconds'] or 0:.0f} s)",
              "", "| Method | keep_p | Accuracy | τ | τ per layer |", "|---|---|---|---|---|"]
     for name in ("Full", "ZipVL", "ZipR1"):
         per_layer = layers(s["tau_by_layer"][name]) if name in s["tau_by_layer"] else "—"
