@@ -95,9 +95,9 @@ class Config:
 
 
 # the offline default: sizes that make `python train.py` a few-minute CPU run (toy.ensure_toy_model, toy.py)
-TOY_LEARNED = dict(sparsity_coef=0.3, sparsity_temperature=0.01, sparsity_gate="group", sparsity_target=0.3,
+TOY_LEARNED = dict(sparsity_coef=1.0, sparsity_temperature=0.01, sparsity_gate="answer", sparsity_target=0.3,
                    sparsity_warmup_steps=0)  # the learned-sparsity recipe of the toy (benchmarks/RESULTS.md)
-TOY_PRESET = dict(learning_rate=2e-4, per_step_questions=2, max_new_tokens=8, steps=40, save_every=20,
+TOY_PRESET = dict(learning_rate=2e-4, per_step_questions=2, max_new_tokens=8, steps=150, save_every=50,
                   output_dir="outputs/zipr1-toy", max_frames=8, num_threads=1,  # 1 thread: see toy.WARMUP_THREADS
                   **TOY_LEARNED)  # --sparsity_coef 0: the paper's literal recipe
 TOY_TRAIN_ROWS, TOY_CACHE = 512, Path(".cache")

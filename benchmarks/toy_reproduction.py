@@ -42,10 +42,10 @@ SPARSITY = ("sparsity_coef", "sparsity_temperature", "sparsity_gate", "sparsity_
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--recipes", default="literal,learned", help="comma separated: literal, learned")
-    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--steps", type=int, default=400)
     p.add_argument("--learning_rate", type=float, default=train.TOY_PRESET["learning_rate"])
     p.add_argument("--beta", type=float, default=train.Config.beta)
-    p.add_argument("--per_step_questions", type=int, default=train.TOY_PRESET["per_step_questions"])
+    p.add_argument("--per_step_questions", type=int, default=4, help="questions per step (train.py's toy: 2)")
     p.add_argument("--keep_p_uniform", action="store_true", help="p ~ U(keep_p_low, 1] instead of the paper's grid")
     p.add_argument("--keep_p_low", type=float, default=train.Config.keep_p_low)
     for name in SPARSITY:  # the learned recipe's term (the literal recipe has sparsity_coef = 0)
@@ -133,7 +133,8 @@ def summarize(args, recipe: str, results: dict, train_seconds: float | None) -> 
     questions = Path(args.output_dir) / recipe / "eval" / "toy_questions" / "toy.jsonl"
     checkpoint = results["config"]["zipr1"]
     summary = {
-        "recipe": recipe, "steps": args.steps, "learning_rate": args.learning_rate, "beta": args.beta,
+        "recipe": recipe, "steps": args.steps, "per_step_questions": args.per_step_questions,
+        "learning_rate": args.learning_rate, "beta": args.beta,
         "keep_p": args.keep_p, "seed": args.seed, **{k: getattr(cfg, k) for k in SPARSITY},
         "start": cfg.model, "keep_p_sampling": f"U({args.keep_p_low}, 1]" if args.keep_p_uniform else
         "paper grid 0.94..0.975", "eval_questions": full["questions"], "train_seconds": train_seconds,
@@ -156,7 +157,8 @@ def markdown(summary: dict) -> list[str]:
     term = "λ = 0" if s["recipe"] == "literal" else (
         f"λ = {s['sparsity_coef']}, T = {s['sparsity_temperature']}, gate {s['sparsity_gate']}, target "
         f"{s['sparsity_target']}, warm-up {s['sparsity_warmup_steps']}, start {s['start']}")
-    lines = [f"### {s['recipe']} ({term}; {s['steps']} steps, lr {s['learning_rate']}, seed {s['seed']}, "
+    lines = [f"### {s['recipe']} ({term}; {s['steps']} steps × {s['per_step_questions']} questions, lr "
+             f"{s['learning_rate']}, seed {s['seed']}, "
              f"{s['train_seconds'] or 0:.0f} s)",
              "", "| Method | keep_p | Accuracy | τ | τ per layer |", "|---|---|---|---|---|"]
     for name in ("Full", "ZipVL", "ZipR1"):
