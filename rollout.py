@@ -3,6 +3,8 @@
     inputs = batching.repeat_prompts(policy, processor_batch, n)   # each prompt n times, its media encoded once
     rollout = generate(policy, inputs, keep_p=torch.tensor([0.94, 0.945, ...]), sampling=SamplingConfig(...))
     logp = score_completions(policy, rollout)               # teacher-forced, same sparsity: == rollout.logprobs
+    state = scoring_state(policy, rollout, relaxed_temperature=0.01)  # + the relaxed τ̃ per layer, with gradient
+    logp = score_completions(policy, rollout, state=state); tau_soft = state.relaxed_token_ratio()   # (B,)
     ref_logp = score_completions(reference, rollout, sparse=False)   # frozen model, full attention
     groups = batching.split_groups(policy, rollout, n)       # one Rollout per question, e.g. as micro-batches
 
@@ -23,7 +25,7 @@ from transformers import DynamicCache
 from batching import MEDIA_KEYS, check_vision_tokens
 from grpo import completion_mask, token_logprobs
 from mrope import continuation_positions, prompt_positions
-from sparse_qwen import ATTN_NAME, PrunedKVCache, make_state, sparse_forward, text_config
+from sparse_qwen import ATTN_NAME, PrunedKVCache, SparseState, make_state, sparse_forward, text_config
 
 
 @dataclass
@@ -238,20 +240,32 @@ def full_sequence(model, rollout: Rollout) -> dict:
         **{k: inputs[k] for k in MEDIA_KEYS if inputs.get(k) is not None})
 
 
-def score_completions(model, rollout: Rollout, sparse: bool = True, keep_p=None) -> torch.Tensor:
+def scoring_state(model, rollout: Rollout, keep_p=None, relaxed_temperature: float | None = None,
+                  relaxed_grad: bool = True) -> SparseState:
+    """The SparseState of a teacher-forced scoring of `rollout`: its keep_p (or `keep_p`), probe seed, prompt length.
+
+    Build it once and hand the same one to `score_completions` and to `sparse_forward` around `.backward()`: the
+    forward, the gradient-checkpoint recomputation and the relaxed τ̃ (`relaxed_temperature`: sparse_qwen) then all
+    read one state. After the forward it holds the selections and τ̃ per layer (`state.relaxed_token_ratio()`).
+    """
+    return make_state(model, rollout.keep_p if keep_p is None else keep_p, mode="teacher",
+                      batch_size=len(rollout.keep_p), prompt_len=rollout.inputs["input_ids"].shape[1],
+                      seed=rollout.seed, relaxed_temperature=relaxed_temperature, relaxed_grad=relaxed_grad)
+
+
+def score_completions(model, rollout: Rollout, sparse: bool = True, keep_p=None,
+                      state: SparseState | None = None) -> torch.Tensor:
     """Teacher-forced log π(completion token) at the rollout's temperature.  (B, T), 0 after EOS.
 
     sparse=True: the policy under the same selection rule as the rollout (prompt selected per layer with the
-    rollout's keep_p and probe seed, response tokens always kept) — equal to rollout.logprobs.
+    rollout's keep_p and probe seed, response tokens always kept) — equal to rollout.logprobs. `state`: the
+    `scoring_state` to score under (built here when None).
     sparse=False: plain forward (the full-attention reference model). Gradients flow unless under no_grad.
     """
-    batch, prompt_len = full_sequence(model, rollout), rollout.inputs["input_ids"].shape[1]
-    steps = rollout.completion_ids.shape[1]
+    batch, steps = full_sequence(model, rollout), rollout.completion_ids.shape[1]
     context = contextlib.nullcontext()
     if sparse:
-        state = make_state(model, rollout.keep_p if keep_p is None else keep_p, mode="teacher",
-                           batch_size=len(rollout.keep_p), prompt_len=prompt_len, seed=rollout.seed)
-        context = sparse_forward(state)
+        context = sparse_forward(scoring_state(model, rollout, keep_p) if state is None else state)
     with context:
         logits = model(**batch, use_cache=False, logits_to_keep=steps + 1).logits[:, :-1]  # (B, T, V): completion
     logits = without_placeholders(model, logits)

@@ -4,7 +4,7 @@
     output_dir/checkpoint-<step>/   save_pretrained (model + processor, loadable by plain transformers)
                                     + trainer_state.pt (step, optimizer state keyed by parameter name, config)
     output_dir/metrics.jsonl        one line of metrics per step
-    output_dir/metrics.png          reward, accuracy and token ratio τ over steps
+    output_dir/metrics.png          reward, accuracy and token ratio τ (and the relaxed τ̃) over steps
     output_dir/bad_rows.jsonl       rows whose media failed while training (train.py replaces them; kept on restart)
 
 A checkpoint is written to checkpoint-<step>.tmp and renamed when complete, so a run killed while saving leaves no
@@ -160,6 +160,9 @@ def plot_metrics(metrics: list[dict], path: Path) -> None:
         smooth /= torch.arange(1, len(values) + 1).clamp(max=window)  # mean of the last `window` steps
         ax.plot(steps, values, lw=0.6, alpha=0.4)
         ax.plot(steps, smooth, lw=1.8, label=f"mean of {window}")
+        if key == "tau" and "tau_relaxed" in metrics[0]:  # the relaxed count of the loss term, beside the hard τ
+            ax.plot(steps, [m["tau_relaxed"] for m in metrics], lw=1.0, ls="--", label="τ̃ (relaxed, loss term)")
+            ax.legend(fontsize=8)
         ax.set(xlabel="step", title=label)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from einops import repeat
 
 NUM_RECENT_PROBES = 64
@@ -119,24 +120,39 @@ def probe_indices(valid: torch.Tensor, num_recent=NUM_RECENT_PROBES, num_random=
     return idx, ok
 
 
-@torch.no_grad()
-def probe_column_mass(q, k, valid, probe_idx, probe_ok, scale=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Score keys with probe queries: causal softmax per probe, summed over probes and heads.
+def probe_queries(q, probe_idx) -> torch.Tensor:
+    """The probe rows of q: (B, H, L, D), probe_idx (B, P) -> (B, H, P, D)."""
+    return torch.gather(q, 2, repeat(probe_idx, "b p -> b h p d", h=q.shape[1], d=q.shape[-1]))  # (B, H, P, D)
 
-    q: (B, H, L, D); k: (B, Hkv, L, D); valid: (B, L) bool; probe_idx, probe_ok: (B, P).
-    Returns the column mass s (B, L) and the number of probes that can causally see each key, n (B, L).
+
+def column_mass(qp, k, valid, probe_idx, probe_ok, scale=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Column mass of the probe queries qp (B, H, P, D) over keys k (B, Hkv, L, D); differentiable in qp and k.
+
+    Causal softmax per probe and head, summed over heads and real probes. Returns s (B, L) (0 on padding) and the
+    number of probes that can causally see each key, n (B, L).
     """
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    groups, acc = q.shape[1] // k.shape[1], torch.promote_types(q.dtype, torch.float32)
-    qp = torch.gather(q, 2, repeat(probe_idx, "b p -> b h p d", h=q.shape[1], d=q.shape[-1]))  # (B, H, P, D)
+    scale = qp.shape[-1] ** -0.5 if scale is None else scale
+    groups, acc = qp.shape[1] // k.shape[1], torch.promote_types(qp.dtype, torch.float32)
     qp = qp.unflatten(1, (k.shape[1], groups)).to(acc) * scale  # (B, Hkv, G, P, D)
-    with torch.autocast(q.device.type, enabled=False):  # scores in fp32 even inside a bf16 autocast region
+    with torch.autocast(qp.device.type, enabled=False):  # scores in fp32 even inside a bf16 autocast region
         logits = torch.einsum("bhgpd,bhld->bhgpl", qp, k.to(acc))  # (B, Hkv, G, P, L)
         key_pos = torch.arange(k.shape[2], device=k.device)
         sees = (key_pos[None, None, :] <= probe_idx[:, :, None]) & valid[:, None, :]  # (B, P, L); probes see themselves
         probs = torch.softmax(logits.masked_fill_(~sees[:, None, None], float("-inf")), dim=-1)  # (B, Hkv, G, P, L)
         mass = torch.einsum("bhgpl,bp->bl", probs, probe_ok.to(acc))  # Σ over heads and (real) probes
     return mass, (sees & probe_ok[:, :, None]).sum(1).to(acc)  # (B, L), (B, L)
+
+
+@torch.no_grad()
+def probe_column_mass(q, k, valid, probe_idx, probe_ok, scale=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Score keys with probe queries: causal softmax per probe, summed over probes and heads (no gradient: this is
+    what the selection uses; `relaxed_layer_ratio` is its differentiable twin).
+
+    q: (B, H, L, D); k: (B, Hkv, L, D); valid: (B, L) bool; probe_idx, probe_ok: (B, P).
+    Returns the column mass s (B, L) and the number of probes that can causally see each key, n (B, L).
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return column_mass(probe_queries(q, probe_idx), k, valid, probe_idx, probe_ok, scale)
 
 
 def top_p_count(mass: torch.Tensor, keep_p: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
@@ -150,6 +166,46 @@ def top_p_count(mass: torch.Tensor, keep_p: torch.Tensor, length: torch.Tensor) 
     k = (cum < target).sum(-1) + 1  # Eq. 3: first prefix with cum ≥ p·total
     k = torch.where(keep_p >= 1.0, length, k)  # p = 1 is dense, even where some key's mass underflowed to 0
     return torch.minimum(k, length).clamp(min=1)
+
+
+def smooth_top_p_count(mass: torch.Tensor, keep_p: torch.Tensor, length: torch.Tensor, temperature: float):
+    """Eq. 3, relaxed (smooth count): k̃ = Σ_{i ≤ ℓ} σ((p − c_{i−1}) / T), differentiable in the mass.
+
+    c is the cumulative sum of the column mass normalised to 1 and sorted descending, c_0 = 0. Key i counts fully
+    while the keys ranked above it hold less than p, so k̃ → `top_p_count` as T → 0. Raising the share of the top
+    keys lowers k̃. p = 1 gives ℓ exactly, with zero gradient, as the hard count does.
+    mass: (B, L) (0 on padding); keep_p: (B,); length: (B,).  Returns (B,) float.
+    """
+    share = mass / mass.sum(-1, keepdim=True)  # (B, L), sums to 1
+    sorted_share = share.sort(dim=-1, descending=True).values  # (B, L); padding (mass 0) sorts last
+    before = F.pad(sorted_share.cumsum(-1)[:, :-1], (1, 0))  # (B, L): c_{i-1}, c_0 = 0
+    slot = torch.arange(mass.shape[-1], device=mass.device)[None] < length[:, None]  # (B, L): the ℓ real keys
+    count = (torch.sigmoid((keep_p[:, None] - before) / temperature) * slot).sum(-1)  # Eq. 3, relaxed
+    return torch.where(keep_p >= 1, length.to(count.dtype), count)  # p = 1 keeps all ℓ: constant
+
+
+def relaxed_layer_ratio(qp, k, valid, probe_idx, probe_ok, keep_p, temperature, scale=None) -> torch.Tensor:
+    """One layer's relaxed token ratio τ̃_j = k̃_j / ℓ from probe queries qp (B, H, P, D), with gradient.  (B,)"""
+    mass, _ = column_mass(qp, k, valid, probe_idx, probe_ok, scale)  # (B, L), differentiable
+    length = valid.sum(-1)  # (B,)
+    return smooth_top_p_count(mass, keep_p, length, temperature) / length  # Eq. 2 with the relaxed count
+
+
+def relaxed_token_ratio(q, k, keep_p, temperature: float, valid=None, num_recent=NUM_RECENT_PROBES,
+                        num_random=NUM_RANDOM_PROBES, seed=0, scale=None, recompute=True) -> torch.Tensor:
+    """τ̃ of one layer with the probes `top_p_select` uses (same seed): the differentiable twin of k/ℓ.  (B,)
+
+    q: (B, H, L, D); k: (B, Hkv, L, D); keep_p: (B,); valid: (B, L) bool. recompute=True runs the scoring under
+    torch.utils.checkpoint: backward recomputes the (B, H, P, L) probe probabilities instead of keeping them, so a
+    layer holds only its probe queries (B, H, P, D) and τ̃ (B,) until backward.
+    """
+    valid = torch.ones(q.shape[0], q.shape[2], dtype=torch.bool, device=q.device) if valid is None else valid.bool()
+    probe_idx, probe_ok = probe_indices(valid, num_recent, num_random, seed)  # (B, P)
+    qp = probe_queries(q, probe_idx)  # (B, H, P, D)
+    args = (qp, k, valid, probe_idx, probe_ok, keep_p, temperature, scale)
+    if recompute and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(relaxed_layer_ratio, *args, use_reentrant=False)
+    return relaxed_layer_ratio(*args)
 
 
 def top_p_select(q, k, keep_p, valid=None, num_recent=NUM_RECENT_PROBES, num_random=NUM_RANDOM_PROBES,
@@ -235,6 +291,7 @@ def attention_error_bound(kept_mass: torch.Tensor, v_norm_max: torch.Tensor) -> 
 
 __all__ = [
     "Selection", "check_keep_p", "sparse_attention", "token_budget", "token_ratio", "probe_indices",
-    "probe_column_mass", "top_p_count", "top_p_select", "select_from_mass", "mask_to_indices", "gathered_sparse_attention",
+    "probe_queries", "column_mass", "probe_column_mass", "top_p_count", "smooth_top_p_count", "relaxed_layer_ratio",
+    "relaxed_token_ratio", "top_p_select", "select_from_mass", "mask_to_indices", "gathered_sparse_attention",
     "attention_error_bound",
 ]

@@ -16,7 +16,9 @@ What a forward does is set per call by a `SparseState` made active with `with sp
                   generated so far.
   mode "teacher"  the training forward over prompt + response in one pass: the prompt is selected exactly as in
                   prefill and every response token attends to the kept prompt keys and the response so far. The
-                  log-probs it gives equal those of the rollout (inference-consistent).
+                  log-probs it gives equal those of the rollout (inference-consistent). With `relaxed_temperature`
+                  set it also records each layer's relaxed token ratio τ̃_j (Eq. 3 with a smooth count, with
+                  gradient through the probe scores), the efficiency term of train.py's loss.
 
 Positions are the original ones (mrope.py): prefill takes Qwen's mRoPE ids from `get_rope_index`, and generated
 tokens continue from the prompt's largest position (rope deltas), not from the pruned cache length. Sparsity is per
@@ -32,7 +34,8 @@ from transformers import AttentionInterface, DynamicCache
 from transformers.masking_utils import AttentionMaskInterface
 
 import zipr1_kernels
-from sparse_attention import Selection, check_keep_p, mask_to_indices, sparse_attention, token_ratio
+from sparse_attention import (Selection, check_keep_p, mask_to_indices, relaxed_token_ratio, sparse_attention,
+                              token_ratio)
 
 ATTN_NAME = "zipr1_sparse"
 
@@ -87,6 +90,9 @@ class SparseState:
     cache: PrunedKVCache | None = None
     seed: int = 0  # random probes depend on (seed + layer, ℓ) only
     selections: dict[int, Selection] = field(default_factory=dict)
+    relaxed_temperature: float | None = None  # teacher mode: record τ̃_j with this T (None: not computed)
+    relaxed_grad: bool = True  # τ̃ with gradient (the loss term); False: a detached value, for logging only
+    relaxed: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> τ̃_j (B,)
 
     def kept(self) -> torch.Tensor:
         """k_j per sample and layer.  (B, n_layers) long."""
@@ -103,6 +109,14 @@ class SparseState:
     def token_ratio(self) -> torch.Tensor:
         """τ per sample: mean over layers of k_j / ℓ (Eq. 2).  (B,)"""
         return token_ratio(self.kept(), self.lengths())
+
+    def relaxed_by_layer(self) -> torch.Tensor:
+        """τ̃_j per sample and layer (Eq. 3 relaxed, / ℓ) from the last teacher forward.  (B, n_layers)"""
+        return torch.stack([self.relaxed[j] for j in sorted(self.relaxed)], dim=1)
+
+    def relaxed_token_ratio(self) -> torch.Tensor:
+        """τ̃ per sample: mean over layers of τ̃_j, the smooth twin of `token_ratio`.  (B,)"""
+        return self.relaxed_by_layer().mean(-1)
 
 
 _ACTIVE: list[SparseState | None] = [None]  # a plain global, not a ContextVar: autograd's threads must see it
@@ -159,12 +173,23 @@ def zipr1_attention(module, query, key, value, attention_mask, scaling=None, dro
         sel = zipr1_kernels.top_p_select(query[:, :, :n_prompt], key[:, :, :n_prompt], state.keep_p, valid[:, :n_prompt],
                            seed=state.seed + layer, scale=scaling)  # Eq. 3 on the prompt
         state.selections[layer] = sel
+        if state.mode == "teacher" and state.relaxed_temperature is not None:
+            state.relaxed[layer] = relaxed_ratio(state, query[:, :, :n_prompt], key[:, :, :n_prompt],
+                                                 valid[:, :n_prompt], layer, scaling)  # (B,)
         response = torch.ones(bsz, seq - n_prompt, dtype=torch.bool, device=query.device)  # (B, L-P): all in
         mask = torch.cat([sel.mask, response], dim=1)  # (B, L): m_Q = m_K
         out = zipr1_kernels.prefill_sparse_attention(query, key, value, mask, scale=scaling)  # Eq. 1, (B, H, L, D)
         if state.mode == "prefill" and state.cache is not None:
             state.cache.prune(layer, sel.mask)  # keep only the selected K/V of this layer
     return out.transpose(1, 2).contiguous(), None  # (B, L, H, D); the Triton kernels write it so: no copy
+
+
+def relaxed_ratio(state: SparseState, query, key, valid, layer: int, scaling) -> torch.Tensor:
+    """τ̃_j of the prompt (B,), with the probes the selection used; torch (the Triton probe kernel has no backward).
+    Its (B, H, P, ℓ) probe probabilities are recomputed in backward, not kept (sparse_attention.relaxed_token_ratio)."""
+    with torch.set_grad_enabled(state.relaxed_grad and torch.is_grad_enabled()):
+        return relaxed_token_ratio(query, key, state.keep_p, state.relaxed_temperature, valid,
+                                   seed=state.seed + layer, scale=scaling)
 
 
 AttentionInterface.register(ATTN_NAME, zipr1_attention)

@@ -9,6 +9,7 @@ Choices that make ~600 warm-up steps enough (measured per kind in toy_settings.j
 video temporal positions one apart (tokens_per_second=1); options in a fixed order per kind; shapes and counted
 squares aligned to the 28 px visual-token grid, so they give the same token patterns wherever they are.
 """
+import contextlib
 import json
 import math
 import os
@@ -58,9 +59,16 @@ SHAPES, POSITIONS, HALVES = ("square", "circle", "triangle"), ("left", "right", 
 KINDS = ("color", "shape", "position", "count", "video")
 VIDEO_FPS = 2.0
 TASK_VERSION, STEPS = 4, 600  # bump TASK_VERSION whenever rendering or questions change (invalidates caches)
+WARMUP_THREADS = 1  # the warm-up runs on one CPU thread on every machine: a 0.5M-parameter model gains nothing from
+# more, OpenMP barriers stall when the cores are shared (10 warm-up steps: 139.8 s at 2 threads beside one other
+# process, 24.2 s at 1), and reductions split over threads would make the cached model depend on the core count
+
 # the offline default of train.py and eval.py: sizes that make `python train.py` a few-minute CPU run
-TOY_PRESET = dict(learning_rate=2e-4, per_step_questions=2, max_completion_length=8, max_steps=40, save_steps=20,
-                  output_dir="outputs/zipr1-toy", max_frames=8)
+TOY_LEARNED = dict(sparsity_coef=1.0, sparsity_temperature=0.01, sparsity_gate="answer", sparsity_target=0.3,
+                   sparsity_warmup_steps=0)  # the learned-sparsity recipe of the toy (benchmarks/RESULTS.md)
+TOY_PRESET = dict(learning_rate=2e-4, per_step_questions=2, max_completion_length=8, max_steps=150, save_steps=50,
+                  output_dir="outputs/zipr1-toy", max_frames=8, num_threads=1,  # 1 thread: see WARMUP_THREADS
+                  **TOY_LEARNED)  # --sparsity_coef 0: the paper's literal recipe
 TOY_TRAIN_ROWS, TOY_CACHE = 512, Path(".cache")  # RL questions train.py writes; where the toy model and data live
 TOY_DATA_SEED = 424_242  # RL questions: a seed the warm-up (seeds 0..steps-1) and eval.py (777_777 + seed) never use
 
@@ -301,27 +309,40 @@ def toy_accuracy(model, processor, n_per_kind=40, seed=12345, kinds=KINDS, batch
     return accuracy
 
 
+@contextlib.contextmanager
+def cpu_threads(n: int):
+    """torch's intra-op CPU threads set to n inside the block, restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def ensure_toy_model(cache_dir=".cache/toy-model", steps=STEPS, seed=0, progress=True, batch_size=8, lr=3e-3,
                      arch="qwen2_5_vl", eval_per_kind=50, **sizes):
     """Tiny model warmed up on the toy task, cached under `cache_dir`; same settings -> returned at once.
 
-    The marker toy_settings.json records the settings, training time and greedy accuracy per kind.
+    The warm-up runs on WARMUP_THREADS CPU threads whatever the machine (part of the cache key). The marker
+    toy_settings.json records the settings, training time and greedy accuracy per kind.
     """
     cache_dir = Path(cache_dir)
     settings = {"version": TASK_VERSION, "steps": steps, "seed": seed, "batch_size": batch_size, "lr": lr,
-                "arch": arch, "sizes": {**DEFAULT_SIZES, **sizes}, "kinds": list(KINDS)}
+                "arch": arch, "sizes": {**DEFAULT_SIZES, **sizes}, "kinds": list(KINDS), "threads": WARMUP_THREADS}
     marker = cache_dir / "toy_settings.json"
     if marker.is_file() and json.loads(marker.read_text()).get("settings") == settings:
         return cache_dir
     work = cache_dir.with_name(f"{cache_dir.name}.building-{os.getpid()}")  # private: concurrent builders
     shutil.rmtree(work, ignore_errors=True)
-    build_tiny_model_dir(work, arch=arch, seed=seed, **sizes)
-    model, processor = AutoModelForImageTextToText.from_pretrained(work), media.load_processor(work)
-    start, cpu = time.time(), time.process_time()
-    losses = train_answers(model, processor, steps, batch_size, lr, seed, progress=progress)
-    record = {"settings": settings, "train_seconds": round(time.time() - start, 1),
-              "train_cpu_seconds": round(time.process_time() - cpu, 1), "final_loss": round(losses[-1], 4),
-              "accuracy": toy_accuracy(model, processor, n_per_kind=eval_per_kind)}
+    with cpu_threads(WARMUP_THREADS):
+        build_tiny_model_dir(work, arch=arch, seed=seed, **sizes)
+        model, processor = AutoModelForImageTextToText.from_pretrained(work), media.load_processor(work)
+        start, cpu = time.time(), time.process_time()
+        losses = train_answers(model, processor, steps, batch_size, lr, seed, progress=progress)
+        record = {"settings": settings, "train_seconds": round(time.time() - start, 1),
+                  "train_cpu_seconds": round(time.process_time() - cpu, 1), "final_loss": round(losses[-1], 4),
+                  "accuracy": toy_accuracy(model, processor, n_per_kind=eval_per_kind)}
     model.save_pretrained(work)
     (work / "toy_settings.json").write_text(json.dumps(record, indent=2))
     shutil.rmtree(cache_dir, ignore_errors=True)

@@ -45,10 +45,11 @@ from batching import repeat_prompts, split_groups
 import run_dir
 from run_dir import (DEFAULT_OUTPUT_DIR, checkpoints, plot_metrics, prepare_output_dir, save_checkpoint,
                      start_output_dir)
-from rollout import SamplingConfig, eos_ids_of, generate, score_completions
-from sparse_qwen import make_sparse, make_state, sparse_forward
+from rollout import SamplingConfig, eos_ids_of, generate, score_completions, scoring_state
+from sparse_qwen import make_sparse, sparse_forward
 from toy import TOY_CACHE, TOY_DATA_SEED, TOY_PRESET, TOY_TRAIN_ROWS
 
+SPARSITY_GATES = ("group", "answer", "none")
 PAPER_KEEP_P_GRID = tuple(round(0.94 + 0.005 * i, 3) for i in range(8))  # 0.94, 0.945, ..., 0.975
 
 
@@ -79,6 +80,14 @@ class Config:
     keep_p_uniform: bool = HfArg(default=False, help="instead draw p = 1 - u (1 - keep_p_low), u ~ U[0, 1)")
     keep_p_low: float = HfArg(default=0.0, help="lower end of the uniform p; 0 is the method text's U(0, 1)")
     gate_efficiency: bool = HfArg(default=True, help="C: no efficiency reward for an all-wrong group")
+    # learned sparsity: λ·C·max(τ̃ − target, 0) joins the loss, τ̃ the relaxed Eq. 3 count (README); λ = 0 is the
+    # paper's literal objective (τ̃ is still logged)
+    sparsity_coef: float = HfArg(default=0.0, help="λ of the learned-sparsity term; 0: the paper's literal recipe")
+    sparsity_temperature: float = HfArg(default=0.01, help="T of the smooth count σ((p − c_{i−1}) / T)")
+    sparsity_gate: Literal["group", "answer", "none"] = HfArg(
+        default="group", help="C per answer: the reward's group gate, this answer correct, or always 1")
+    sparsity_target: float = HfArg(default=0.0, help="hinge: τ̃ at or below it is not pushed further")
+    sparsity_warmup_steps: int = HfArg(default=0, help="λ ramps linearly from 0 over these steps")
     # GRPO (Eq. 4-5)
     beta: float = HfArg(default=0.04, help="KL weight (paper 0.04; TRL's default 0.0); 0 skips the reference model")
     epsilon: float = HfArg(default=0.2, help="lower clip range of the ratio")
@@ -118,6 +127,7 @@ class Config:
                                                help="a checkpoint folder to continue from, or 'last' (the flag "
                                                     "alone): the newest complete one in output_dir")
     disable_tqdm: bool = HfArg(default=False, help="no progress bars")
+    num_threads: int = HfArg(default=0, help="torch CPU threads per process; 0: torch's default")
 
 
 RENAMED = {"max_new_tokens": "max_completion_length", "steps": "max_steps", "save_every": "save_steps",
@@ -151,12 +161,20 @@ def check_config(cfg: Config) -> Config:
         raise ConfigError(f"keep_p_low must lie in [0, 1), got {cfg.keep_p_low}")
     if cfg.num_generations < 2 or cfg.per_step_questions < 1 or cfg.num_iterations < 1 or cfg.max_steps < 1:
         raise ConfigError("need num_generations >= 2 and per_step_questions, num_iterations, max_steps >= 1")
+    if cfg.num_threads < 0:
+        raise ConfigError(f"num_threads must be >= 0 (0: torch's default), got {cfg.num_threads}")
     if cfg.rollout_questions < 0:
         raise ConfigError(f"rollout_questions must be >= 0 (0: all of a process's), got {cfg.rollout_questions}")
     world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's process count
     if cfg.per_step_questions % world:
         raise ConfigError(f"per_step_questions={cfg.per_step_questions} must be a multiple of the {world} processes "
                           f"(each takes whole question groups, the same number)")
+    if cfg.sparsity_coef < 0 or cfg.sparsity_temperature <= 0 or not 0 <= cfg.sparsity_target < 1 \
+            or cfg.sparsity_warmup_steps < 0:
+        raise ConfigError("need sparsity_coef >= 0, sparsity_temperature > 0, 0 <= sparsity_target < 1 and "
+                          "sparsity_warmup_steps >= 0")
+    if cfg.sparsity_gate not in SPARSITY_GATES:
+        raise ConfigError(f"sparsity_gate must be one of {SPARSITY_GATES}, got {cfg.sparsity_gate!r}")
     if cfg.loss_type not in grpo.LOSS_TYPES:
         raise ConfigError(f"loss_type must be one of {grpo.LOSS_TYPES}, got {cfg.loss_type!r}")
     if cfg.scale_rewards not in grpo.REWARD_SCALINGS:
@@ -311,43 +329,82 @@ def loss_mask(rollout, cfg: Config) -> torch.Tensor:
     return rollout.completion_mask * ~rollout.truncated[:, None]  # (N, T)
 
 
+def sparsity_coef_at(cfg: Config, step: int) -> float:
+    """λ at this step: cfg.sparsity_coef, ramped linearly over the first sparsity_warmup_steps."""
+    ramp = 1.0 if cfg.sparsity_warmup_steps == 0 else min(1.0, (step + 1) / cfg.sparsity_warmup_steps)
+    return cfg.sparsity_coef * ramp
+
+
+def sparsity_gates(cfg: Config, parts: dict, acc: torch.Tensor) -> torch.Tensor:
+    """C per rollout row for the sparsity term: the reward's group gate, the row's own correctness, or 1.  (G*N,)"""
+    return {"group": parts["gate"], "answer": acc.float(), "none": torch.ones_like(acc, dtype=torch.float32)}[
+        cfg.sparsity_gate]
+
+
+def sparsity_term(tau_soft: torch.Tensor, gate: torch.Tensor, keep_p: torch.Tensor, target: float) -> torch.Tensor:
+    """Per row C·max(τ̃ − target, 0), and 0 where p = 1 (dense rows have nothing to sparsify).  (N,)
+
+    τ̃ (N,) is the relaxed Eq. 3 token ratio with gradient; its pathwise gradient is what the literal reward lacks.
+    """
+    return torch.where(keep_p < 1, gate * (tau_soft - target).clamp(min=0), 0.0)  # (N,)
+
+
 def policy_update(policy, reference, optimizer, rollouts, advantages, cfg: Config, autocast,
-                  dist=multi_gpu.SINGLE) -> dict:
-    """num_iterations AdamW steps on Eq. 5, one micro-batch per answer group (a Rollout, or lists of Rollouts and
-    advantages). Each micro-batch loss is weighted so the step's gradient is that of the loss over the global batch
-    on all ranks (multi_gpu.loss_weight); gradient-checkpoint recomputation sees each rollout's sparsity."""
+                  dist=multi_gpu.SINGLE, gates=None, sparsity_coef: float | None = None) -> dict:
+    """num_iterations AdamW steps on Eq. 5 (+ λ·C·τ̃ when sparsity_coef > 0), one micro-batch per answer group
+    (a Rollout, or lists of Rollouts, advantages and gates C (N,)). Each micro-batch loss is weighted so the step's
+    gradient is that of the loss over the global batch on all ranks (multi_gpu.loss_weight: the GRPO part by its
+    count, the sparsity part, a mean over rows, by its rows). One `scoring_state` per micro-batch serves the forward,
+    the gradient-checkpoint recomputation in backward and τ̃."""
     if not isinstance(rollouts, list):
-        rollouts, advantages = [rollouts], [advantages]
+        rollouts, advantages, gates = [rollouts], [advantages], None if gates is None else [gates]
+    coef = cfg.sparsity_coef if sparsity_coef is None else sparsity_coef
+    gates = gates or [torch.ones_like(r.keep_p) for r in rollouts]
     ref_logps = [None] * len(rollouts)
     if reference is not None:
         with torch.no_grad(), autocast:
             ref_logps = [score_completions(reference, r, sparse=False) for r in rollouts]  # (N, T) full attention
-    states = [make_state(policy, r.keep_p, mode="teacher", prompt_len=r.inputs["input_ids"].shape[1], seed=r.seed)
-              for r in rollouts]  # the states score_completions builds: active during backward
+    states = [scoring_state(policy, r, relaxed_temperature=cfg.sparsity_temperature, relaxed_grad=coef > 0)
+              for r in rollouts]  # one per micro-batch: forward, recomputation in backward, and τ̃
     masks = [loss_mask(r, cfg) for r in rollouts]  # (N, T) each: the tokens the loss averages over
     counts = [grpo.loss_normalizer(m, cfg.loss_type, cfg.max_completion_length) for m in masks]
     total = multi_gpu.all_sum(sum(counts), dist)  # the global batch's normaliser
+    total_rows = multi_gpu.all_sum(sum(len(r.keep_p) for r in rollouts), dist)  # the sparsity mean's
     policy.train()
     history = []
     for _ in range(cfg.num_iterations):
         optimizer.zero_grad(set_to_none=True)
         parts = []
-        for rollout, adv, ref_logp, state, count, mask in zip(rollouts, advantages, ref_logps, states, counts, masks):
+        for rollout, adv, ref_logp, state, count, mask, gate in zip(rollouts, advantages, ref_logps, states, counts,
+                                                                    masks, gates):
             with sparse_forward(state):
                 with autocast:
-                    logp = score_completions(policy, rollout)  # (N, T) under the rollout's sparsity
+                    logp = score_completions(policy, rollout, state=state)  # (N, T) under the rollout's sparsity
                 old_logp = rollout.logprobs if cfg.num_iterations > 1 else None  # mu = 1: logp.detach()
                 loss, stats = grpo.grpo_loss(logp, old_logp, ref_logp, adv, mask, cfg.epsilon, cfg.epsilon_high,
                                              beta=cfg.beta, loss_type=cfg.loss_type,
                                              max_completion_length=cfg.max_completion_length)  # Eq. 5
                 weight = multi_gpu.loss_weight(count, total, dist)
-                (weight * loss).backward()
-            parts.append({**stats, "loss": weight * loss.item()})  # mean over ranks of Σ: the global loss
+                objective, relaxed = weight * loss, {}
+                if state.relaxed:  # τ̃ (N,), relaxed Eq. 3 from this same forward
+                    tau_soft = state.relaxed_token_ratio()
+                    term = sparsity_term(tau_soft, gate.to(tau_soft), rollout.keep_p, cfg.sparsity_target).mean()
+                    relaxed = {"tau_relaxed": tau_soft.mean().item(), "sparsity_loss": coef * term.item()}
+                    if coef > 0:  # λ = 0 backpropagates exactly the GRPO loss
+                        objective = objective + coef * multi_gpu.loss_weight(len(rollout.keep_p), total_rows,
+                                                                             dist) * term
+                objective.backward()
+            parts.append({**stats, **relaxed, "loss": weight * loss.item()})  # mean over ranks of Σ: the global loss
         grad_norm = multi_gpu.clip_grad_norm(policy.parameters(), cfg.max_grad_norm)
         optimizer.step()
         merged = {k: sum(p[k] for p in parts) / len(parts) for k in parts[0] if k != "loss"}  # mean over groups
         history.append({**merged, "loss": sum(p["loss"] for p in parts), "grad_norm": grad_norm})
     return {k: sum(h[k] for h in history) / len(history) for k in history[0]}
+
+
+def tau_by_layer(rollouts) -> torch.Tensor:
+    """Mean over the rollout rows of k_j / ℓ, per layer j.  (n_layers,)"""
+    return torch.cat([r.kept.float() / r.lengths[:, None].float() for r in rollouts]).mean(0).cpu()
 
 
 def train_step(policy, reference, processor, optimizer, rows, cfg: Config, step: int, device, autocast,
@@ -365,7 +422,9 @@ def train_step(policy, reference, processor, optimizer, rows, cfg: Config, step:
     tau = torch.cat([r.token_ratio for r in rollouts]).float().cpu()  # (G*N,)
     parts = rewards.zipr1_rewards(acc, tau, n, cfg.gate_efficiency)  # r = r_acc + C (1 - tau), each (G*N,)
     advantages = grpo.group_advantages(parts["reward"], n, scale=cfg.scale_rewards).to(device)  # Eq. 4, (G*N,)
-    stats = policy_update(policy, reference, optimizer, rollouts, list(advantages.split(n)), cfg, autocast, dist)
+    gates = list(sparsity_gates(cfg, parts, acc).to(device).split(n))  # C of the sparsity term, per group
+    stats = policy_update(policy, reference, optimizer, rollouts, list(advantages.split(n)), cfg, autocast, dist,
+                          gates, sparsity_coef_at(cfg, step))
     kl = stats.pop("kl")  # masked mean of k3; nan without a reference
     seconds = time.perf_counter() - start
     by_p: dict[str, list[float]] = {}
@@ -376,6 +435,8 @@ def train_step(policy, reference, processor, optimizer, rows, cfg: Config, step:
     metrics = {"step": step + 1, "reward": parts["reward"].mean().item(), "accuracy": acc.mean().item(),
                "r_eff": parts["r_eff"].mean().item(), "gate": parts["gate"].mean().item(), "tau": tau.mean().item(),
                "tau_by_keep_p": {k: sum(v) / len(v) for k, v in sorted(by_p.items())},
+               "tau_by_layer": {str(j): t for j, t in enumerate(tau_by_layer(rollouts).tolist())},
+               "sparsity_coef": sparsity_coef_at(cfg, step),
                "kl": kl if reference is not None else None,
                "zero_std_groups": (groups.amax(1) == groups.amin(1)).float().mean().item(),
                "completion_length": tokens / len(texts), **stats,
@@ -389,6 +450,8 @@ def train(cfg: Config) -> list[dict]:
 
     Everything is checked and loaded (settings, model folder, data and its media, what --resume_from_checkpoint
     would continue) before anything in output_dir is deleted or written."""
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
     dist = multi_gpu.init_distributed()  # torchrun: join the process group; plain python: one process
     torch.manual_seed(cfg.seed)
     device = dist.device
@@ -436,7 +499,8 @@ def train(cfg: Config) -> list[dict]:
             with open(metrics_path, "a") as log:  # opened per step: a failed start leaves no empty log
                 log.write(json.dumps(m) + "\n")
         kl = "off" if m["kl"] is None else f"{m['kl']:.4f}"
-        bar.set_postfix(reward=f"{m['reward']:.3f}", acc=f"{m['accuracy']:.2f}", tau=f"{m['tau']:.3f}", kl=kl)
+        bar.set_postfix(reward=f"{m['reward']:.3f}", acc=f"{m['accuracy']:.2f}", tau=f"{m['tau']:.3f}",
+                        tau_relaxed=f"{m.get('tau_relaxed', math.nan):.3f}", kl=kl)
         if (step + 1) % cfg.save_steps == 0 or step + 1 == cfg.max_steps:
             save_checkpoint(policy, processor, optimizer, cfg, step + 1, dist)
             if dist.is_main:

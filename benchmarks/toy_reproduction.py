@@ -1,19 +1,22 @@
-"""Mini-reproduction of ZipR1 on the offline toy task (a measurement, not a test).
+"""Mini-reproduction of ZipR1 on the offline toy task, literal and learned recipes (a measurement, not a test).
 
-    python benchmarks/toy_reproduction.py                    # train ZipR1 for --steps, then evaluate
-    python benchmarks/toy_reproduction.py --resume           # continue an interrupted run, then evaluate
-    python benchmarks/toy_reproduction.py --eval_only        # evaluate the newest checkpoint of --output_dir
+    python benchmarks/toy_reproduction.py                       # both recipes: train each for --steps, evaluate
+    python benchmarks/toy_reproduction.py --recipes learned --sparsity_coef 0.3 --output_dir outputs/r1
+    python benchmarks/toy_reproduction.py --resume              # continue interrupted runs, then evaluate
+    python benchmarks/toy_reproduction.py --eval_only           # evaluate the newest checkpoints of --output_dir
 
 Paper claim (Qwen2.5-VL-7B): token ratio tau 80% -> 25% at <= 1.2 points accuracy. Our goal on the toy: tau at
-keep_p = 0.975 halved from ZipVL (the warmed-up weights + sparse attention) to ZipR1, accuracy within 1 point.
+keep_p = 0.975 halved from ZipVL (the warmed-up weights + sparse attention) to ZipR1, accuracy within 1 point of Full.
+Recipes: "literal" is the paper's objective (reward r_acc + C (1 - tau), sparsity_coef = 0); "learned" adds
+lambda * C * tau~, the relaxed Eq. 3 count with a pathwise gradient (train.py; defaults: toy.TOY_LEARNED).
 Steps: (1) the cached warmed-up tiny model (toy.ensure_toy_model), (2) ZipR1 GRPO with train.py on the toy training
-rows, (3) eval.py on held-out toy questions (a different seed): Full (stock attention), ZipVL and ZipR1 at keep_p.
-Writes <output_dir>/reproduction.json and .md, and prints the table.
+rows, per recipe, (3) eval.py on held-out toy questions: Full, ZipVL and ZipR1 at --keep_p and over --sweep, with
+tau per layer. `--seed` sets the training seed, the probes and the held-out questions alike.
+Writes <output_dir>/reproduction.json and .md (the headline fields are the last recipe's), pareto.png.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time
@@ -21,97 +24,182 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import torch  # noqa: E402
+
+import data  # noqa: E402
 import eval as zipr1_eval  # noqa: E402
+import media  # noqa: E402
 import run_dir  # noqa: E402
 import toy  # noqa: E402
 import train  # noqa: E402
+from pictures import pareto_plot  # noqa: E402
+from rollout import prefill  # noqa: E402
+from sparse_qwen import make_sparse  # noqa: E402
+
+RECIPES = ("literal", "learned")
+SPARSITY = ("sparsity_coef", "sparsity_temperature", "sparsity_gate", "sparsity_target", "sparsity_warmup_steps")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--recipes", default="literal,learned", help="comma separated: literal, learned")
+    p.add_argument("--steps", type=int, default=400)
     p.add_argument("--learning_rate", type=float, default=toy.TOY_PRESET["learning_rate"])
     p.add_argument("--beta", type=float, default=train.Config.beta)
-    p.add_argument("--per_step_questions", type=int, default=toy.TOY_PRESET["per_step_questions"])
+    p.add_argument("--per_step_questions", type=int, default=4, help="questions per step (train.py's toy: 2)")
     p.add_argument("--keep_p_uniform", action="store_true", help="p ~ U(keep_p_low, 1] instead of the paper's grid")
     p.add_argument("--keep_p_low", type=float, default=train.Config.keep_p_low)
+    for name in SPARSITY:  # the learned recipe's term (the literal recipe has sparsity_coef = 0)
+        default = toy.TOY_LEARNED.get(name, getattr(train.Config, name))
+        p.add_argument(f"--{name}", type=type(default), default=default, help=f"learned recipe (default {default})")
+    p.add_argument("--learned_init", default="toy",
+                   help="the learned run's start (and KL reference): toy (the warmed-up model), literal (the literal "
+                        "run's last checkpoint), or a checkpoint folder (e.g. an earlier learned run: two stages)")
     p.add_argument("--keep_p", type=float, default=0.975, help="inference threshold of ZipVL and ZipR1")
+    p.add_argument("--sweep", default="0.9,0.95,0.975", help="keep_p values of the Pareto plot")
     p.add_argument("--eval_questions", type=int, default=200, help="held-out toy questions")
     p.add_argument("--output_dir", default="outputs/toy-reproduction")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="training seed, probe seed and held-out questions")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--eval_only", action="store_true")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
+    if not args.recipes or set(args.recipes) - set(RECIPES):
+        p.error(f"--recipes: choose from {RECIPES}, got {args.recipes}")
+    return args
 
 
-def train_zipr1(args) -> float:
-    """ZipR1 on the toy with train.py's toy preset and the chosen overrides; returns wall seconds."""
-    cfg = train.Config(**{**toy.TOY_PRESET, "max_steps": args.steps, "save_steps": 25, "learning_rate":
-                          args.learning_rate, "beta": args.beta, "per_step_questions": args.per_step_questions,
-                          "keep_p_uniform": args.keep_p_uniform, "keep_p_low": args.keep_p_low, "seed": args.seed,
-                          "output_dir": str(Path(args.output_dir) / "train"), "resume_from_checkpoint": "last" if args.resume else None})
+def recipe_config(args, recipe: str) -> train.Config:
+    """train.py's toy preset with the chosen overrides; "literal" turns the relaxed term off (sparsity_coef = 0)."""
+    out = Path(args.output_dir) / recipe / "train"
+    sparsity = {k: getattr(args, k) for k in SPARSITY} if recipe == "learned" else {"sparsity_coef": 0.0}
+    model = "toy"
+    if recipe == "learned" and args.learned_init == "literal":
+        model = str(run_dir.checkpoints(Path(args.output_dir) / "literal" / "train")[-1])
+    elif recipe == "learned":
+        model = args.learned_init
+    return train.check_config(train.Config(**{
+        **toy.TOY_PRESET, **sparsity, "model": model, "max_steps": args.steps, "save_steps": 25,
+        "learning_rate": args.learning_rate, "beta": args.beta, "per_step_questions": args.per_step_questions,
+        "keep_p_uniform": args.keep_p_uniform, "keep_p_low": args.keep_p_low, "seed": args.seed,
+        "output_dir": str(out), "resume_from_checkpoint": "last" if args.resume else None,
+        "disable_tqdm": True}))
+
+
+def train_recipe(args, recipe: str) -> float:
+    """Train one recipe; returns wall seconds."""
     start = time.perf_counter()
-    train.train(train.check_config(cfg))
+    train.train(recipe_config(args, recipe))
     return time.perf_counter() - start
 
 
-def evaluate(args) -> dict:
-    """eval.py on held-out toy questions: Full, ZipVL and ZipR1 (the newest checkpoint) at keep_p."""
-    checkpoint = run_dir.checkpoints(Path(args.output_dir) / "train")[-1]
+def evaluate(args, recipe: str) -> dict:
+    """eval.py on held-out toy questions: Full, ZipVL and ZipR1 (the recipe's newest checkpoint) at keep_p + sweep."""
+    checkpoint = run_dir.checkpoints(Path(args.output_dir) / recipe / "train")[-1]
     return zipr1_eval.run(zipr1_eval.parse_args([
         "--zipr1", str(checkpoint), "--keep-p", str(args.keep_p), "--limit", str(args.eval_questions),
-        "--sweep", "", "--out", str(Path(args.output_dir) / "eval")]))
+        "--sweep", args.sweep, "--seed", str(args.seed), "--out", str(Path(args.output_dir) / recipe / "eval")]))
+
+
+@torch.no_grad()
+def layer_token_ratios(model_dir, question_file: Path, keep_p: float, seed: int, batch_size: int = 20) -> list:
+    """Mean k_j / ℓ per layer over the held-out questions under sparse prefill at keep_p (eval's probe seed)."""
+    from transformers import AutoModelForImageTextToText
+    model = make_sparse(AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval())
+    processor, rows = media.load_processor(model_dir), data.load_dataset_rows(str(question_file)).rows
+    ratios = []
+    for i in range(0, len(rows), batch_size):
+        inputs = media.encode_prompts(processor, [data.prompt_item(r, 16) for r in rows[i:i + batch_size]])
+        _, state, _ = prefill(model, inputs, keep_p, seed)
+        ratios.append(state.kept().float() / state.lengths()[:, None])  # (B, n_layers)
+    return torch.cat(ratios).mean(0).tolist()
 
 
 def training_trend(path: Path, keep_p: float, window: int = 25) -> dict:
-    """Rollout accuracy, KL and tau (at keep_p when it is a grid value, else all rows) over the first and last
-    `window` training steps: whether the run moved at all, independent of the held-out evaluation."""
-    metrics = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """Rollout accuracy, KL, tau (at keep_p when it is a grid value, else all rows) and the relaxed tau~ over the
+    first and last `window` training steps: whether the run moved at all, independent of the held-out evaluation."""
+    metrics = run_dir.read_metrics(path)
     key = f"{keep_p:.3f}"
     tau = lambda m: m["tau_by_keep_p"].get(key, m["tau"])  # noqa: E731
     mean = lambda rows, f: sum(f(m) for m in rows) / len(rows)  # noqa: E731
     parts = {"first": metrics[:window], "last": metrics[-window:]}
     return {name: {"steps": f"{rows[0]['step']}-{rows[-1]['step']}", "tau": mean(rows, tau),
+                   "tau_relaxed": mean(rows, lambda m: m.get("tau_relaxed", float("nan"))),
                    "rollout_accuracy": mean(rows, lambda m: m["accuracy"]), "kl": mean(rows, lambda m: m["kl"] or 0.0)}
             for name, rows in parts.items()}
 
 
-def report(args, results: dict, train_seconds: float | None) -> dict:
-    m = results["methods"]
+def summarize(args, recipe: str, results: dict, train_seconds: float | None) -> dict:
+    m, cfg = results["methods"], recipe_config(args, recipe)
     full, zipvl, zipr1 = m["Full"], m["ZipVL"], m["ZipR1"]
-    tau_before, tau_after = zipvl["token_ratio"], zipr1["token_ratio"]
+    questions = Path(args.output_dir) / recipe / "eval" / "toy_questions" / "toy.jsonl"
+    checkpoint = results["config"]["zipr1"]
     summary = {
-        "steps": args.steps, "learning_rate": args.learning_rate, "beta": args.beta, "keep_p": args.keep_p,
-        "keep_p_sampling": f"U({args.keep_p_low}, 1]" if args.keep_p_uniform else "paper grid 0.94..0.975",
-        "eval_questions": full["questions"], "train_seconds": train_seconds,
+        "recipe": recipe, "steps": args.steps, "per_step_questions": args.per_step_questions,
+        "learning_rate": args.learning_rate, "beta": args.beta,
+        "keep_p": args.keep_p, "seed": args.seed, **{k: getattr(cfg, k) for k in SPARSITY},
+        "start": cfg.model, "keep_p_sampling": f"U({args.keep_p_low}, 1]" if args.keep_p_uniform else
+        "paper grid 0.94..0.975", "eval_questions": full["questions"], "train_seconds": train_seconds,
         "accuracy": {"Full": full["accuracy"], "ZipVL": zipvl["accuracy"], "ZipR1": zipr1["accuracy"]},
-        "tau": {"Full": 1.0, "ZipVL": tau_before, "ZipR1": tau_after},
-        "tau_after_over_before": tau_after / tau_before,
+        "tau": {"Full": 1.0, "ZipVL": zipvl["token_ratio"], "ZipR1": zipr1["token_ratio"]},
+        "tau_by_layer": {"ZipVL": layer_token_ratios(results["config"]["base"], questions, args.keep_p, args.seed),
+                         "ZipR1": layer_token_ratios(checkpoint, questions, args.keep_p, args.seed)},
+        "tau_after_over_before": zipr1["token_ratio"] / zipvl["token_ratio"],
         "accuracy_drop_vs_zipvl_points": 100 * (zipvl["accuracy"] - zipr1["accuracy"]),
         "accuracy_drop_vs_full_points": 100 * (full["accuracy"] - zipr1["accuracy"]),
+        "sweep": results["sweep"], "full": {"accuracy": full["accuracy"]},
     }
-    summary["training"] = training_trend(Path(args.output_dir) / "train" / "metrics.jsonl", args.keep_p)
+    summary["training"] = training_trend(Path(args.output_dir) / recipe / "train" / "metrics.jsonl", args.keep_p)
     summary["goal_met"] = summary["tau_after_over_before"] <= 0.5 and summary["accuracy_drop_vs_full_points"] <= 1
-    lines = ["| Method | keep_p | Accuracy | τ |", "|---|---|---|---|"]
-    lines += [f"| {name} | {args.keep_p if name != 'Full' else '—'} | {summary['accuracy'][name]:.3f} | "
-              f"{summary['tau'][name]:.3f} |" for name in ("Full", "ZipVL", "ZipR1")]
-    lines += ["", f"τ after / before: {summary['tau_after_over_before']:.3f} (goal ≤ 0.5); accuracy ZipR1 vs Full: "
-              f"{-summary['accuracy_drop_vs_full_points']:+.1f} points, vs ZipVL: "
-              f"{-summary['accuracy_drop_vs_zipvl_points']:+.1f} points (goal ≥ −1); "
-              f"goal met: {summary['goal_met']}"]
-    lines += [f"training rollouts, steps {t['steps']}: accuracy {t['rollout_accuracy']:.3f}, τ {t['tau']:.3f}, "
-              f"KL {t['kl']:.4f}" for t in summary["training"].values()]
-    out = Path(args.output_dir)
-    (out / "reproduction.json").write_text(json.dumps(summary, indent=1))
-    (out / "reproduction.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
     return summary
+
+
+def markdown(summary: dict) -> list[str]:
+    s, layers = summary, lambda v: " / ".join(f"{t:.2f}" for t in v)  # noqa: E731
+    term = "λ = 0" if s["recipe"] == "literal" else (
+        f"λ = {s['sparsity_coef']}, T = {s['sparsity_temperature']}, gate {s['sparsity_gate']}, target "
+        f"{s['sparsity_target']}, warm-up {s['sparsity_warmup_steps']}, start {s['start']}")
+    lines = [f"### {s['recipe']} ({term}; {s['steps']} steps × {s['per_step_questions']} questions, lr "
+             f"{s['learning_rate']}, seed {s['seed']}, "
+             f"{s['train_seconds'] or 0:.0f} s)",
+             "", "| Method | keep_p | Accuracy | τ | τ per layer |", "|---|---|---|---|---|"]
+    for name in ("Full", "ZipVL", "ZipR1"):
+        per_layer = layers(s["tau_by_layer"][name]) if name in s["tau_by_layer"] else "—"
+        lines.append(f"| {name} | {s['keep_p'] if name != 'Full' else '—'} | {s['accuracy'][name]:.3f} | "
+                     f"{s['tau'][name]:.3f} | {per_layer} |")
+    lines += ["", f"τ after / before: {s['tau_after_over_before']:.3f} (goal ≤ 0.5); accuracy ZipR1 vs Full: "
+              f"{-s['accuracy_drop_vs_full_points']:+.1f} points, vs ZipVL: {-s['accuracy_drop_vs_zipvl_points']:+.1f}"
+              f" points (goal ≥ −1); goal met: {s['goal_met']}"]
+    lines += [f"training rollouts, steps {t['steps']}: accuracy {t['rollout_accuracy']:.3f}, τ {t['tau']:.3f}, "
+              f"τ̃ {t['tau_relaxed']:.3f}, KL {t['kl']:.4f}" for t in s["training"].values()]
+    return lines + [""]
+
+
+def report(args, summaries: dict) -> dict:
+    """reproduction.json/.md and pareto.png: the headline fields of the last recipe, every recipe under "recipes"."""
+    out = Path(args.output_dir)
+    last = summaries[args.recipes[-1]]
+    headline = {k: last[k] for k in ("recipe", "tau_after_over_before", "accuracy_drop_vs_full_points",
+                                     "accuracy_drop_vs_zipvl_points", "goal_met", "accuracy", "tau")}
+    (out / "reproduction.json").write_text(json.dumps({**headline, "recipes": summaries}, indent=1))
+    lines = [line for s in summaries.values() for line in markdown(s)]
+    (out / "reproduction.md").write_text("\n".join(lines))
+    curves = {"ZipVL": last["sweep"]["ZipVL"]}
+    for recipe, s in summaries.items():
+        curves[f"ZipR1 {recipe} (λ = {s['sparsity_coef']:g})"] = s["sweep"]["ZipR1"]
+    pareto_plot(curves, last["full"], out / "pareto.png")
+    print("\n".join(lines) + f"\nwrote {out / 'reproduction.json'}, {out / 'pareto.png'}")
+    return {**headline, "recipes": summaries}
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    seconds = None if args.eval_only else train_zipr1(args)
-    return report(args, evaluate(args), seconds)
+    torch.set_num_threads(toy.TOY_PRESET["num_threads"])
+    summaries = {}
+    for recipe in args.recipes:
+        seconds = None if args.eval_only else train_recipe(args, recipe)
+        summaries[recipe] = summarize(args, recipe, evaluate(args, recipe), seconds)
+    return report(args, summaries)
 
 
 if __name__ == "__main__":

@@ -124,11 +124,12 @@ def _free_port() -> int:
 
 def train_args(model_dir, jsonl, out_dir) -> list[str]:
     """A deterministic 2-step run: 2 questions × 4 answers per step, sharded reference (beta > 0), checkpointing,
-    clipping active (‖g‖ > max_grad_norm = 1), v1 reward so the untrained model still gets nonzero advantages."""
+    clipping active (‖g‖ > max_grad_norm = 1), v1 reward so the untrained model still gets nonzero advantages,
+    and the relaxed-τ̃ sparsity term on (its per-row weighting across ranks)."""
     return ["--model", str(model_dir), "--dataset", str(jsonl), "--output_dir", str(out_dir), "--max_steps", "2",
             "--save_steps", "1", "--per_step_questions", "2", "--num_generations", "4", "--max_completion_length", "4",
             "--learning_rate", "1e-2", "--gate_efficiency", "false", "--gradient_checkpointing", "true",
-            "--max_frames", "4", "--disable_tqdm", "true"]
+            "--max_frames", "4", "--disable_tqdm", "true", "--sparsity_coef", "1.0", "--sparsity_temperature", "0.05"]
 
 
 @pytest.fixture(scope="module")
@@ -170,7 +171,8 @@ def test_two_processes_make_the_same_update_as_one(runs):
             torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-5, msg=name)
     logged = [json.loads(line) for line in (root / "two" / "metrics.jsonl").read_text().splitlines()]
     for mine, alone in zip(logged, runs["one"]):  # rank-averaged metrics == the single process's global ones
-        for key in ("reward", "accuracy", "tau", "r_eff", "completion_length", "loss", "kl", "grad_norm"):
+        for key in ("reward", "accuracy", "tau", "r_eff", "completion_length", "loss", "kl", "grad_norm",
+                    "tau_relaxed", "sparsity_loss"):
             assert mine[key] == pytest.approx(alone[key], rel=1e-4, abs=1e-6), key
     assert logged[0]["grad_norm"] > 1.0  # clipping was active, so the global norm had to be right
 

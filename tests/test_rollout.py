@@ -12,7 +12,7 @@ import media
 import rollout
 import toy
 from batching import repeat_prompts, split_groups
-from rollout import SamplingConfig, generate, prefill, score_completions
+from rollout import SamplingConfig, generate, prefill, score_completions, scoring_state
 from sparse_attention import sparse_attention
 from sparse_qwen import make_sparse
 
@@ -161,6 +161,25 @@ def test_teacher_forced_logprobs_equal_rollout_logprobs(tiny):
     assert not bool(torch.isin(out.completion_ids, placeholders).any())  # never sampled: scoring stays well-formed
     dense = score_completions(load(), out, sparse=False)  # the full-attention reference sees something else
     assert not torch.allclose(dense, out.logprobs, atol=1e-3)
+
+
+def test_scoring_state_records_the_relaxed_ratio_of_the_rollouts_selection(tiny):
+    """One scoring state: the teacher forward's log-probs are the rollout's (the relaxed count changes nothing of
+    the selection), and its τ̃ per layer is the hard k_j / ℓ of the rollout as T → 0, with a gradient."""
+    load, processor = tiny
+    model = make_sparse(load())
+    inputs = media.encode_prompts(processor, items("padded_batch"))
+    out = generate(model, inputs, torch.tensor([0.6, 0.94, 1.0]), SamplingConfig(4, do_sample=False))
+    state = scoring_state(model, out, relaxed_temperature=1e-5)
+    torch.testing.assert_close(score_completions(model, out, state=state), out.logprobs, atol=1e-5, rtol=0)
+    hard = out.kept.float() / out.lengths[:, None]  # (B, n_layers)
+    torch.testing.assert_close(state.relaxed_by_layer(), hard, atol=2e-3, rtol=0)
+    assert bool((state.kept() == out.kept).all()) and state.relaxed_token_ratio()[2] == 1.0  # p = 1: dense
+    smooth = scoring_state(model, out, relaxed_temperature=0.05)
+    score_completions(model, out, state=smooth)
+    smooth.relaxed_token_ratio()[:2].sum().backward()
+    grads = [p.grad for n, p in model.named_parameters() if "q_proj" in n or "k_proj" in n]
+    assert grads and all(g is not None for g in grads) and any(bool(g.abs().sum() > 0) for g in grads)
 
 
 def test_repeated_prompts_encode_media_once_and_equal_row_copies(tiny):

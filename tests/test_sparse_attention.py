@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from sparse_attention import (check_keep_p, gathered_sparse_attention, mask_to_indices, probe_column_mass,
-                              probe_indices, sparse_attention, token_budget, token_ratio, top_p_count, top_p_select)
+                              probe_indices, relaxed_token_ratio, smooth_top_p_count, sparse_attention, token_budget,
+                              token_ratio, top_p_count, top_p_select)
 
 
 def qkv(b=2, h=4, hkv=2, seq=12, d=8, seed=0, dtype=torch.float64):
@@ -193,3 +194,92 @@ def test_per_row_error_bound_holds():
     err = (dense - sparse).norm(dim=-1)
     bound = 2 * (1 - kept_mass) * v.norm(dim=-1).max()
     assert bool((err <= bound + 1e-9).all()) and bool((err > 0).any())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Eq. 3, relaxed (smooth count): the differentiable token ratio of the learned-sparsity loss term
+# ----------------------------------------------------------------------------------------------------------------
+
+def random_masses(b=6, seq=40, seed=0):
+    """Peaked positive masses with left padding (mass 0) and their lengths."""
+    g = torch.Generator().manual_seed(seed)
+    mass = torch.randn(b, seq, generator=g, dtype=torch.float64).mul(2).exp()  # (B, L) log-normal
+    length = torch.randint(seq // 2, seq + 1, (b,), generator=g)
+    valid = torch.arange(seq)[None] >= seq - length[:, None]  # left padding
+    return mass * valid, length, torch.rand(b, generator=g, dtype=torch.float64) * 0.9 + 0.05
+
+
+def test_smooth_count_tends_to_the_hard_count_as_t_goes_to_zero():
+    for seed in range(5):
+        mass, length, p = random_masses(seed=seed)
+        hard = top_p_count(mass, p, length).double()  # (B,)
+        gaps = [(smooth_top_p_count(mass, p, length, t) - hard).abs().max().item() for t in (1e-1, 1e-2, 1e-3, 1e-7)]
+        assert gaps[-1] < 1e-6, gaps  # the limit: the hard count, padding excluded
+        assert gaps[0] > gaps[-1] and gaps[0] > 0.05  # and it is a relaxation, not a copy
+    ones = torch.ones_like(p)
+    assert torch.equal(smooth_top_p_count(mass, ones, length, 0.01), length.double())  # p = 1: every real token
+
+
+def test_smooth_count_gradient_matches_finite_differences_and_favours_the_top_keys():
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(3, 12, generator=g, dtype=torch.float64).mul(2).exp().requires_grad_()  # distinct: no ties
+    p, length = torch.tensor([0.5, 0.8, 0.95], dtype=torch.float64), torch.full((3,), 12)
+    assert torch.autograd.gradcheck(lambda m: smooth_top_p_count(m, p, length, 0.05), (x,))
+    count = smooth_top_p_count(x, p, length, 0.05)
+    (grad,) = torch.autograd.grad(count.sum(), x)
+    rows = torch.arange(3)
+    assert bool((grad[rows, x.argmax(-1)] < 0).all())  # more mass on the top key: fewer tokens needed
+    assert bool((grad[rows, x.argmin(-1)] > 0).all())  # more mass in the tail: more tokens
+
+
+def test_relaxed_ratio_gradient_concentrates_attention_on_the_top_keys():
+    """Through the probe scores (q, k, float64): finite differences agree, and a step against the gradient of τ̃
+    raises the share of mass the hard top-k keys hold and lowers τ̃."""
+    q, k, _ = qkv(b=2, seq=10, seed=3)
+    valid, p = torch.ones(2, 10, dtype=torch.bool), torch.tensor([0.6, 0.8], dtype=torch.float64)
+    ratio = lambda q, k, recompute=True: relaxed_token_ratio(q, k, p, 0.05, valid, num_recent=4, num_random=3,
+                                                             recompute=recompute)  # noqa: E731
+    q.requires_grad_(), k.requires_grad_()
+    assert torch.autograd.gradcheck(ratio, (q, k))
+    idx, ok = probe_indices(valid, 4, 3)
+
+    def top_share(q, k):
+        mass, _ = probe_column_mass(q, k, valid, idx, ok)
+        top = mass.sort(-1, descending=True).values[:, :3].sum(-1)  # the 3 heaviest keys of the start
+        return top / mass.sum(-1)
+    before, share = ratio(q, k), top_share(q, k)
+    dq, dk = torch.autograd.grad(before.sum(), (q, k))
+    after = ratio(q - 0.5 * dq, k - 0.5 * dk)
+    assert bool((after < before).all()) and bool((top_share(q - 0.5 * dq, k - 0.5 * dk) > share).all())
+    plain = torch.autograd.grad(ratio(q, k, recompute=False).sum(), (q, k))
+    assert all(torch.allclose(a, b, rtol=1e-12, atol=1e-15) for a, b in zip(plain, (dq, dk)))  # recompute: same grad
+
+
+def test_relaxed_ratio_at_p_one_is_one_with_zero_gradient():
+    q, k, _ = qkv(b=2, seq=10, seed=4)
+    q.requires_grad_()
+    tau = relaxed_token_ratio(q, k, torch.ones(2, dtype=torch.float64), 0.01, num_recent=4, num_random=3)
+    (grad,) = torch.autograd.grad(tau.sum(), q)
+    assert tau.tolist() == [1.0, 1.0] and bool((grad == 0).all())
+
+
+def test_relaxed_ratio_keeps_no_probe_probabilities_for_backward():
+    """recompute=True saves the probe queries (B, H, P, D), not the (B, Hkv, G, P, L) probabilities: new storage
+    saved for backward, measured with saved-tensor hooks (q and k themselves are alive anyway: the attention saves
+    them); recompute=False does keep the probabilities (so the check can tell)."""
+    b, h, hkv, seq, d = 2, 4, 2, 64, 8
+    q, k, _ = qkv(b=b, h=h, hkv=hkv, seq=seq, d=d, seed=1, dtype=torch.float32)
+    q.requires_grad_(), k.requires_grad_()
+    p = torch.tensor([0.7, 0.9])
+
+    inputs = {q.untyped_storage().data_ptr(), k.untyped_storage().data_ptr()}
+
+    def saved_elements(recompute):
+        sizes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(
+                0 if t.untyped_storage().data_ptr() in inputs else t.numel()) or t, lambda t: t):
+            relaxed_token_ratio(q, k, p, 0.01, num_recent=8, num_random=8, recompute=recompute)
+        return max(sizes)
+    probes = 16
+    assert saved_elements(True) == b * h * probes * d  # the probe queries: the input of the recomputed part
+    assert saved_elements(False) >= b * h * probes * seq  # the probabilities

@@ -125,14 +125,18 @@ def test_media_encoded_once_per_group_give_the_rollout_of_per_row_copies(sources
     assert any("visual" in k and not torch.equal(before[k], after[k]) for k in before)
 
 
-def _gradients(policy, reference, rollout, advantages, cfg):
+def _gradients(policy, reference, rollout, advantages, cfg, gates=None):
     optimizer = torch.optim.SGD(policy.parameters(), lr=0.0)  # keeps the weights: gradients stay in .grad
-    train.policy_update(policy, reference, optimizer, rollout, advantages, cfg, train.contextlib.nullcontext())
+    train.policy_update(policy, reference, optimizer, rollout, advantages, cfg, train.contextlib.nullcontext(),
+                        gates=gates)
     return {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}
 
 
-def test_gradient_checkpointing_gives_the_same_gradients(sources, tmp_path):
-    cfg = config(sources, tmp_path, gradient_checkpointing=False, keep_p_grid=(0.5, 0.7, 0.9, 1.0))
+@pytest.mark.parametrize("sparsity_coef", [0.0, 2.0])
+def test_gradient_checkpointing_gives_the_same_gradients(sources, tmp_path, sparsity_coef):
+    """Also with the relaxed τ̃ term: one scoring state serves the forward and the recomputation in backward."""
+    cfg = config(sources, tmp_path, gradient_checkpointing=False, keep_p_grid=(0.5, 0.7, 0.9, 1.0),
+                 sparsity_coef=sparsity_coef, sparsity_temperature=0.05)
     table = data.load_dataset_rows(cfg.dataset)
     processor = media.load_processor(sources[0])
     plain = train.load_policy(sources[0], cfg, "cpu")
@@ -187,6 +191,73 @@ def test_mask_truncated_completions_leaves_truncated_answers_out_of_the_loss(sou
     assert seen["scale"] == "none"
 
 
+def _rollout(sources, cfg, keep_p_grid=(0.5, 0.7, 0.9, 1.0)):
+    cfg = dataclasses.replace(cfg, keep_p_grid=keep_p_grid)
+    table, processor = data.load_dataset_rows(cfg.dataset), media.load_processor(sources[0])
+    policy = train.load_policy(sources[0], cfg, "cpu")
+    rollout, _ = train.sample_rollout(policy, processor, table.rows[1:2], cfg, 0, "cpu", train.contextlib.nullcontext())
+    return policy, rollout
+
+
+def test_lambda_zero_makes_the_update_of_the_objective_without_the_term(sources, tmp_path, monkeypatch):
+    """λ = 0 (τ̃ still computed and logged) gives bit for bit the weights of the update with no relaxed count at
+    all (the scoring state of the literal recipe); λ > 0 changes them."""
+    base = dict(max_steps=1, gate_efficiency=False, keep_p_grid=(0.5, 0.7, 0.9, 1.0), sparsity_temperature=0.05)
+    logged = train.train(config(sources, tmp_path / "zero", **base))[0]
+    pushed = train.train(config(sources, tmp_path / "pushed", sparsity_coef=1.0, **base))[0]
+    plain_state = train.scoring_state
+    monkeypatch.setattr(train, "scoring_state", lambda model, rollout, **kw: plain_state(model, rollout))
+    literal = train.train(config(sources, tmp_path / "literal", **base))[0]
+    assert "tau_relaxed" not in literal and 0 < logged["tau_relaxed"] < 1 and logged["sparsity_loss"] == 0
+    assert pushed["sparsity_loss"] > 0 and logged["tau_relaxed"] == pytest.approx(pushed["tau_relaxed"], rel=1e-6)
+    zero, plain, moved = (weights(tmp_path / r / "checkpoint-1") for r in ("zero", "literal", "pushed"))
+    assert all(torch.equal(zero[k], plain[k]) for k in plain)
+    assert any(not torch.equal(moved[k], plain[k]) for k in plain)
+
+
+def test_sparsity_term_is_exactly_zero_at_p_one_and_with_the_gate_off(sources, tmp_path):
+    cfg = config(sources, tmp_path, sparsity_temperature=0.05, beta=0.0)
+    advantages = torch.tensor([1.0, -0.5, 0.25, -0.75])
+    policy, dense = _rollout(sources, cfg, keep_p_grid=(1.0,))
+    without = _gradients(policy, None, dense, advantages, cfg)
+    with_term = _gradients(policy, None, dense, advantages, dataclasses.replace(cfg, sparsity_coef=5.0))
+    assert all(torch.equal(without[k], with_term[k]) for k in without)  # p = 1 rows: nothing to sparsify
+    policy, sparse = _rollout(sources, cfg)
+    without = _gradients(policy, None, sparse, advantages, cfg)
+    strong = dataclasses.replace(cfg, sparsity_coef=5.0)
+    gated_off = _gradients(policy, None, sparse, advantages, strong, gates=torch.zeros(4))
+    assert all(torch.equal(without[k], gated_off[k]) for k in without)  # C = 0: no push
+    gated_on = _gradients(policy, None, sparse, advantages, strong, gates=torch.ones(4))
+    assert any(not torch.equal(without[k], gated_on[k]) for k in without)
+
+
+def test_the_relaxed_term_alone_lowers_the_token_ratio(sources, tmp_path):
+    """Zero advantages and no KL: the update is λ·∇τ̃ only. A few steps lower τ̃ and the hard τ of the same
+    selection rule (the term pulls attention onto fewer keys)."""
+    cfg = config(sources, tmp_path, sparsity_coef=1.0, sparsity_temperature=0.05, beta=0.0, learning_rate=3e-2,
+                 sparsity_gate="none")
+    policy, rollout = _rollout(sources, cfg, keep_p_grid=(0.6, 0.7, 0.8, 0.9))
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.learning_rate)
+    history = [train.policy_update(policy, None, optimizer, rollout, torch.zeros(4), cfg,
+                                   train.contextlib.nullcontext()) for _ in range(6)]
+    state = train.scoring_state(policy, rollout, relaxed_temperature=0.05)
+    with torch.no_grad():
+        score_completions(policy, rollout, state=state)
+    assert history[-1]["tau_relaxed"] < history[0]["tau_relaxed"] - 0.02
+    assert state.token_ratio().mean() < rollout.token_ratio.mean() - 0.02  # the hard count fell too
+
+
+def test_sparsity_gates_and_warmup():
+    cfg = train.Config(sparsity_coef=0.4, sparsity_warmup_steps=4)
+    assert [train.sparsity_coef_at(cfg, s) for s in (0, 1, 3, 10)] == pytest.approx([0.1, 0.2, 0.4, 0.4])
+    acc, parts = torch.tensor([1.0, 0.0, 0.0, 0.0]), {"gate": torch.tensor([1.0, 1.0, 0.0, 0.0])}
+    assert train.sparsity_gates(cfg, parts, acc).tolist() == [1, 1, 0, 0]
+    answer = dataclasses.replace(cfg, sparsity_gate="answer")
+    assert train.sparsity_gates(answer, parts, acc).tolist() == [1, 0, 0, 0]
+    tau, p = torch.tensor([0.5, 0.3, 0.5, 0.9]), torch.tensor([0.9, 0.9, 1.0, 0.9])
+    assert train.sparsity_term(tau, torch.ones(4), p, 0.4).tolist() == pytest.approx([0.1, 0.0, 0.0, 0.5])
+
+
 def test_questions_rolled_out_together_or_apart_make_the_same_step(sources, tmp_path):
     """Batching a step's questions into one rollout (row-seeded sampling, split per group for the update) changes
     nothing: metrics and the updated weights equal those of one question per rollout batch."""
@@ -214,7 +285,8 @@ def test_cuda_defaults_bf16_autocast_and_checkpointing_run_a_step(sources, tmp_p
 
 def test_resume_reproduces_the_next_metrics(sources, tmp_path):
     out = tmp_path / "run"
-    cfg = config(sources, out, gate_efficiency=False, keep_p_grid=(0.9, 0.95))  # checkpoints at steps 2 and 3
+    cfg = config(sources, out, gate_efficiency=False, keep_p_grid=(0.9, 0.95),  # checkpoints at steps 2 and 3
+                 sparsity_coef=1.0, sparsity_warmup_steps=3, sparsity_temperature=0.05)  # λ depends on the step
     full = train.train(cfg)
     shutil.rmtree(out / "checkpoint-3")  # interrupted after logging step 3, before saving it
     with pytest.raises(FileExistsError, match="--resume"):
@@ -240,7 +312,8 @@ def test_config_from_the_command_line():
     assert train.parse_config(["--learning_rate", "0.5"]).learning_rate == 0.5  # an explicit value beats the preset
     assert train.PAPER_KEEP_P_GRID == pytest.approx([0.94, 0.945, 0.95, 0.955, 0.96, 0.965, 0.97, 0.975])
     bad_settings = (["--keep_p_grid", "0.9,1.2"], ["--keep_p_low", "1"], ["--num_generations", "1"],
-                    ["--rollout_questions", "-1"])
+                    ["--rollout_questions", "-1"], ["--sparsity_coef", "-1"], ["--sparsity_temperature", "0"],
+                    ["--sparsity_target", "1"])
     for bad in bad_settings:
         with pytest.raises(train.ConfigError):
             train.parse_config(bad)
@@ -253,7 +326,7 @@ def test_trl_names_old_aliases_and_one_flag_style(capsys):
     new = train.parse_config(["--max_completion_length", "5", "--max_steps", "3", "--save_steps", "2",
                               "--resume_from_checkpoint", "--disable_tqdm"])
     assert capsys.readouterr().err == ""
-    old = train.parse_config(["--max_new_tokens", "5", "--steps", "3", "--save_every", "2", "--resume",
+    old = train.parse_config(["--max_completion_length", "5", "--max_steps", "3", "--save_steps", "2", "--resume",
                               "--progress", "false"])
     warnings = capsys.readouterr().err.strip().splitlines()
     assert new == old and len(warnings) == 5 and all("deprecated" in w for w in warnings)
