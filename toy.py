@@ -14,7 +14,6 @@ import json
 import math
 import os
 import random
-import re
 import shutil
 import time
 from pathlib import Path

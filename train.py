@@ -10,7 +10,9 @@ One step, for G = per_step_questions questions with N = num_generations answers 
   3. advantages A = (r - mean) / std within each group                                  (grpo.group_advantages, Eq. 4)
   4. num_iterations (mu) AdamW updates of the clipped surrogate - beta KL(pi_theta || pi_ref): the policy's
      log-probs under the rollout's sparsity, the frozen reference's under full attention   (grpo.grpo_loss, Eq. 5)
-Everything random is seeded by (seed, step), so --resume_from_checkpoint continues exactly where the last checkpoint
+     + lambda C max(tau~ - target, 0), tau~ the relaxed Eq. 3 count of the same forward (learned sparsity; lambda = 0
+     is the paper's literal objective)                                                   (sparsity_term, README)
+Settings: train_config.py (`python train.py --help`). Everything random is seeded by (seed, step), so --resume_from_checkpoint continues exactly where the last checkpoint
 left off.
 A rank's questions are rolled out in one batch (`rollout_questions` at a time), each answer sampled from its own
 stream seeded by its place in the step's global batch; each question's group is then one update micro-batch.
@@ -23,19 +25,14 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 from tqdm.auto import tqdm
-from transformers.hf_argparser import HfArg
 
-import cli
 import data
 import multi_gpu
 import grpo
@@ -43,183 +40,12 @@ import media
 import rewards
 from batching import repeat_prompts, split_groups
 import run_dir
-from run_dir import (DEFAULT_OUTPUT_DIR, checkpoints, plot_metrics, prepare_output_dir, save_checkpoint,
-                     start_output_dir)
-from rollout import SamplingConfig, eos_ids_of, generate, score_completions, scoring_state
+from run_dir import checkpoints, plot_metrics, prepare_output_dir, save_checkpoint, start_output_dir
+from rollout import SamplingConfig, generate, score_completions, scoring_state
 from sparse_qwen import make_sparse, sparse_forward
-from toy import TOY_CACHE, TOY_DATA_SEED, TOY_PRESET, TOY_TRAIN_ROWS
-
-SPARSITY_GATES = ("group", "answer", "none")
-PAPER_KEEP_P_GRID = tuple(round(0.94 + 0.005 * i, 3) for i in range(8))  # 0.94, 0.945, ..., 0.975
-
-
-class ConfigError(ValueError):
-    """A setting that cannot work (reported as one line by main)."""
-
-
-OPTIONAL_BOOL = {"nargs": "?", "const": True}  # `--bf16` alone means true; unset: decided by the device
-
-
-@dataclass
-class Config:
-    """Every setting of a run; the command line has one flag per field (`python train.py --help`). Names follow TRL's
-    GRPOConfig where TRL has the concept (README: "Settings and TRL")."""
-
-    # model and data
-    model: str = HfArg(default="toy", help="HF hub id in the local cache, or a local directory; 'toy': the offline "
-                                             "tiny Qwen2.5-VL")
-    dataset: str = HfArg(default="toy", help="Video-R1-schema .json/.jsonl, a directory, or a cached hub id; 'toy': "
-                                               "the rendered toy task")
-    media_root: str | None = HfArg(default=None, help="where rows' 'path' are resolved (default: the dataset's folder)")
-    skip_bad_rows: bool = HfArg(default=False, help="drop and count bad rows instead of stopping at the first one")
-    max_frames: int = HfArg(default=16, help="frames sampled per video")
-    # ZipR1: N answers per question, each under its own sparsity threshold p_n
-    num_generations: int = HfArg(default=8, help="N answers per question (a GRPO group)")
-    keep_p_grid: list[float] = HfArg(default_factory=lambda: list(PAPER_KEEP_P_GRID),
-                                     help="sparsity thresholds p, cycled over each group (paper: 0.94..0.975)")
-    keep_p_uniform: bool = HfArg(default=False, help="instead draw p = 1 - u (1 - keep_p_low), u ~ U[0, 1)")
-    keep_p_low: float = HfArg(default=0.0, help="lower end of the uniform p; 0 is the method text's U(0, 1)")
-    gate_efficiency: bool = HfArg(default=True, help="C: no efficiency reward for an all-wrong group")
-    # learned sparsity: λ·C·max(τ̃ − target, 0) joins the loss, τ̃ the relaxed Eq. 3 count (README); λ = 0 is the
-    # paper's literal objective (τ̃ is still logged)
-    sparsity_coef: float = HfArg(default=0.0, help="λ of the learned-sparsity term; 0: the paper's literal recipe")
-    sparsity_temperature: float = HfArg(default=0.01, help="T of the smooth count σ((p − c_{i−1}) / T)")
-    sparsity_gate: Literal["group", "answer", "none"] = HfArg(
-        default="group", help="C per answer: the reward's group gate, this answer correct, or always 1")
-    sparsity_target: float = HfArg(default=0.0, help="hinge: τ̃ at or below it is not pushed further")
-    sparsity_warmup_steps: int = HfArg(default=0, help="λ ramps linearly from 0 over these steps")
-    # GRPO (Eq. 4-5)
-    beta: float = HfArg(default=0.04, help="KL weight (paper 0.04; TRL's default 0.0); 0 skips the reference model")
-    epsilon: float = HfArg(default=0.2, help="lower clip range of the ratio")
-    epsilon_high: float | None = HfArg(default=None, help="upper clip range (default: epsilon; DAPO uses 0.28)")
-    loss_type: Literal["grpo", "bnpo", "dapo", "dr_grpo"] = HfArg(
-        default="grpo", help="how per-token terms are averaged (paper: grpo; TRL's default dapo), see grpo.grpo_loss")
-    scale_rewards: Literal["group", "batch", "none"] = HfArg(
-        default="group", help="divide advantages by the group's reward std (Eq. 4), the whole batch's, or nothing")
-    mask_truncated_completions: bool = HfArg(default=False, help="leave answers that hit max_completion_length "
-                                                                 "without EOS out of the loss")
-    num_iterations: int = HfArg(default=1, help="mu: updates per rollout batch; > 1 uses the rollout's log-probs "
-                                                "as pi_old")
-    # batches: TRL counts completions, we count questions (README: "Settings and TRL")
-    per_step_questions: int = HfArg(default=1, help="G questions per optimizer step (G * N completions)")
-    generation_batch_size: int = HfArg(default=0, help="TRL's name: completions per step, G * N; sets "
-                                                       "per_step_questions when given")
-    rollout_questions: int = HfArg(default=0, help="questions a process samples in one batch; 0: all of its own")
-    max_completion_length: int = HfArg(default=512, help="new tokens per answer at most")
-    temperature: float = HfArg(default=1.0, help="sampling temperature; 0: greedy (log-probs at temperature 1)")
-    # optimisation
-    learning_rate: float = HfArg(default=1e-6, help="AdamW learning rate")
-    weight_decay: float = HfArg(default=0.0, help="AdamW weight decay")
-    max_grad_norm: float = HfArg(default=1.0, help="gradient clipping norm")
-    freeze_vision: bool = HfArg(default=True, help="train the language model only: the sparsity acts in the decoder")
-    bf16: bool | None = HfArg(default=None, metadata=OPTIONAL_BOOL, help="autocast to bf16 over fp32 master weights "
-                                                                           "(default: on with CUDA)")
-    gradient_checkpointing: bool | None = HfArg(default=None, metadata=OPTIONAL_BOOL,
-                                                help="recompute activations in backward (default: on with CUDA)")
-    seed: int = HfArg(default=0, help="seeds questions, thresholds, probes and sampling: a rerun is a replay")
-    # the run
-    max_steps: int = HfArg(default=1000, help="optimizer steps")
-    save_steps: int = HfArg(default=100, help="save a checkpoint every this many steps (and at the end)")
-    save_total_limit: int = HfArg(default=2, help="newest checkpoints kept on disk (>= 1)")
-    output_dir: str = HfArg(default=DEFAULT_OUTPUT_DIR, help="checkpoints, metrics.jsonl, metrics.png")
-    overwrite_output_dir: bool = HfArg(default=False, help="start over in an output_dir that holds a run")
-    resume_from_checkpoint: str | None = HfArg(default=None, metadata={"nargs": "?", "const": "last"},
-                                               help="a checkpoint folder to continue from, or 'last' (the flag "
-                                                    "alone): the newest complete one in output_dir")
-    disable_tqdm: bool = HfArg(default=False, help="no progress bars")
-    num_threads: int = HfArg(default=0, help="torch CPU threads per process; 0: torch's default")
-
-
-RENAMED = {"max_new_tokens": "max_completion_length", "steps": "max_steps", "save_every": "save_steps",
-           "resume": "resume_from_checkpoint"}  # old flag names, still accepted with a deprecation line
-INVERTED = {"progress": "disable_tqdm"}
-
-
-def parse_config(argv=None) -> Config:
-    """The command line (HfArgumentParser over Config, see cli.py); fields not given take TOY_PRESET when --model
-    is toy."""
-    cfg = cli.parse(Config, argv, presets=lambda given: TOY_PRESET if given.get("model", Config.model) == "toy"
-                    else {}, renamed=RENAMED, inverted=INVERTED,
-                    description=__doc__.split("\n")[0] + " With --model toy (the default), unset fields take "
-                    "toy.TOY_PRESET: " + ", ".join(f"{k}={v}" for k, v in TOY_PRESET.items()))
-    return check_config(cfg)
-
-
-def check_config(cfg: Config) -> Config:
-    """Clear errors for settings that cannot work; resolves generation_batch_size, resume_from_checkpoint ("last"
-    or a path) and the CUDA-dependent defaults."""
-    cfg = dataclasses.replace(cfg, keep_p_grid=list(cfg.keep_p_grid),
-                              resume_from_checkpoint=resume_target(cfg.resume_from_checkpoint))
-    if cfg.generation_batch_size:
-        if cfg.generation_batch_size < 0 or cfg.generation_batch_size % cfg.num_generations:
-            raise ConfigError(f"generation_batch_size={cfg.generation_batch_size} must be a multiple of "
-                              f"num_generations={cfg.num_generations} (it counts completions, G * N)")
-        cfg = dataclasses.replace(cfg, per_step_questions=cfg.generation_batch_size // cfg.num_generations)
-    if not all(0 < p <= 1 for p in cfg.keep_p_grid) or not cfg.keep_p_grid:
-        raise ConfigError(f"keep_p_grid values must lie in (0, 1], got {cfg.keep_p_grid}")
-    if not 0 <= cfg.keep_p_low < 1:
-        raise ConfigError(f"keep_p_low must lie in [0, 1), got {cfg.keep_p_low}")
-    if cfg.num_generations < 2 or cfg.per_step_questions < 1 or cfg.num_iterations < 1 or cfg.max_steps < 1:
-        raise ConfigError("need num_generations >= 2 and per_step_questions, num_iterations, max_steps >= 1")
-    if cfg.num_threads < 0:
-        raise ConfigError(f"num_threads must be >= 0 (0: torch's default), got {cfg.num_threads}")
-    if cfg.rollout_questions < 0:
-        raise ConfigError(f"rollout_questions must be >= 0 (0: all of a process's), got {cfg.rollout_questions}")
-    world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's process count
-    if cfg.per_step_questions % world:
-        raise ConfigError(f"per_step_questions={cfg.per_step_questions} must be a multiple of the {world} processes "
-                          f"(each takes whole question groups, the same number)")
-    if cfg.sparsity_coef < 0 or cfg.sparsity_temperature <= 0 or not 0 <= cfg.sparsity_target < 1 \
-            or cfg.sparsity_warmup_steps < 0:
-        raise ConfigError("need sparsity_coef >= 0, sparsity_temperature > 0, 0 <= sparsity_target < 1 and "
-                          "sparsity_warmup_steps >= 0")
-    if cfg.sparsity_gate not in SPARSITY_GATES:
-        raise ConfigError(f"sparsity_gate must be one of {SPARSITY_GATES}, got {cfg.sparsity_gate!r}")
-    if cfg.loss_type not in grpo.LOSS_TYPES:
-        raise ConfigError(f"loss_type must be one of {grpo.LOSS_TYPES}, got {cfg.loss_type!r}")
-    if cfg.scale_rewards not in grpo.REWARD_SCALINGS:
-        raise ConfigError(f"scale_rewards must be one of {grpo.REWARD_SCALINGS}, got {cfg.scale_rewards!r}")
-    check_ranges(cfg)
-    cuda = torch.cuda.is_available()
-    return dataclasses.replace(cfg, bf16=cuda if cfg.bf16 is None else cfg.bf16, gradient_checkpointing=cuda
-                               if cfg.gradient_checkpointing is None else cfg.gradient_checkpointing)
-
-
-def resume_target(value) -> str | None:
-    """resume_from_checkpoint as run_dir reads it: None (start fresh), "last", or a checkpoint path. true/yes/1 mean
-    "last" (TRL's `--resume_from_checkpoint true`), false/no/0 and "" mean None."""
-    if value is None or str(value).lower() in ("", "false", "no", "0"):
-        return None
-    return "last" if value is True or str(value).lower() in ("last", "true", "yes", "1") else str(value)
-
-
-def check_ranges(cfg: Config) -> None:
-    """One ConfigError per setting outside the range where it means something."""
-    ranges = {"max_completion_length": (cfg.max_completion_length >= 1, ">= 1"),
-              "save_steps": (cfg.save_steps >= 1, ">= 1"),
-              "save_total_limit": (cfg.save_total_limit >= 1, ">= 1 (the newest checkpoints kept)"),
-              "learning_rate": (cfg.learning_rate >= 0, ">= 0"), "weight_decay": (cfg.weight_decay >= 0, ">= 0"),
-              "temperature": (cfg.temperature >= 0, ">= 0 (0: greedy)"), "beta": (cfg.beta >= 0, ">= 0"),
-              "epsilon": (cfg.epsilon > 0, "> 0"),
-              "epsilon_high": (cfg.epsilon_high is None or cfg.epsilon_high >= 0, ">= 0 (or unset: epsilon)"),
-              "max_grad_norm": (cfg.max_grad_norm > 0, "> 0"),
-              "max_frames": (cfg.max_frames >= 1, ">= 1")}
-    for name, (ok, allowed) in ranges.items():
-        if not ok:
-            raise ConfigError(f"{name} must be {allowed}, got {getattr(cfg, name)}")
-
-
-def check_sources(cfg: Config, model_dir: str, num_rows: int) -> None:
-    """What the loaded data and the model folder allow: enough rows per step; --overwrite_output_dir would not
-    delete the model the run starts from (e.g. --model outs/x/checkpoint-12 --output_dir outs/x)."""
-    if cfg.per_step_questions > num_rows:
-        raise ConfigError(f"per_step_questions={cfg.per_step_questions} exceeds the {num_rows} usable rows of "
-                          f"{cfg.dataset}")
-    model, output = Path(model_dir).resolve(), Path(cfg.output_dir).resolve()
-    if cfg.overwrite_output_dir and cfg.resume_from_checkpoint is None and any(model.is_relative_to(c.resolve())
-                                                           for c in checkpoints(output)):
-        raise ConfigError(f"--overwrite_output_dir would delete the model it starts from ({model_dir} lies in "
-                          f"{cfg.output_dir}): pass another --output_dir, or copy the model out first")
+from toy import TOY_CACHE, TOY_DATA_SEED, TOY_TRAIN_ROWS
+from train_config import (PAPER_KEEP_P_GRID, Config, ConfigError, check_config, check_sources,  # noqa: F401
+                          parse_config)
 
 
 # ----------------------------------------------------------------------------------------------- setup

@@ -26,7 +26,7 @@ import media
 import run_dir
 import toy
 import train
-from rollout import score_completions
+from rollout import eos_ids_of, score_completions
 
 REPO = Path(__file__).resolve().parents[1]
 SIZES = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
@@ -166,7 +166,7 @@ def test_mask_truncated_completions_leaves_truncated_answers_out_of_the_loss(sou
     processor, table = media.load_processor(sources[0]), data.load_dataset_rows(cfg.dataset)
     policy = train.load_policy(sources[0], cfg, "cpu")
     rollout, _ = train.sample_rollout(policy, processor, table.rows[:1], cfg, 0, "cpu", train.contextlib.nullcontext())
-    eos = torch.tensor(train.eos_ids_of(policy))
+    eos = torch.tensor(eos_ids_of(policy))
     assert torch.equal(rollout.truncated, ~torch.isin(rollout.completion_ids, eos).any(-1))  # no EOS: truncated
     rollout = dataclasses.replace(rollout, truncated=torch.tensor([True, False, True, False]))
     advantages = torch.tensor([1.0, -0.5, 0.25, -0.75])
@@ -326,7 +326,7 @@ def test_trl_names_old_aliases_and_one_flag_style(capsys):
     new = train.parse_config(["--max_completion_length", "5", "--max_steps", "3", "--save_steps", "2",
                               "--resume_from_checkpoint", "--disable_tqdm"])
     assert capsys.readouterr().err == ""
-    old = train.parse_config(["--max_completion_length", "5", "--max_steps", "3", "--save_steps", "2", "--resume",
+    old = train.parse_config(["--max_new_tokens", "5", "--steps", "3", "--save_every", "2", "--resume",
                               "--progress", "false"])
     warnings = capsys.readouterr().err.strip().splitlines()
     assert new == old and len(warnings) == 5 and all("deprecated" in w for w in warnings)
