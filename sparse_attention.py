@@ -23,6 +23,10 @@ random earlier positions) and summing over probes and heads. The *count* k comes
 k tokens comes from s_j divided by the number of probes that can causally see key j (early keys are seen by more
 queries, so raw sums favour them). One token set per layer and sample, shared by all heads (gather-friendly).
 
+Eq. 3, relaxed (smooth count), the learned-sparsity term of train.py: with c the cumulative sum of the normalised
+column mass sorted descending (c_0 = 0), k̃ = Σ_{i ≤ ℓ} σ((p − c_{i−1}) / T) → k as T → 0, differentiable in the probe
+scores; τ̃ = mean_j k̃_j / ℓ. The selection keeps the no-grad hard count; τ̃ is computed beside it.
+
 Error bound: for a query row whose kept keys hold mass P of its attention, renormalising over the kept keys moves its
 output by at most 2(1 − P)·max_j ‖v_j‖ (dropped mass (1−P) plus the rescale of the kept part); with P ≥ p this is the
 (1 − p)·‖V‖-type bound of the paper (its constant depends on the norm used).

@@ -129,16 +129,22 @@ def training_trend(path: Path, keep_p: float, window: int = 25) -> dict:
             for name, rows in parts.items()}
 
 
+def trained_config(checkpoint) -> dict:
+    """The train.Config a checkpoint was trained with (its trainer_state.pt), as a dict."""
+    return torch.load(Path(checkpoint) / "trainer_state.pt", map_location="cpu", weights_only=False)["config"]
+
+
 def summarize(args, recipe: str, results: dict, train_seconds: float | None) -> dict:
-    m, cfg = results["methods"], recipe_config(args, recipe)
+    m, checkpoint = results["methods"], results["config"]["zipr1"]
+    cfg = trained_config(checkpoint)  # the run's own settings (with --eval_only, not this command's)
     full, zipvl, zipr1 = m["Full"], m["ZipVL"], m["ZipR1"]
     questions = Path(args.output_dir) / recipe / "eval" / "toy_questions" / "toy.jsonl"
-    checkpoint = results["config"]["zipr1"]
     summary = {
-        "recipe": recipe, "steps": args.steps, "per_step_questions": args.per_step_questions,
-        "learning_rate": args.learning_rate, "beta": args.beta,
-        "keep_p": args.keep_p, "seed": args.seed, **{k: getattr(cfg, k) for k in SPARSITY},
-        "start": cfg.model, "keep_p_sampling": f"U({args.keep_p_low}, 1]" if args.keep_p_uniform else
+        "recipe": recipe, "steps": cfg.get("max_steps", cfg.get("steps")),  # "steps": a run from before the rename
+        "per_step_questions": cfg["per_step_questions"],
+        "learning_rate": cfg["learning_rate"], "beta": cfg["beta"],
+        "keep_p": args.keep_p, "seed": cfg["seed"], "eval_seed": args.seed, **{k: cfg[k] for k in SPARSITY},
+        "start": cfg["model"], "keep_p_sampling": f"U({cfg['keep_p_low']}, 1]" if cfg["keep_p_uniform"] else
         "paper grid 0.94..0.975", "eval_questions": full["questions"], "train_seconds": train_seconds,
         "accuracy": {"Full": full["accuracy"], "ZipVL": zipvl["accuracy"], "ZipR1": zipr1["accuracy"]},
         "tau": {"Full": 1.0, "ZipVL": zipvl["token_ratio"], "ZipR1": zipr1["token_ratio"]},
@@ -161,7 +167,7 @@ def markdown(summary: dict) -> list[str]:
         f"{s['sparsity_target']}, warm-up {s['sparsity_warmup_steps']}, start {s['start']}")
     lines = [f"### {s['recipe']} ({term}; {s['steps']} steps × {s['per_step_questions']} questions, lr "
              f"{s['learning_rate']}, seed {s['seed']}, "
-             f"{s['train_seconds'] or 0:.0f} s)",
+             + (f"{s['train_seconds']:.0f} s)" if s["train_seconds"] is not None else "evaluated only)"),
              "", "| Method | keep_p | Accuracy | τ | τ per layer |", "|---|---|---|---|---|"]
     for name in ("Full", "ZipVL", "ZipR1"):
         per_layer = layers(s["tau_by_layer"][name]) if name in s["tau_by_layer"] else "—"
