@@ -25,7 +25,8 @@ from transformers import DynamicCache
 from batching import MEDIA_KEYS, check_vision_tokens
 from grpo import completion_mask, token_logprobs
 from mrope import continuation_positions, prompt_positions
-from sparse_qwen import ATTN_NAME, PrunedKVCache, SparseState, make_state, sparse_forward, text_config
+from sparse_qwen import (ATTN_NAME, PrunedKVCache, SparseState, make_state, sparse_forward, text_config,
+                         token_kv_bytes)
 
 
 @dataclass
@@ -165,9 +166,7 @@ def dense_record(cache, attention_mask) -> dict:
     """The same fields at full attention: every real prompt token kept in every layer (k_j = ℓ, τ = 1), and the
     bytes of the full cache per row, Σ_j ℓ·Hkv·d·(K bytes + V bytes) (left padding excluded)."""
     lengths, n_layers = attention_mask.sum(-1), len(cache.layers)  # (B,) ℓ
-    per_token = sum(layer.keys.shape[1] * layer.keys.shape[-1] * (layer.keys.element_size() +
-                                                                  layer.values.element_size())
-                    for layer in cache.layers)  # bytes of one token's K and V over all layers
+    per_token = sum(token_kv_bytes(layer) for layer in cache.layers)  # bytes of one token's K and V, all layers
     ones = torch.ones(len(lengths), device=lengths.device)  # (B,): keep_p and τ
     kept = lengths[:, None].expand(-1, n_layers)  # (B, n_layers): k_j = ℓ
     selection = attention_mask.bool()[:, None].expand(-1, n_layers, -1)  # (B, n_layers, P): every real token

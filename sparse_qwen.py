@@ -72,12 +72,16 @@ class PrunedKVCache(DynamicCache):
         """Bytes of K and V each sample really holds, read from the cache tensors: Σ_j k_j·2·Hkv·d·bytes.  (B,)"""
         total = 0
         for j, layer in enumerate(self.layers):
-            per_token = layer.keys.shape[1] * layer.keys.shape[-1] * (layer.keys.element_size()
-                                                                  + layer.values.element_size())  # K, V
+            per_token = token_kv_bytes(layer)  # K, V
             slots = self.key_valid[j].sum(-1) if j in self.key_valid else torch.full(
                 (layer.keys.shape[0],), layer.keys.shape[2], device=layer.keys.device)  # (B,) k_j
             total = total + slots * per_token  # (B,)
         return total
+
+
+def token_kv_bytes(layer) -> int:
+    """Bytes one token's K and V take in a cache layer: Hkv·d·(K element size + V element size)."""
+    return layer.keys.shape[1] * layer.keys.shape[-1] * (layer.keys.element_size() + layer.values.element_size())
 
 
 @dataclass
