@@ -9,9 +9,8 @@
 
 A checkpoint is written to checkpoint-<step>.tmp and renamed when complete, so a run killed while saving leaves no
 half-written checkpoint-<step>; --resume_from_checkpoint still checks each (config, weights, trainer state) newest
-first, moves an
-incomplete one aside to checkpoint-<step>.incomplete and says so in one line. A torn last line of metrics.jsonl (a
-run killed while logging) is dropped.
+first, moves an incomplete one aside to checkpoint-<step>.incomplete and says so in one line. A torn last line of
+metrics.jsonl (a run killed while logging) is dropped.
 """
 from __future__ import annotations
 
@@ -82,7 +81,7 @@ def checkpoint_problem(path: Path) -> str | None:
             pass
     except FileNotFoundError as err:
         return f"no {Path(err.filename).name}"
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile, Exception) as err:  # safetensors raises its own
+    except Exception as err:  # OSError, ValueError, KeyError, BadZipFile, and safetensors' own errors
         return f"unreadable: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
     return None
 

@@ -171,11 +171,12 @@ def zipr1_attention(module, query, key, value, attention_mask, scaling=None, dro
         every_query = torch.ones(bsz, seq, dtype=torch.bool, device=query.device)  # (B, L)
         out = sparse_attention(query, key, value, every_query, valid, scale=scaling)  # (B, H, L, D) dense, real tokens
     elif state.mode == "decode":
-        out = zipr1_kernels.decode_attention(query, key, value, state.cache.key_valid[layer], scale=scaling)  # (B, H, 1, D)
+        out = zipr1_kernels.decode_attention(query, key, value, state.cache.key_valid[layer],
+                                             scale=scaling)  # (B, H, 1, D)
     else:
         n_prompt = seq if state.mode == "prefill" else state.prompt_len
-        sel = zipr1_kernels.top_p_select(query[:, :, :n_prompt], key[:, :, :n_prompt], state.keep_p, valid[:, :n_prompt],
-                           seed=state.seed + layer, scale=scaling)  # Eq. 3 on the prompt
+        sel = zipr1_kernels.top_p_select(query[:, :, :n_prompt], key[:, :, :n_prompt], state.keep_p,
+                                         valid[:, :n_prompt], seed=state.seed + layer, scale=scaling)  # Eq. 3
         state.selections[layer] = sel
         if state.mode == "teacher" and state.relaxed_temperature is not None:
             state.relaxed[layer] = relaxed_ratio(state, query[:, :, :n_prompt], key[:, :, :n_prompt],

@@ -12,8 +12,8 @@ One step, for G = per_step_questions questions with N = num_generations answers 
      log-probs under the rollout's sparsity, the frozen reference's under full attention   (grpo.grpo_loss, Eq. 5)
      + lambda C max(tau~ - target, 0), tau~ the relaxed Eq. 3 count of the same forward (learned sparsity; lambda = 0
      is the paper's literal objective)                                                   (sparsity_term, README)
-Settings: train_config.py (`python train.py --help`). Everything random is seeded by (seed, step), so --resume_from_checkpoint continues exactly where the last checkpoint
-left off.
+Settings: train_config.py (`python train.py --help`). Everything random is seeded by (seed, step), so
+--resume_from_checkpoint continues exactly where the last checkpoint left off.
 A rank's questions are rolled out in one batch (`rollout_questions` at a time), each answer sampled from its own
 stream seeded by its place in the step's global batch; each question's group is then one update micro-batch.
 
