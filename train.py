@@ -167,12 +167,18 @@ def sparsity_gates(cfg: Config, parts: dict, acc: torch.Tensor) -> torch.Tensor:
         cfg.sparsity_gate]
 
 
-def sparsity_term(tau_soft: torch.Tensor, gate: torch.Tensor, keep_p: torch.Tensor, target: float) -> torch.Tensor:
+def sparsity_term(tau_layers: torch.Tensor, gate: torch.Tensor, keep_p: torch.Tensor, target: float,
+                  per_layer: bool = False, skip_layers=()) -> torch.Tensor:
     """Per row C·max(τ̃ − target, 0), and 0 where p = 1 (dense rows have nothing to sparsify).  (N,)
 
-    τ̃ (N,) is the relaxed Eq. 3 token ratio with gradient; its pathwise gradient is what the literal reward lacks.
+    τ̃_j (N, n_layers) is the relaxed Eq. 3 ratio of each layer, with gradient; its pathwise gradient is what the
+    literal reward lacks. τ̃ is the mean over the layers not in skip_layers; per_layer hinges each τ̃_j at the
+    target and averages the hinges instead, so layers already below it are not pushed to make up for one that resists.
     """
-    return torch.where(keep_p < 1, gate * (tau_soft - target).clamp(min=0), 0.0)  # (N,)
+    layers = [j for j in range(tau_layers.shape[-1]) if j not in set(skip_layers)]
+    tau = tau_layers[:, layers]  # (N, J): the layers the term acts on
+    excess = (tau - target).clamp(min=0).mean(-1) if per_layer else (tau.mean(-1) - target).clamp(min=0)  # (N,)
+    return torch.where(keep_p < 1, gate * excess, 0.0)  # (N,)
 
 
 def policy_update(policy, reference, optimizer, rollouts, advantages, cfg: Config, autocast,
@@ -213,8 +219,10 @@ def policy_update(policy, reference, optimizer, rollouts, advantages, cfg: Confi
                 weight = multi_gpu.loss_weight(count, total, dist)
                 objective, relaxed = weight * loss, {}
                 if state.relaxed:  # τ̃ (N,), relaxed Eq. 3 from this same forward
-                    tau_soft = state.relaxed_token_ratio()
-                    term = sparsity_term(tau_soft, gate.to(tau_soft), rollout.keep_p, cfg.sparsity_target).mean()
+                    tau_layers = state.relaxed_by_layer()  # (N, n_layers)
+                    tau_soft = tau_layers.mean(-1)  # (N,) τ̃, logged
+                    term = sparsity_term(tau_layers, gate.to(tau_soft), rollout.keep_p, cfg.sparsity_target,
+                                         cfg.sparsity_per_layer, cfg.sparsity_skip_layers).mean()
                     relaxed = {"tau_relaxed": tau_soft.mean().item(), "sparsity_loss": coef * term.item()}
                     if coef > 0:  # λ = 0 backpropagates exactly the GRPO loss
                         objective = objective + coef * multi_gpu.loss_weight(len(rollout.keep_p), total_rows,

@@ -61,6 +61,10 @@ class Config:
     sparsity_gate: Literal["group", "answer", "none"] = HfArg(
         default="group", help="C per answer: the reward's group gate, this answer correct, or always 1")
     sparsity_target: float = HfArg(default=0.0, help="hinge: τ̃ at or below it is not pushed further")
+    sparsity_per_layer: bool = HfArg(default=False, help="hinge each layer's τ̃_j at the target and average the "
+                                                          "hinges, instead of hinging the mean over layers")
+    sparsity_skip_layers: list[int] = HfArg(default_factory=list, help="layers the term leaves alone (e.g. 0, "
+                                                                        "whose q and k come from the embeddings)")
     sparsity_warmup_steps: int = HfArg(default=0, help="λ ramps linearly from 0 over these steps")
     # GRPO (Eq. 4-5)
     beta: float = HfArg(default=0.04, help="KL weight (paper 0.04; TRL's default 0.0); 0 skips the reference model")
@@ -148,6 +152,8 @@ def check_config(cfg: Config) -> Config:
             or cfg.sparsity_warmup_steps < 0:
         raise ConfigError("need sparsity_coef >= 0, sparsity_temperature > 0, 0 <= sparsity_target < 1 and "
                           "sparsity_warmup_steps >= 0")
+    if any(j < 0 for j in cfg.sparsity_skip_layers):
+        raise ConfigError(f"sparsity_skip_layers must be layer indices >= 0, got {cfg.sparsity_skip_layers}")
     if cfg.sparsity_gate not in SPARSITY_GATES:
         raise ConfigError(f"sparsity_gate must be one of {SPARSITY_GATES}, got {cfg.sparsity_gate!r}")
     if cfg.loss_type not in grpo.LOSS_TYPES:
@@ -190,6 +196,12 @@ def check_sources(cfg: Config, model_dir: str, num_rows: int) -> None:
     if cfg.per_step_questions > num_rows:
         raise ConfigError(f"per_step_questions={cfg.per_step_questions} exceeds the {num_rows} usable rows of "
                           f"{cfg.dataset}")
+    if cfg.sparsity_skip_layers:
+        from transformers import AutoConfig
+        layers = AutoConfig.from_pretrained(model_dir).get_text_config().num_hidden_layers
+        if max(cfg.sparsity_skip_layers) >= layers or len(set(cfg.sparsity_skip_layers)) == layers:
+            raise ConfigError(f"sparsity_skip_layers={cfg.sparsity_skip_layers} must name some, not all, of the "
+                              f"model's {layers} decoder layers (0..{layers - 1})")
     model, output = Path(model_dir).resolve(), Path(cfg.output_dir).resolve()
     if cfg.overwrite_output_dir and cfg.resume_from_checkpoint is None and any(model.is_relative_to(c.resolve())
                                                            for c in checkpoints(output)):

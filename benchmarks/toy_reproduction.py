@@ -37,7 +37,8 @@ from rollout import prefill  # noqa: E402
 from sparse_qwen import make_sparse  # noqa: E402
 
 RECIPES = ("literal", "learned")
-SPARSITY = ("sparsity_coef", "sparsity_temperature", "sparsity_gate", "sparsity_target", "sparsity_warmup_steps")
+SPARSITY = ("sparsity_coef", "sparsity_temperature", "sparsity_gate", "sparsity_target", "sparsity_warmup_steps",
+            "sparsity_per_layer", "sparsity_skip_layers")
 
 
 def parse_args(argv=None):
@@ -50,8 +51,10 @@ def parse_args(argv=None):
     p.add_argument("--keep_p_uniform", action="store_true", help="p ~ U(keep_p_low, 1] instead of the paper's grid")
     p.add_argument("--keep_p_low", type=float, default=train.Config.keep_p_low)
     for name in SPARSITY:  # the learned recipe's term (the literal recipe has sparsity_coef = 0)
-        default = toy.TOY_LEARNED.get(name, getattr(train.Config, name))
-        p.add_argument(f"--{name}", type=type(default), default=default, help=f"learned recipe (default {default})")
+        default = toy.TOY_LEARNED.get(name, getattr(train.Config(), name))
+        kind = dict(action=argparse.BooleanOptionalAction) if isinstance(default, bool) else \
+            dict(type=int, nargs="*") if isinstance(default, list) else dict(type=type(default))
+        p.add_argument(f"--{name}", default=default, help=f"learned recipe (default {default})", **kind)
     p.add_argument("--learned_init", default="toy",
                    help="the learned run's start (and KL reference): toy (the warmed-up model), literal (the literal "
                         "run's last checkpoint), or a checkpoint folder (e.g. an earlier learned run: two stages)")
@@ -143,7 +146,7 @@ def summarize(args, recipe: str, results: dict, train_seconds: float | None) -> 
         "recipe": recipe, "steps": cfg.get("max_steps", cfg.get("steps")),  # "steps": a run from before the rename
         "per_step_questions": cfg["per_step_questions"],
         "learning_rate": cfg["learning_rate"], "beta": cfg["beta"],
-        "keep_p": args.keep_p, "seed": cfg["seed"], "eval_seed": args.seed, **{k: cfg[k] for k in SPARSITY},
+        "keep_p": args.keep_p, "seed": cfg["seed"], "eval_seed": args.seed, **{k: cfg.get(k, getattr(train.Config(), k)) for k in SPARSITY},
         "start": cfg["model"], "keep_p_sampling": f"U({cfg['keep_p_low']}, 1]" if cfg["keep_p_uniform"] else
         "paper grid 0.94..0.975", "eval_questions": full["questions"], "train_seconds": train_seconds,
         "accuracy": {"Full": full["accuracy"], "ZipVL": zipvl["accuracy"], "ZipR1": zipr1["accuracy"]},
@@ -164,7 +167,8 @@ def markdown(summary: dict) -> list[str]:
     s, layers = summary, lambda v: " / ".join(f"{t:.2f}" for t in v)  # noqa: E731
     term = "λ = 0" if s["recipe"] == "literal" else (
         f"λ = {s['sparsity_coef']}, T = {s['sparsity_temperature']}, gate {s['sparsity_gate']}, target "
-        f"{s['sparsity_target']}, warm-up {s['sparsity_warmup_steps']}, start {s['start']}")
+        f"{s['sparsity_target']}{' per layer' if s['sparsity_per_layer'] else ''}, skipped layers "
+        f"{s['sparsity_skip_layers'] or 'none'}, warm-up {s['sparsity_warmup_steps']}, start {s['start']}")
     lines = [f"### {s['recipe']} ({term}; {s['steps']} steps × {s['per_step_questions']} questions, lr "
              f"{s['learning_rate']}, seed {s['seed']}, "
              + (f"{s['train_seconds']:.0f} s)" if s["train_seconds"] is not None else "evaluated only)"),

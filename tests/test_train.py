@@ -254,8 +254,27 @@ def test_sparsity_gates_and_warmup():
     assert train.sparsity_gates(cfg, parts, acc).tolist() == [1, 1, 0, 0]
     answer = dataclasses.replace(cfg, sparsity_gate="answer")
     assert train.sparsity_gates(answer, parts, acc).tolist() == [1, 0, 0, 0]
-    tau, p = torch.tensor([0.5, 0.3, 0.5, 0.9]), torch.tensor([0.9, 0.9, 1.0, 0.9])
+    tau, p = torch.tensor([[0.5], [0.3], [0.5], [0.9]]), torch.tensor([0.9, 0.9, 1.0, 0.9])  # (N, 1 layer)
     assert train.sparsity_term(tau, torch.ones(4), p, 0.4).tolist() == pytest.approx([0.1, 0.0, 0.0, 0.5])
+
+
+def test_sparsity_term_per_layer_hinge_and_skipped_layers():
+    """Hand-computed: layers (0.8, 0.1, 0.3), target 0.25. The mean hinge pushes 0.4 − 0.25; the per-layer hinge
+    averages (0.55, 0, 0.05); skipping layer 0 leaves (0.1, 0.3): mean 0.2 (no push) or per layer (0 + 0.05) / 2."""
+    tau, gate, p = torch.tensor([[0.8, 0.1, 0.3]]), torch.ones(1), torch.tensor([0.95])
+    term = lambda **kw: train.sparsity_term(tau, gate, p, 0.25, **kw).item()  # noqa: E731
+    assert term() == pytest.approx(0.15) and term(per_layer=True) == pytest.approx(0.2)
+    assert term(skip_layers=[0]) == 0.0 and term(per_layer=True, skip_layers=[0]) == pytest.approx(0.025)
+    grad = torch.autograd.grad(train.sparsity_term(tau.requires_grad_(), gate, p, 0.25, per_layer=True,
+                                                   skip_layers=[0]).sum(), tau)[0]
+    assert grad.tolist() == [[0.0, 0.0, 0.5]]  # only the skipped-in layer above the target is pushed
+
+
+def test_sparsity_skip_layers_are_checked_against_the_model(sources, tmp_path):
+    with pytest.raises(train.ConfigError, match="sparsity_skip_layers=\\[9\\] must name some, not all"):
+        train.train(config(sources, tmp_path, sparsity_coef=1.0, sparsity_skip_layers=[9]))
+    with pytest.raises(train.ConfigError, match="layer indices >= 0"):
+        train.check_config(train.Config(sparsity_skip_layers=[-1]))
 
 
 def test_questions_rolled_out_together_or_apart_make_the_same_step(sources, tmp_path):
