@@ -507,3 +507,17 @@ def test_media_failing_mid_run_is_recorded_and_never_fails_again(sources, tmp_pa
         for key in want:
             if key not in TIMING_KEYS:
                 assert got[key] == pytest.approx(want[key], rel=1e-5), key
+
+
+def test_skipped_layers_leave_the_term_and_the_rest_average(sources, tmp_path):
+    """Zero advantages, no KL, target 0: the update is λ·∇ mean_j∈J τ̃_j. Over L layers, L·g(all) = (L − 1)·g(skip 0)
+    + g(layer 0 only), and layer 0 alone pushes differently from all layers (the skip reaches the loss)."""
+    cfg = config(sources, tmp_path, sparsity_coef=1.0, sparsity_temperature=0.05, beta=0.0, sparsity_gate="none")
+    policy, rollout = _rollout(sources, cfg, keep_p_grid=(0.6, 0.7, 0.8, 0.9))
+    n = policy.config.get_text_config().num_hidden_layers
+    grads = {name: _gradients(policy, None, rollout, torch.zeros(4), dataclasses.replace(cfg, sparsity_skip_layers=s))
+             for name, s in (("all", []), ("skip0", [0]), ("only0", list(range(1, n))))}
+    for k in grads["all"]:
+        assert_close_to_scale(n * grads["all"][k], (n - 1) * grads["skip0"][k] + grads["only0"][k], atol=1e-5,
+                              rtol=1e-4)
+    assert any(not torch.allclose(grads["only0"][k], grads["all"][k]) for k in grads["all"])
