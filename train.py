@@ -44,7 +44,7 @@ from run_dir import checkpoints, plot_metrics, prepare_output_dir, save_checkpoi
 from rollout import SamplingConfig, generate, score_completions, scoring_state
 from sparse_qwen import make_sparse, sparse_forward
 from toy import TOY_CACHE, TOY_DATA_SEED, TOY_TRAIN_ROWS
-from train_config import (PAPER_KEEP_P_GRID, Config, ConfigError, check_config, check_sources,  # noqa: F401
+from train_config import (LR_SCHEDULES, PAPER_KEEP_P_GRID, Config, ConfigError, check_config, check_sources,  # noqa: F401
                           parse_config)
 
 
@@ -145,6 +145,16 @@ def sample_groups(policy, processor, rows, cfg: Config, step: int, device, autoc
         groups += split_groups(policy, rollout, cfg.num_generations)  # the update's micro-batches
         texts += part
     return groups, texts
+
+
+def learning_rate_schedule(cfg: Config):
+    """step -> learning rate: transformers' `lr_scheduler_type` schedule over max_steps, as a pure function of the
+    step, so a resumed run sets the same rate with no scheduler state to save."""
+    from transformers import get_scheduler
+    probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=cfg.learning_rate)  # holds the schedule only
+    factor = get_scheduler(cfg.lr_scheduler_type, probe, num_warmup_steps=cfg.warmup_steps,
+                           num_training_steps=cfg.max_steps).lr_lambdas[0]
+    return lambda step: cfg.learning_rate * factor(step)
 
 
 def loss_mask(rollout, cfg: Config) -> torch.Tensor:
@@ -270,7 +280,7 @@ def train_step(policy, reference, processor, optimizer, rows, cfg: Config, step:
                "r_eff": parts["r_eff"].mean().item(), "gate": parts["gate"].mean().item(), "tau": tau.mean().item(),
                "tau_by_keep_p": {k: sum(v) / len(v) for k, v in sorted(by_p.items())},
                "tau_by_layer": {str(j): t for j, t in enumerate(tau_by_layer(rollouts).tolist())},
-               "sparsity_coef": sparsity_coef_at(cfg, step),
+               "sparsity_coef": sparsity_coef_at(cfg, step), "learning_rate": optimizer.param_groups[0]["lr"],
                "kl": kl if reference is not None else None,
                "zero_std_groups": (groups.amax(1) == groups.amin(1)).float().mean().item(),
                "completion_length": tokens / len(texts), **stats,
@@ -325,7 +335,10 @@ def train(cfg: Config) -> list[dict]:
     bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, desc="ZipR1",
                disable=cfg.disable_tqdm or not dist.is_main)
     known_bad = len(bad)
+    learning_rate_at = learning_rate_schedule(cfg)
     for step in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate_at(step)
         m = step_on_readable_rows(policy, reference, processor, optimizer, table, bad, cfg, step, device, autocast,
                                   dist)
         metrics.append(m)

@@ -24,6 +24,7 @@ from run_dir import DEFAULT_OUTPUT_DIR, checkpoints
 from toy import TOY_PRESET
 
 SPARSITY_GATES = ("group", "answer", "none")
+LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")  # of transformers.get_scheduler
 PAPER_KEEP_P_GRID = tuple(round(0.94 + 0.005 * i, 3) for i in range(8))  # 0.94, 0.945, ..., 0.975
 
 
@@ -87,6 +88,10 @@ class Config:
     temperature: float = HfArg(default=1.0, help="sampling temperature; 0: greedy (log-probs at temperature 1)")
     # optimisation
     learning_rate: float = HfArg(default=1e-6, help="AdamW learning rate")
+    lr_scheduler_type: Literal["constant", "constant_with_warmup", "linear", "cosine"] = HfArg(
+        default="constant", help="schedule of the learning rate over max_steps (transformers.get_scheduler; TRL's "
+                                 "default: linear)")
+    warmup_steps: int = HfArg(default=0, help="steps of linear learning-rate warm-up (with_warmup, linear, cosine)")
     weight_decay: float = HfArg(default=0.0, help="AdamW weight decay")
     max_grad_norm: float = HfArg(default=1.0, help="gradient clipping norm")
     freeze_vision: bool = HfArg(default=True, help="train the language model only: the sparsity acts in the decoder")
@@ -156,6 +161,8 @@ def check_config(cfg: Config) -> Config:
         raise ConfigError(f"sparsity_skip_layers must be layer indices >= 0, got {cfg.sparsity_skip_layers}")
     if cfg.sparsity_gate not in SPARSITY_GATES:
         raise ConfigError(f"sparsity_gate must be one of {SPARSITY_GATES}, got {cfg.sparsity_gate!r}")
+    if cfg.lr_scheduler_type not in LR_SCHEDULES:
+        raise ConfigError(f"lr_scheduler_type must be one of {LR_SCHEDULES}, got {cfg.lr_scheduler_type!r}")
     if cfg.loss_type not in grpo.LOSS_TYPES:
         raise ConfigError(f"loss_type must be one of {grpo.LOSS_TYPES}, got {cfg.loss_type!r}")
     if cfg.scale_rewards not in grpo.REWARD_SCALINGS:
@@ -179,7 +186,7 @@ def check_ranges(cfg: Config) -> None:
     ranges = {"max_completion_length": (cfg.max_completion_length >= 1, ">= 1"),
               "save_steps": (cfg.save_steps >= 1, ">= 1"),
               "save_total_limit": (cfg.save_total_limit >= 1, ">= 1 (the newest checkpoints kept)"),
-              "learning_rate": (cfg.learning_rate >= 0, ">= 0"), "weight_decay": (cfg.weight_decay >= 0, ">= 0"),
+              "learning_rate": (cfg.learning_rate >= 0, ">= 0"), "warmup_steps": (cfg.warmup_steps >= 0, ">= 0"), "weight_decay": (cfg.weight_decay >= 0, ">= 0"),
               "temperature": (cfg.temperature >= 0, ">= 0 (0: greedy)"), "beta": (cfg.beta >= 0, ">= 0"),
               "epsilon": (cfg.epsilon > 0, "> 0"),
               "epsilon_high": (cfg.epsilon_high is None or cfg.epsilon_high >= 0, ">= 0 (or unset: epsilon)"),

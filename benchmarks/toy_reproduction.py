@@ -46,6 +46,8 @@ def parse_args(argv=None):
     p.add_argument("--recipes", default="literal,learned", help="comma separated: literal, learned")
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--learning_rate", type=float, default=toy.TOY_PRESET["learning_rate"])
+    p.add_argument("--lr_scheduler_type", default="constant", choices=train.LR_SCHEDULES)
+    p.add_argument("--warmup_steps", type=int, default=0, help="learning-rate warm-up steps")
     p.add_argument("--beta", type=float, default=train.Config.beta)
     p.add_argument("--per_step_questions", type=int, default=4, help="questions per step (train.py's toy: 2)")
     p.add_argument("--keep_p_uniform", action="store_true", help="p ~ U(keep_p_low, 1] instead of the paper's grid")
@@ -83,7 +85,8 @@ def recipe_config(args, recipe: str) -> train.Config:
         model = args.learned_init
     return train.check_config(train.Config(**{
         **toy.TOY_PRESET, **sparsity, "model": model, "max_steps": args.steps, "save_steps": 25,
-        "learning_rate": args.learning_rate, "beta": args.beta, "per_step_questions": args.per_step_questions,
+        "learning_rate": args.learning_rate, "lr_scheduler_type": args.lr_scheduler_type,
+        "warmup_steps": args.warmup_steps, "beta": args.beta, "per_step_questions": args.per_step_questions,
         "keep_p_uniform": args.keep_p_uniform, "keep_p_low": args.keep_p_low, "seed": args.seed,
         "output_dir": str(out), "resume_from_checkpoint": "last" if args.resume else None,
         "disable_tqdm": True}))
@@ -145,8 +148,10 @@ def summarize(args, recipe: str, results: dict, train_seconds: float | None) -> 
     summary = {
         "recipe": recipe, "steps": cfg.get("max_steps", cfg.get("steps")),  # "steps": a run from before the rename
         "per_step_questions": cfg["per_step_questions"],
-        "learning_rate": cfg["learning_rate"], "beta": cfg["beta"],
-        "keep_p": args.keep_p, "seed": cfg["seed"], "eval_seed": args.seed, **{k: cfg.get(k, getattr(train.Config(), k)) for k in SPARSITY},
+        "learning_rate": cfg["learning_rate"], "lr_scheduler_type": cfg.get("lr_scheduler_type", "constant"),
+        "beta": cfg["beta"],
+        "keep_p": args.keep_p, "seed": cfg["seed"], "eval_seed": args.seed,
+        **{k: cfg.get(k, getattr(train.Config(), k)) for k in SPARSITY},  # a run from before a flag: its default
         "start": cfg["model"], "keep_p_sampling": f"U({cfg['keep_p_low']}, 1]" if cfg["keep_p_uniform"] else
         "paper grid 0.94..0.975", "eval_questions": full["questions"], "train_seconds": train_seconds,
         "accuracy": {"Full": full["accuracy"], "ZipVL": zipvl["accuracy"], "ZipR1": zipr1["accuracy"]},
@@ -170,7 +175,7 @@ def markdown(summary: dict) -> list[str]:
         f"{s['sparsity_target']}{' per layer' if s['sparsity_per_layer'] else ''}, skipped layers "
         f"{s['sparsity_skip_layers'] or 'none'}, warm-up {s['sparsity_warmup_steps']}, start {s['start']}")
     lines = [f"### {s['recipe']} ({term}; {s['steps']} steps × {s['per_step_questions']} questions, lr "
-             f"{s['learning_rate']}, seed {s['seed']}, "
+             f"{s['learning_rate']} ({s['lr_scheduler_type']}), β {s['beta']}, seed {s['seed']}, "
              + (f"{s['train_seconds']:.0f} s)" if s["train_seconds"] is not None else "evaluated only)"),
              "", "| Method | keep_p | Accuracy | τ | τ per layer |", "|---|---|---|---|---|"]
     for name in ("Full", "ZipVL", "ZipR1"):

@@ -8,6 +8,7 @@ interruption reproduces the next step's metrics; a model missing offline is one 
 import dataclasses
 import io
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -317,6 +318,24 @@ def test_resume_reproduces_the_next_metrics(sources, tmp_path):
             assert resumed[2][key] == pytest.approx(full[2][key], rel=1e-5), key
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 3  # step 3 logged once
     assert train.train(dataclasses.replace(cfg, resume_from_checkpoint="last")) == resumed  # finished run: nothing more to do
+
+
+def test_cosine_learning_rate_follows_the_formula_and_resumes_exactly(sources, tmp_path):
+    """lr_scheduler_type cosine with warm-up: the logged rate is base·s/w during warm-up, then
+    base·½(1 + cos(π (s − w)/(S − w))); a resumed run sets the same rates and reproduces the metrics."""
+    out = tmp_path / "run"
+    cfg = config(sources, out, gate_efficiency=False, keep_p_grid=(0.9, 0.95), max_steps=4, save_steps=2,
+                 lr_scheduler_type="cosine", warmup_steps=1)
+    full = train.train(cfg)
+    want = [0.0] + [0.5 * (1 + math.cos(math.pi * (s - 1) / 3)) for s in (1, 2, 3)]
+    assert [m["learning_rate"] for m in full] == pytest.approx([cfg.learning_rate * w for w in want], rel=1e-6)
+    shutil.rmtree(out / "checkpoint-4")
+    resumed = train.train(dataclasses.replace(cfg, resume_from_checkpoint="last"))
+    for key in full[3]:
+        if key not in TIMING_KEYS:
+            assert resumed[3][key] == pytest.approx(full[3][key], rel=1e-5), key
+    constant = train.train(config(sources, tmp_path / "constant", max_steps=2))
+    assert [m["learning_rate"] for m in constant] == [constant[0]["learning_rate"]] * 2 == [1e-2] * 2
 
 
 def test_config_from_the_command_line():
