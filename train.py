@@ -44,8 +44,8 @@ from run_dir import checkpoints, plot_metrics, prepare_output_dir, save_checkpoi
 from rollout import SamplingConfig, generate, score_completions, scoring_state
 from sparse_qwen import make_sparse, sparse_forward
 from toy import TOY_CACHE, TOY_DATA_SEED, TOY_TRAIN_ROWS
-from train_config import (LR_SCHEDULES, PAPER_KEEP_P_GRID, Config, ConfigError, check_config, check_sources,  # noqa: F401
-                          parse_config)
+from train_config import (LR_SCHEDULES, PAPER_KEEP_P_GRID, Config, ConfigError, check_config,  # noqa: F401
+                          check_sources, parse_config)
 
 
 # ----------------------------------------------------------------------------------------------- setup

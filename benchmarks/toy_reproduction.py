@@ -44,12 +44,13 @@ SPARSITY = ("sparsity_coef", "sparsity_temperature", "sparsity_gate", "sparsity_
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--recipes", default="literal,learned", help="comma separated: literal, learned")
-    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--steps", type=int, default=800,
+                   help="the goal-meeting run of RESULTS.md: 800 steps × 8 questions, cosine (~25 min a recipe)")
     p.add_argument("--learning_rate", type=float, default=toy.TOY_PRESET["learning_rate"])
-    p.add_argument("--lr_scheduler_type", default="constant", choices=train.LR_SCHEDULES)
+    p.add_argument("--lr_scheduler_type", default="cosine", choices=train.LR_SCHEDULES)
     p.add_argument("--warmup_steps", type=int, default=0, help="learning-rate warm-up steps")
     p.add_argument("--beta", type=float, default=train.Config.beta)
-    p.add_argument("--per_step_questions", type=int, default=4, help="questions per step (train.py's toy: 2)")
+    p.add_argument("--per_step_questions", type=int, default=8, help="questions per step (train.py's toy: 2)")
     p.add_argument("--keep_p_uniform", action="store_true", help="p ~ U(keep_p_low, 1] instead of the paper's grid")
     p.add_argument("--keep_p_low", type=float, default=train.Config.keep_p_low)
     for name in SPARSITY:  # the learned recipe's term (the literal recipe has sparsity_coef = 0)
@@ -164,7 +165,8 @@ def summarize(args, recipe: str, results: dict, train_seconds: float | None) -> 
         "sweep": results["sweep"], "full": {"accuracy": full["accuracy"]},
     }
     summary["training"] = training_trend(Path(args.output_dir) / recipe / "train" / "metrics.jsonl", args.keep_p)
-    summary["goal_met"] = summary["tau_after_over_before"] <= 0.5 and summary["accuracy_drop_vs_full_points"] <= 1
+    summary["goal_met"] = (summary["tau_after_over_before"] <= 0.5  # rounded: 100 (0.95 − 0.94) is 1.0000000000000009
+                           and round(summary["accuracy_drop_vs_full_points"], 9) <= 1)
     return summary
 
 

@@ -351,12 +351,14 @@ def test_config_from_the_command_line():
     assert train.PAPER_KEEP_P_GRID == pytest.approx([0.94, 0.945, 0.95, 0.955, 0.96, 0.965, 0.97, 0.975])
     bad_settings = (["--keep_p_grid", "0.9,1.2"], ["--keep_p_low", "1"], ["--num_generations", "1"],
                     ["--rollout_questions", "-1"], ["--sparsity_coef", "-1"], ["--sparsity_temperature", "0"],
-                    ["--sparsity_target", "1"])
+                    ["--sparsity_target", "1"], ["--warmup_steps", "-1"], ["--sparsity_skip_layers", "-1"])
     for bad in bad_settings:
         with pytest.raises(train.ConfigError):
             train.parse_config(bad)
     with pytest.raises(train.ConfigError, match="loss_type"):  # what the parser's choices catch on the command line
         train.check_config(train.Config(loss_type="ppo"))
+    with pytest.raises(train.ConfigError, match="lr_scheduler_type"):
+        train.check_config(train.Config(lr_scheduler_type="polynomial"))
 
 
 def test_trl_names_old_aliases_and_one_flag_style(capsys):
