@@ -11,7 +11,7 @@ One step, for G = per_step_questions questions with N = num_generations answers 
   4. num_iterations (mu) AdamW updates of the clipped surrogate - beta KL(pi_theta || pi_ref): the policy's
      log-probs under the rollout's sparsity, the frozen reference's under full attention   (grpo.grpo_loss, Eq. 5)
      + lambda C max(tau~ - target, 0), tau~ the relaxed Eq. 3 count of the same forward (learned sparsity; lambda = 0
-     is the paper's literal objective)                                                   (sparsity_term, README)
+     is the paper's literal objective)                                                   (learned_sparsity.py)
 Settings: train_config.py (`python train.py --help`). Everything random is seeded by (seed, step), so
 --resume_from_checkpoint continues exactly where the last checkpoint left off.
 A rank's questions are rolled out in one batch (`rollout_questions` at a time), each answer sampled from its own
@@ -39,6 +39,7 @@ import grpo
 import media
 import rewards
 from batching import repeat_prompts, split_groups
+from learned_sparsity import sparsity_coef_at, sparsity_gates, sparsity_term
 import run_dir
 from run_dir import checkpoints, plot_metrics, prepare_output_dir, save_checkpoint, start_output_dir
 from rollout import SamplingConfig, generate, score_completions, scoring_state
@@ -163,32 +164,6 @@ def loss_mask(rollout, cfg: Config) -> torch.Tensor:
     if not cfg.mask_truncated_completions or rollout.truncated is None:
         return rollout.completion_mask
     return rollout.completion_mask * ~rollout.truncated[:, None]  # (N, T)
-
-
-def sparsity_coef_at(cfg: Config, step: int) -> float:
-    """λ at this step: cfg.sparsity_coef, ramped linearly over the first sparsity_warmup_steps."""
-    ramp = 1.0 if cfg.sparsity_warmup_steps == 0 else min(1.0, (step + 1) / cfg.sparsity_warmup_steps)
-    return cfg.sparsity_coef * ramp
-
-
-def sparsity_gates(cfg: Config, parts: dict, acc: torch.Tensor) -> torch.Tensor:
-    """C per rollout row for the sparsity term: the reward's group gate, the row's own correctness, or 1.  (G*N,)"""
-    return {"group": parts["gate"], "answer": acc.float(), "none": torch.ones_like(acc, dtype=torch.float32)}[
-        cfg.sparsity_gate]
-
-
-def sparsity_term(tau_layers: torch.Tensor, gate: torch.Tensor, keep_p: torch.Tensor, target: float,
-                  per_layer: bool = False, skip_layers=()) -> torch.Tensor:
-    """Per row C·max(τ̃ − target, 0), and 0 where p = 1 (dense rows have nothing to sparsify).  (N,)
-
-    τ̃_j (N, n_layers) is the relaxed Eq. 3 ratio of each layer, with gradient; its pathwise gradient is what the
-    literal reward lacks. τ̃ is the mean over the layers not in skip_layers; per_layer hinges each τ̃_j at the
-    target and averages the hinges instead, so layers already below it are not pushed to make up for one that resists.
-    """
-    layers = [j for j in range(tau_layers.shape[-1]) if j not in set(skip_layers)]
-    tau = tau_layers[:, layers]  # (N, J): the layers the term acts on
-    excess = (tau - target).clamp(min=0).mean(-1) if per_layer else (tau.mean(-1) - target).clamp(min=0)  # (N,)
-    return torch.where(keep_p < 1, gate * excess, 0.0)  # (N,)
 
 
 def policy_update(policy, reference, optimizer, rollouts, advantages, cfg: Config, autocast,

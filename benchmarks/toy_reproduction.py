@@ -53,8 +53,9 @@ def parse_args(argv=None):
     p.add_argument("--per_step_questions", type=int, default=8, help="questions per step (train.py's toy: 2)")
     p.add_argument("--keep_p_uniform", action="store_true", help="p ~ U(keep_p_low, 1] instead of the paper's grid")
     p.add_argument("--keep_p_low", type=float, default=train.Config.keep_p_low)
+    defaults = train.Config()
     for name in SPARSITY:  # the learned recipe's term (the literal recipe has sparsity_coef = 0)
-        default = toy.TOY_LEARNED.get(name, getattr(train.Config(), name))
+        default = toy.TOY_LEARNED.get(name, getattr(defaults, name))
         kind = dict(action=argparse.BooleanOptionalAction) if isinstance(default, bool) else \
             dict(type=int, nargs="*") if isinstance(default, list) else dict(type=type(default))
         p.add_argument(f"--{name}", default=default, help=f"learned recipe (default {default})", **kind)
@@ -144,15 +145,16 @@ def trained_config(checkpoint) -> dict:
 def summarize(args, recipe: str, results: dict, train_seconds: float | None) -> dict:
     m, checkpoint = results["methods"], results["config"]["zipr1"]
     cfg = trained_config(checkpoint)  # the run's own settings (with --eval_only, not this command's)
+    defaults = train.Config()  # for settings a run from before their flag does not record
     full, zipvl, zipr1 = m["Full"], m["ZipVL"], m["ZipR1"]
     questions = Path(args.output_dir) / recipe / "eval" / "toy_questions" / "toy.jsonl"
     summary = {
         "recipe": recipe, "steps": cfg.get("max_steps", cfg.get("steps")),  # "steps": a run from before the rename
         "per_step_questions": cfg["per_step_questions"],
-        "learning_rate": cfg["learning_rate"], "lr_scheduler_type": cfg.get("lr_scheduler_type", "constant"),
-        "beta": cfg["beta"],
+        "learning_rate": cfg["learning_rate"],
+        "lr_scheduler_type": cfg.get("lr_scheduler_type", defaults.lr_scheduler_type), "beta": cfg["beta"],
         "keep_p": args.keep_p, "seed": cfg["seed"], "eval_seed": args.seed,
-        **{k: cfg.get(k, getattr(train.Config(), k)) for k in SPARSITY},  # a run from before a flag: its default
+        **{k: cfg.get(k, getattr(defaults, k)) for k in SPARSITY},
         "start": cfg["model"], "keep_p_sampling": f"U({cfg['keep_p_low']}, 1]" if cfg["keep_p_uniform"] else
         "paper grid 0.94..0.975", "eval_questions": full["questions"], "train_seconds": train_seconds,
         "accuracy": {"Full": full["accuracy"], "ZipVL": zipvl["accuracy"], "ZipR1": zipr1["accuracy"]},

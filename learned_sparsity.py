@@ -1,0 +1,42 @@
+"""Learned sparsity: the loss term that gives the efficiency reward a gradient (README "Learned sparsity").
+
+The literal ZipR1 reward C·(1 − τ_n) cannot move τ: τ_n does not depend on the sampled answer (no score-function
+gradient) and Eq. 3's hard count is piecewise constant (no pathwise gradient). train.py therefore adds
+
+    λ · mean_n C_n · max(τ̃_n − τ*, 0) · [p_n < 1]
+
+to the GRPO loss, τ̃ the relaxed Eq. 3 count (sparse_attention.smooth_top_p_count) of the same teacher forward.
+λ = 0 is the paper's literal objective.
+"""
+from __future__ import annotations
+
+import torch
+
+from train_config import Config
+
+
+def sparsity_coef_at(cfg: Config, step: int) -> float:
+    """λ at this step: cfg.sparsity_coef, ramped linearly over the first sparsity_warmup_steps."""
+    ramp = 1.0 if cfg.sparsity_warmup_steps == 0 else min(1.0, (step + 1) / cfg.sparsity_warmup_steps)
+    return cfg.sparsity_coef * ramp
+
+
+def sparsity_gates(cfg: Config, parts: dict, acc: torch.Tensor) -> torch.Tensor:
+    """C per rollout row for the sparsity term: the reward's group gate, the row's own correctness, or 1.  (G*N,)"""
+    return {"group": parts["gate"], "answer": acc.float(), "none": torch.ones_like(acc, dtype=torch.float32)}[
+        cfg.sparsity_gate]
+
+
+def sparsity_term(tau_layers: torch.Tensor, gate: torch.Tensor, keep_p: torch.Tensor, target: float,
+                  per_layer: bool = False, skip_layers=()) -> torch.Tensor:
+    """Per row C·max(τ̃ − target, 0), and 0 where p = 1 (dense rows have nothing to sparsify).  (N,)
+
+    τ̃_j (N, n_layers) is the relaxed Eq. 3 ratio of each layer, with gradient; its pathwise gradient is what the
+    literal reward lacks. τ̃ is the mean over the layers not in skip_layers; per_layer hinges each τ̃_j at the
+    target and averages the hinges instead, so layers already below it are not pushed to make up for one that resists.
+    """
+    skip = set(skip_layers)
+    layers = [j for j in range(tau_layers.shape[-1]) if j not in skip]
+    tau = tau_layers[:, layers]  # (N, J): the layers the term acts on
+    excess = (tau - target).clamp(min=0).mean(-1) if per_layer else (tau.mean(-1) - target).clamp(min=0)  # (N,)
+    return torch.where(keep_p < 1, gate * excess, 0.0)  # (N,)
