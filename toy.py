@@ -251,6 +251,26 @@ def write_toy_dataset(out_dir, n, seed=0, kinds=KINDS):
     return jsonl
 
 
+def ensure_toy_dataset(folder, n, seed):
+    """folder/toy.jsonl of write_toy_dataset(n, seed), written once: aside in a folder private to this process, then
+    renamed, so an interrupted write is never reused and concurrent builders (two runs started at once) do not
+    write into or delete each other's files. If another builder finished first, its folder is kept and ours dropped."""
+    folder = Path(folder)
+    if (folder / "toy.jsonl").is_file():
+        return folder / "toy.jsonl"
+    work = folder.with_name(f"{folder.name}.building-{os.getpid()}")
+    shutil.rmtree(work, ignore_errors=True)
+    write_toy_dataset(work, n, seed=seed)
+    try:
+        work.rename(folder)
+    except OSError:  # the folder exists: another builder's complete result, or a stale folder without toy.jsonl
+        if not (folder / "toy.jsonl").is_file():
+            shutil.rmtree(folder)
+            work.rename(folder)
+    shutil.rmtree(work, ignore_errors=True)
+    return folder / "toy.jsonl"
+
+
 # ----------------------------------------------------------------------------------------------- warm-up
 def answer_batch(processor, rows):
     """Teacher-forced inputs for prompt + "<answer>X</answer><|im_end|>"; labels keep only the completion tokens."""

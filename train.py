@@ -25,7 +25,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -62,11 +61,7 @@ def resolve_sources(cfg: Config) -> tuple[str, str]:
     if dataset == "toy":
         import toy
         folder = TOY_CACHE / f"toy-data-v{toy.TASK_VERSION}-{TOY_TRAIN_ROWS}"  # a new task version: new data
-        if not (folder / "toy.jsonl").is_file():  # write aside, then rename: an interrupted write is not reused
-            building = folder.with_name(folder.name + ".building")
-            shutil.rmtree(building, ignore_errors=True)
-            toy.write_toy_dataset(building, TOY_TRAIN_ROWS, seed=TOY_DATA_SEED).parent.rename(folder)
-        dataset = str(folder / "toy.jsonl")
+        dataset = str(toy.ensure_toy_dataset(folder, TOY_TRAIN_ROWS, seed=TOY_DATA_SEED))
     return model, dataset
 
 

@@ -1,6 +1,9 @@
 """toy.py: tokenizer/config agreement, save/load round trip, rendered answers checked from the pixels, the
 Video-R1 JSONL round trip, and a short warm-up that lowers the answer loss."""
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -158,3 +161,28 @@ def test_ensure_toy_model_caches_by_settings(tmp_path):
     assert set(marker["accuracy"]) == set(toy.KINDS)
     toy.ensure_toy_model(tmp_path / "m", steps=2, batch_size=2, progress=False, eval_per_kind=2, **SMALL)
     assert json.loads((first / "toy_settings.json").read_text())["settings"]["steps"] == 2
+
+
+def test_toy_dataset_built_by_two_processes_at_once(tmp_path, monkeypatch):
+    """Two runs started together both build the RL data: another process starts, writes and finishes while this one
+    is writing. Neither may write into or delete the other's files (the bug: a shared `.building` folder, so the
+    second builder deleted the first one's half-written images); the first to finish wins, the other drops its copy."""
+    folder = tmp_path / "toy-data"
+    examples = toy.toy_examples
+
+    def examples_while_another_process_builds(n, seed=0, kinds=toy.KINDS):
+        rows = examples(n, seed, kinds)
+        yield from rows[:3]  # this process has written 3 rows when the other one starts, builds and finishes
+        subprocess.run([sys.executable, "-c", f"import toy; toy.ensure_toy_dataset({str(folder)!r}, {n}, {seed})"],
+                       cwd=Path(toy.__file__).parent, check=True, capture_output=True)
+        yield from rows[3:]
+
+    monkeypatch.setattr(toy, "toy_examples", examples_while_another_process_builds)
+    jsonl = toy.ensure_toy_dataset(folder, 6, seed=5)
+    assert jsonl == folder / "toy.jsonl"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["toy-data"]  # no build folder left by either process
+    rows = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert [r["problem"] for r in rows] == [r["problem"] for r in examples(6, seed=5)]
+    assert all((folder / r["path"]).is_file() for r in rows)
+    monkeypatch.setattr(toy, "toy_examples", None)  # a built folder is reused without writing anything
+    assert toy.ensure_toy_dataset(folder, 6, seed=5) == jsonl
