@@ -158,9 +158,31 @@ def test_ensure_toy_model_caches_by_settings(tmp_path):
     assert (first / "model.safetensors").stat().st_mtime_ns == weights  # not rebuilt
     marker = json.loads((first / "toy_settings.json").read_text())
     assert marker["settings"]["steps"] == 1 and marker["settings"]["sizes"]["hidden_size"] == 32
-    assert set(marker["accuracy"]) == set(toy.KINDS)
+    assert set(marker["accuracy"]) == set(toy.KINDS) and marker["machine"] == toy.machine_description()
     toy.ensure_toy_model(tmp_path / "m", steps=2, batch_size=2, progress=False, eval_per_kind=2, **SMALL)
     assert json.loads((first / "toy_settings.json").read_text())["settings"]["steps"] == 2
+
+
+def test_the_default_warm_up_is_the_shipped_model_and_nothing_is_built(tmp_path, monkeypatch):
+    """The default settings resolve to the repository's toy_model/ (the same weights on every machine): no warm-up
+    runs and the cache folder is not touched. use_shipped=False rebuilds on this machine instead."""
+    assert toy.built_with(toy.SHIPPED_MODEL, toy.warmup_settings())  # re-ship toy_model/ when a default changes
+    monkeypatch.setattr(toy, "train_answers", lambda *a, **k: pytest.fail("the default warm-up must not be rebuilt"))
+    assert toy.ensure_toy_model(tmp_path / "cache") == toy.SHIPPED_MODEL and not (tmp_path / "cache").exists()
+    with pytest.raises(pytest.fail.Exception, match="must not be rebuilt"):
+        toy.ensure_toy_model(tmp_path / "cache", progress=False, use_shipped=False)
+
+
+def test_the_shipped_model_answers_as_its_marker_records():
+    """toy_model/ holds the warmed-up weights its marker describes: greedy accuracy per kind on the marker's
+    questions matches the recorded one (up to 2 of 50 answers a kind that another CPU's rounding may flip)."""
+    marker = json.loads((toy.SHIPPED_MODEL / "toy_settings.json").read_text())
+    model = AutoModelForImageTextToText.from_pretrained(toy.SHIPPED_MODEL).eval()
+    with toy.cpu_threads(1):
+        accuracy = toy.toy_accuracy(model, media.load_processor(toy.SHIPPED_MODEL), n_per_kind=50)
+    assert accuracy.keys() == marker["accuracy"].keys()
+    assert all(abs(accuracy[k] - marker["accuracy"][k]) <= 2 / 50 + 1e-9 for k in accuracy), (accuracy, marker)
+    assert sum(accuracy.values()) / len(accuracy) > 0.8  # a warmed-up model, not an initialisation
 
 
 def test_toy_dataset_built_by_two_processes_at_once(tmp_path, monkeypatch):
