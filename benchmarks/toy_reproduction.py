@@ -1,6 +1,6 @@
 """Mini-reproduction of ZipR1 on the offline toy task, literal and learned recipes (a measurement, not a test).
 
-    python benchmarks/toy_reproduction.py                       # both recipes: train each for --steps, evaluate
+    python benchmarks/toy_reproduction.py                       # literal, learned, two_stage: train, evaluate
     python benchmarks/toy_reproduction.py --recipes learned --sparsity_coef 0.3 --output_dir outputs/r1
     python benchmarks/toy_reproduction.py --resume              # continue interrupted runs, then evaluate
     python benchmarks/toy_reproduction.py --eval_only           # evaluate the newest checkpoints of --output_dir
@@ -8,7 +8,9 @@
 Paper claim (Qwen2.5-VL-7B): token ratio tau 80% -> 25% at <= 1.2 points accuracy. Our goal on the toy: tau at
 keep_p = 0.975 halved from ZipVL (the warmed-up weights + sparse attention) to ZipR1, accuracy within 1 point of Full.
 Recipes: "literal" is the paper's objective (reward r_acc + C (1 - tau), sparsity_coef = 0); "learned" adds
-lambda * C * tau~, the relaxed Eq. 3 count with a pathwise gradient (train.py; defaults: toy.TOY_LEARNED).
+lambda * C * tau~, the relaxed Eq. 3 count with a pathwise gradient (train.py; defaults: toy.TOY_LEARNED);
+"two_stage" continues the learned run's last checkpoint with the literal objective for --recover_steps (the
+relaxed term lowers tau, then the paper's reward recovers accuracy at that tau; its KL reference is that checkpoint).
 Steps: (1) the cached warmed-up tiny model (toy.ensure_toy_model), (2) ZipR1 GRPO with train.py on the toy training
 rows, per recipe, (3) eval.py on held-out toy questions: Full, ZipVL and ZipR1 at --keep_p and over --sweep, with
 tau per layer. `--seed` sets the training seed, the probes and the held-out questions alike.
@@ -36,14 +38,15 @@ from pictures import pareto_plot  # noqa: E402
 from rollout import prefill  # noqa: E402
 from sparse_qwen import make_sparse  # noqa: E402
 
-RECIPES = ("literal", "learned")
+RECIPES = ("literal", "learned", "two_stage")  # two_stage: the learned run, then the literal recipe from its checkpoint
 SPARSITY = ("sparsity_coef", "sparsity_temperature", "sparsity_gate", "sparsity_target", "sparsity_warmup_steps",
             "sparsity_per_layer", "sparsity_skip_layers")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--recipes", default="literal,learned", help="comma separated: literal, learned")
+    p.add_argument("--recipes", default="literal,learned,two_stage",
+                   help="comma separated: literal, learned, two_stage (needs the learned run of this output_dir)")
     p.add_argument("--steps", type=int, default=800,
                    help="the goal-meeting run of RESULTS.md: 800 steps × 8 questions, cosine (~25 min a recipe)")
     p.add_argument("--learning_rate", type=float, default=toy.TOY_PRESET["learning_rate"])
@@ -62,6 +65,8 @@ def parse_args(argv=None):
     p.add_argument("--learned_init", default="toy",
                    help="the learned run's start (and KL reference): toy (the warmed-up model), literal (the literal "
                         "run's last checkpoint), or a checkpoint folder (e.g. an earlier learned run: two stages)")
+    p.add_argument("--recover_steps", type=int, default=400,
+                   help="two_stage: literal-recipe steps (λ = 0) from the learned run's last checkpoint")
     p.add_argument("--keep_p", type=float, default=0.975, help="inference threshold of ZipVL and ZipR1")
     p.add_argument("--sweep", default="0.9,0.95,0.975", help="keep_p values of the Pareto plot")
     p.add_argument("--eval_questions", type=int, default=200, help="held-out toy questions")
@@ -77,16 +82,19 @@ def parse_args(argv=None):
 
 
 def recipe_config(args, recipe: str) -> train.Config:
-    """train.py's toy preset with the chosen overrides; "literal" turns the relaxed term off (sparsity_coef = 0)."""
+    """train.py's toy preset with the chosen overrides; "literal" turns the relaxed term off (sparsity_coef = 0);
+    "two_stage" is the literal recipe for --recover_steps, started from the learned run's last checkpoint."""
     out = Path(args.output_dir) / recipe / "train"
     sparsity = {k: getattr(args, k) for k in SPARSITY} if recipe == "learned" else {"sparsity_coef": 0.0}
-    model = "toy"
+    model, steps = "toy", args.steps
     if recipe == "learned" and args.learned_init == "literal":
         model = str(run_dir.checkpoints(Path(args.output_dir) / "literal" / "train")[-1])
     elif recipe == "learned":
         model = args.learned_init
+    elif recipe == "two_stage":
+        model, steps = str(run_dir.checkpoints(Path(args.output_dir) / "learned" / "train")[-1]), args.recover_steps
     return train.check_config(train.Config(**{
-        **toy.TOY_PRESET, **sparsity, "model": model, "max_steps": args.steps, "save_steps": 25,
+        **toy.TOY_PRESET, **sparsity, "model": model, "max_steps": steps, "save_steps": 25,
         "learning_rate": args.learning_rate, "lr_scheduler_type": args.lr_scheduler_type,
         "warmup_steps": args.warmup_steps, "beta": args.beta, "per_step_questions": args.per_step_questions,
         "keep_p_uniform": args.keep_p_uniform, "keep_p_low": args.keep_p_low, "seed": args.seed,
@@ -174,7 +182,7 @@ def summarize(args, recipe: str, results: dict, train_seconds: float | None) -> 
 
 def markdown(summary: dict) -> list[str]:
     s, layers = summary, lambda v: " / ".join(f"{t:.2f}" for t in v)  # noqa: E731
-    term = "λ = 0" if s["recipe"] == "literal" else (
+    term = "λ = 0" if s["recipe"] == "literal" else f"λ = 0, start {s['start']}" if s["recipe"] == "two_stage" else (
         f"λ = {s['sparsity_coef']}, T = {s['sparsity_temperature']}, gate {s['sparsity_gate']}, target "
         f"{s['sparsity_target']}{' per layer' if s['sparsity_per_layer'] else ''}, skipped layers "
         f"{s['sparsity_skip_layers'] or 'none'}, warm-up {s['sparsity_warmup_steps']}, start {s['start']}")
@@ -205,7 +213,8 @@ def report(args, summaries: dict) -> dict:
     (out / "reproduction.md").write_text("\n".join(lines))
     curves = {"ZipVL": last["sweep"]["ZipVL"]}
     for recipe, s in summaries.items():
-        curves[f"ZipR1 {recipe} (λ = {s['sparsity_coef']:g})"] = s["sweep"]["ZipR1"]
+        label = "learned, then λ = 0" if recipe == "two_stage" else f"λ = {s['sparsity_coef']:g}"
+        curves[f"ZipR1 {recipe} ({label})"] = s["sweep"]["ZipR1"]
     pareto_plot(curves, last["full"], out / "pareto.png")
     print("\n".join(lines) + f"\nwrote {out / 'reproduction.json'}, {out / 'pareto.png'}")
     return {**headline, "recipes": summaries}

@@ -1,0 +1,41 @@
+"""benchmarks/toy_reproduction.py end to end at a tiny size: the two-stage recipe continues the learned run's last
+checkpoint with the literal objective (λ = 0), and the report carries every recipe it ran."""
+import importlib.util
+import json
+from pathlib import Path
+
+import torch
+
+import run_dir
+import toy
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "toy_reproduction.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("toy_reproduction", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_two_stage_continues_the_learned_checkpoint_with_the_literal_objective(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # train.py writes the toy RL rows under ./.cache
+    script, threads = load_script(), torch.get_num_threads()
+    try:  # the script sets one CPU thread for its process
+        out = script.main(["--recipes", "learned,two_stage", "--steps", "2", "--recover_steps", "1",
+                           "--per_step_questions", "1", "--eval_questions", "3", "--sweep", "0.975",
+                           "--output_dir", str(tmp_path / "r")])
+    finally:
+        torch.set_num_threads(threads)
+    learned = run_dir.checkpoints(tmp_path / "r" / "learned" / "train")[-1]
+    stage1 = script.trained_config(learned)
+    stage2 = script.trained_config(run_dir.checkpoints(tmp_path / "r" / "two_stage" / "train")[-1])
+    assert learned.name == "checkpoint-2" and stage1["model"] == "toy"
+    assert stage1["sparsity_coef"] == toy.TOY_LEARNED["sparsity_coef"] > 0  # stage 1: the relaxed term
+    assert stage2["model"] == str(learned) and stage2["sparsity_coef"] == 0.0 and stage2["max_steps"] == 1
+    assert stage2["lr_scheduler_type"] == stage1["lr_scheduler_type"] == "cosine"
+    report = json.loads((tmp_path / "r" / "reproduction.json").read_text())
+    assert report["recipe"] == out["recipe"] == "two_stage" and set(report["recipes"]) == {"learned", "two_stage"}
+    assert report["recipes"]["two_stage"]["start"] == str(learned)
+    assert (tmp_path / "r" / "pareto.png").stat().st_size > 0
