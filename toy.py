@@ -398,6 +398,6 @@ def ensure_toy_model(cache_dir=".cache/toy-model", steps=STEPS, seed=0, progress
 if __name__ == "__main__":  # python toy.py [--out DIR]: rebuild the warm-up of the default settings on this machine
     import argparse
     parser = argparse.ArgumentParser(description="Rebuild the warmed-up toy model on this machine (about 2 min).")
-    parser.add_argument("--out", default=str(TOY_CACHE / "toy-model"), help="where to write it")
+    parser.add_argument("--out", default=str(SHIPPED_MODEL), help="where to write it (default: replace toy_model/)")
     folder = ensure_toy_model(parser.parse_args().out, use_shipped=False)
     print(f"{folder}: {json.loads((folder / 'toy_settings.json').read_text())['accuracy']}")
