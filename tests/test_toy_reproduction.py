@@ -39,3 +39,11 @@ def test_two_stage_continues_the_learned_checkpoint_with_the_literal_objective(t
     assert report["recipe"] == out["recipe"] == "two_stage" and set(report["recipes"]) == {"learned", "two_stage"}
     assert report["recipes"]["two_stage"]["start"] == str(learned)
     assert (tmp_path / "r" / "pareto.png").stat().st_size > 0
+    assert report["recipes"]["two_stage"]["accuracy_vs_full_standard_error_points"] >= 0
+
+
+def test_paired_difference_by_hand():
+    """Per question ZipR1 − Full: [0, 1, 0, 1] -> mean 0.5, sample std sqrt(1/3), standard error sqrt(1/3) / 2."""
+    ours, full = ([{"correct": c} for c in cs] for cs in ([1.0, 1.0, 0.0, 1.0], [1.0, 0.0, 0.0, 0.0]))
+    mean, se = load_script().paired_difference(ours, full)
+    assert mean == 50.0 and abs(se - 100 * (1 / 3) ** 0.5 / 2) < 1e-9
