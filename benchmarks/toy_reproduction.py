@@ -65,7 +65,7 @@ def parse_args(argv=None):
     p.add_argument("--learned_init", default="toy",
                    help="the learned run's start (and KL reference): toy (the warmed-up model), literal (the literal "
                         "run's last checkpoint), or a checkpoint folder (e.g. an earlier learned run: two stages)")
-    p.add_argument("--recover_steps", type=int, default=400,
+    p.add_argument("--recover_steps", type=int, default=800,
                    help="two_stage: literal-recipe steps (λ = 0) from the learned run's last checkpoint")
     p.add_argument("--keep_p", type=float, default=0.975, help="inference threshold of ZipVL and ZipR1")
     p.add_argument("--sweep", default="0.9,0.95,0.975", help="keep_p values of the Pareto plot")
