@@ -214,6 +214,15 @@ def markdown(summary: dict) -> list[str]:
     return lines + [""]
 
 
+def two_stage_curves(out: Path) -> Path:
+    """Training curves of the learned run followed by the two-stage run (steps counted on): two_stage_metrics.png."""
+    first = run_dir.read_metrics(out / "learned" / "train" / "metrics.jsonl")
+    second = run_dir.read_metrics(out / "two_stage" / "train" / "metrics.jsonl")
+    shift = first[-1]["step"]
+    run_dir.plot_metrics(first + [{**m, "step": m["step"] + shift} for m in second], out / "two_stage_metrics.png")
+    return out / "two_stage_metrics.png"
+
+
 def report(args, summaries: dict) -> dict:
     """reproduction.json/.md and pareto.png: the headline fields of the last recipe, every recipe under "recipes"."""
     out = Path(args.output_dir)
@@ -228,6 +237,8 @@ def report(args, summaries: dict) -> dict:
         label = "learned, then λ = 0" if recipe == "two_stage" else f"λ = {s['sparsity_coef']:g}"
         curves[f"ZipR1 {recipe} ({label})"] = s["sweep"]["ZipR1"]
     pareto_plot(curves, last["full"], out / "pareto.png")
+    if {"learned", "two_stage"} <= set(summaries):
+        two_stage_curves(out)
     print("\n".join(lines) + f"\nwrote {out / 'reproduction.json'}, {out / 'pareto.png'}")
     return {**headline, "recipes": summaries}
 

@@ -38,7 +38,7 @@ def test_two_stage_continues_the_learned_checkpoint_with_the_literal_objective(t
     report = json.loads((tmp_path / "r" / "reproduction.json").read_text())
     assert report["recipe"] == out["recipe"] == "two_stage" and set(report["recipes"]) == {"learned", "two_stage"}
     assert report["recipes"]["two_stage"]["start"] == str(learned)
-    assert (tmp_path / "r" / "pareto.png").stat().st_size > 0
+    assert (tmp_path / "r" / "pareto.png").stat().st_size > 0 and (tmp_path / "r" / "two_stage_metrics.png").is_file()
     assert report["recipes"]["two_stage"]["accuracy_vs_full_standard_error_points"] >= 0
 
 
