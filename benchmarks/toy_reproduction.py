@@ -11,9 +11,9 @@ Recipes: "literal" is the paper's objective (reward r_acc + C (1 - tau), sparsit
 lambda * C * tau~, the relaxed Eq. 3 count with a pathwise gradient (train.py; defaults: toy.TOY_LEARNED);
 "two_stage" continues the learned run's last checkpoint with the literal objective for --recover_steps (the
 relaxed term lowers tau, then the paper's reward recovers accuracy at that tau; its KL reference is that checkpoint).
-Steps: (1) the cached warmed-up tiny model (toy.ensure_toy_model), (2) ZipR1 GRPO with train.py on the toy training
-rows, per recipe, (3) eval.py on held-out toy questions: Full, ZipVL and ZipR1 at --keep_p and over --sweep, with
-tau per layer. `--seed` sets the training seed, the probes and the held-out questions alike.
+Steps: (1) the shipped warmed-up tiny model (toy_model/, toy.ensure_toy_model), (2) ZipR1 GRPO with train.py on
+the toy training rows, per recipe, (3) eval.py on held-out toy questions: Full, ZipVL and ZipR1 at --keep_p and over
+--sweep, with tau per layer. `--seed` sets the training seed, the probes and the held-out questions alike.
 Writes <output_dir>/reproduction.json and .md (the headline fields are the last recipe's), pareto.png.
 """
 from __future__ import annotations
