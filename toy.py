@@ -260,17 +260,29 @@ def ensure_toy_dataset(folder, n, seed):
     folder = Path(folder)
     if (folder / "toy.jsonl").is_file():
         return folder / "toy.jsonl"
+    work = private_build_folder(folder)
+    write_toy_dataset(work, n, seed=seed)
+    return move_into_place(work, folder, complete=lambda f: (f / "toy.jsonl").is_file()) / "toy.jsonl"
+
+
+def private_build_folder(folder: Path) -> Path:
+    """An empty folder beside `folder`, private to this process: concurrent builders never share one."""
     work = folder.with_name(f"{folder.name}.building-{os.getpid()}")
     shutil.rmtree(work, ignore_errors=True)
-    write_toy_dataset(work, n, seed=seed)
+    return work
+
+
+def move_into_place(work: Path, folder: Path, complete) -> Path:
+    """Rename the finished build `work` to `folder`. If another process finished the same build first (complete(folder)
+    holds), its folder is kept and ours dropped; a stale folder, or one built with other settings, is replaced."""
     try:
         work.rename(folder)
-    except OSError:  # the folder exists: another builder's complete result, or a stale folder without toy.jsonl
-        if not (folder / "toy.jsonl").is_file():
+    except OSError:  # folder exists and is not empty
+        if not complete(folder):
             shutil.rmtree(folder)
             work.rename(folder)
     shutil.rmtree(work, ignore_errors=True)
-    return folder / "toy.jsonl"
+    return folder
 
 
 # ----------------------------------------------------------------------------------------------- warm-up
@@ -332,9 +344,9 @@ def toy_accuracy(model, processor, n_per_kind=40, seed=12345, kinds=KINDS, batch
 
 def machine_description() -> str:
     """The CPU and the kernels torch dispatches to: what a warm-up's float rounding depends on."""
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").is_file() else \
-        platform.processor()
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []  # Linux; elsewhere platform.processor()
+    cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), platform.processor())
     return f"{platform.machine()} {cpu}, torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()} kernels)"
 
 
@@ -377,8 +389,7 @@ def ensure_toy_model(cache_dir=".cache/toy-model", steps=STEPS, seed=0, progress
         return SHIPPED_MODEL
     if built_with(cache_dir, settings):
         return cache_dir
-    work = cache_dir.with_name(f"{cache_dir.name}.building-{os.getpid()}")  # private: concurrent builders
-    shutil.rmtree(work, ignore_errors=True)
+    work = private_build_folder(cache_dir)
     with cpu_threads(WARMUP_THREADS):
         build_tiny_model_dir(work, arch=arch, seed=seed, **sizes)
         model, processor = AutoModelForImageTextToText.from_pretrained(work), media.load_processor(work)
@@ -390,9 +401,7 @@ def ensure_toy_model(cache_dir=".cache/toy-model", steps=STEPS, seed=0, progress
                   "accuracy": toy_accuracy(model, processor, n_per_kind=eval_per_kind)}
     model.save_pretrained(work)
     (work / "toy_settings.json").write_text(json.dumps(record, indent=2))
-    shutil.rmtree(cache_dir, ignore_errors=True)
-    work.rename(cache_dir)
-    return cache_dir
+    return move_into_place(work, cache_dir, complete=lambda f: built_with(f, settings))
 
 
 if __name__ == "__main__":  # python toy.py [--out DIR]: rebuild the warm-up of the default settings on this machine
