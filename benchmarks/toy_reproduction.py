@@ -48,7 +48,7 @@ def parse_args(argv=None):
     p.add_argument("--recipes", default="literal,learned,two_stage",
                    help="comma separated: literal, learned, two_stage (needs the learned run of this output_dir)")
     p.add_argument("--steps", type=int, default=800,
-                   help="800 steps × 8 questions, cosine, as in RESULTS.md (15–20 min a recipe on one core)")
+                   help="800 steps × 8 questions, cosine, as in RESULTS.md (10–20 min a recipe on one core)")
     p.add_argument("--learning_rate", type=float, default=toy.TOY_PRESET["learning_rate"])
     p.add_argument("--lr_scheduler_type", default="cosine", choices=train.LR_SCHEDULES)
     p.add_argument("--warmup_steps", type=int, default=0, help="learning-rate warm-up steps")
