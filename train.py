@@ -49,20 +49,28 @@ from train_config import (LR_SCHEDULES, PAPER_KEEP_P_GRID, Config, ConfigError, 
 
 
 # ----------------------------------------------------------------------------------------------- setup
-def resolve_sources(cfg: Config) -> tuple[str, str]:
-    """(model directory, dataset) with "toy" replaced by the cached warmed-up tiny model and written toy data."""
-    model, dataset = cfg.model, cfg.dataset
-    if model == "toy":
-        import toy
-        model = str(toy.ensure_toy_model(TOY_CACHE / "toy-model", progress=not cfg.disable_tqdm))
-    else:
-        model = str(media.resolve_model_dir(model))  # ModelNotAvailable (one line) when not on disk offline
-        media.check_model_dir(model)  # empty folder, torn config.json, no weights: one line, before loading
+def resolve_sources(cfg: Config) -> tuple[str, str, str]:
+    """(model directory, dataset, reference directory) with "toy" replaced by the cached warmed-up tiny model and
+    written toy data; the reference is the model's directory unless --ref_model names another."""
+    model = resolve_model(cfg.model, cfg)
+    reference = model if cfg.ref_model in (None, cfg.model) else resolve_model(cfg.ref_model, cfg)
+    dataset = cfg.dataset
     if dataset == "toy":
         import toy
         folder = TOY_CACHE / f"toy-data-v{toy.TASK_VERSION}-{TOY_TRAIN_ROWS}"  # a new task version: new data
         dataset = str(toy.ensure_toy_dataset(folder, TOY_TRAIN_ROWS, seed=TOY_DATA_SEED))
-    return model, dataset
+    return model, dataset, reference
+
+
+def resolve_model(name: str, cfg: Config) -> str:
+    """A model folder on disk: "toy" is the shipped (or cached) warmed-up tiny model; otherwise a local directory or
+    a hub id in the local cache (ModelNotAvailable, one line, when not on disk offline)."""
+    if name == "toy":
+        import toy
+        return str(toy.ensure_toy_model(TOY_CACHE / "toy-model", progress=not cfg.disable_tqdm))
+    folder = str(media.resolve_model_dir(name))
+    media.check_model_dir(folder)  # empty folder, torn config.json, no weights: one line, before loading
+    return folder
 
 
 def load_policy(path, cfg: Config, device, dist=multi_gpu.SINGLE):
@@ -270,11 +278,11 @@ def train(cfg: Config) -> list[dict]:
     torch.manual_seed(cfg.seed)
     device = dist.device
     with multi_gpu.main_first(dist):  # rank 0 builds the toy model / data caches first
-        model_dir, dataset = resolve_sources(cfg)
+        model_dir, dataset, reference_dir = resolve_sources(cfg)
         processor = media.load_processor(model_dir)
         table = data.load_dataset_rows(dataset, cfg.media_root, "skip" if cfg.skip_bad_rows else "error",
                                        progress=not cfg.disable_tqdm and dist.is_main)
-    check_sources(cfg, model_dir, len(table))
+    check_sources(cfg, model_dir, len(table), reference_dir)
     if dist.is_main:
         print(f"data: {table.summary()}", file=sys.stderr)
         for message in table.skipped[:5]:
@@ -282,7 +290,7 @@ def train(cfg: Config) -> list[dict]:
     resume_from, metrics, bad = multi_gpu.broadcast(
         (*prepare_output_dir(cfg), run_dir.read_bad_rows(Path(cfg.output_dir))) if dist.is_main else None, dist)
     policy = load_policy(resume_from or model_dir, cfg, device, dist)
-    reference = load_reference(model_dir, cfg, device, dist)
+    reference = load_reference(reference_dir, cfg, device, dist)  # pi_ref: --ref_model, default the start model
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     start = 0

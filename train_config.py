@@ -45,6 +45,9 @@ class Config:
                                              "tiny Qwen2.5-VL")
     dataset: str = HfArg(default="toy", help="Video-R1-schema .json/.jsonl, a directory, or a cached hub id; 'toy': "
                                                "the rendered toy task")
+    ref_model: str | None = HfArg(default=None, help="the frozen KL reference pi_ref (same forms as --model); "
+                                                       "default: --model itself. A second stage started from a "
+                                                       "checkpoint can keep the original model as anchor")
     media_root: str | None = HfArg(default=None, help="where rows' 'path' are resolved (default: the dataset's folder)")
     skip_bad_rows: bool = HfArg(default=False, help="drop and count bad rows instead of stopping at the first one")
     max_frames: int = HfArg(default=16, help="frames sampled per video")
@@ -198,9 +201,10 @@ def check_ranges(cfg: Config) -> None:
             raise ConfigError(f"{name} must be {allowed}, got {getattr(cfg, name)}")
 
 
-def check_sources(cfg: Config, model_dir: str, num_rows: int) -> None:
-    """What the loaded data and the model folder allow: enough rows per step; --overwrite_output_dir would not
-    delete the model the run starts from (e.g. --model outs/x/checkpoint-12 --output_dir outs/x)."""
+def check_sources(cfg: Config, model_dir: str, num_rows: int, reference_dir: str | None = None) -> None:
+    """What the loaded data and the model folders allow: enough rows per step; a --ref_model that scores the same
+    tokens; --overwrite_output_dir would not delete the model the run starts from or its reference (e.g. --model
+    outs/x/checkpoint-12 --output_dir outs/x)."""
     if cfg.per_step_questions > num_rows:
         raise ConfigError(f"per_step_questions={cfg.per_step_questions} exceeds the {num_rows} usable rows of "
                           f"{cfg.dataset}")
@@ -210,8 +214,21 @@ def check_sources(cfg: Config, model_dir: str, num_rows: int) -> None:
         if max(cfg.sparsity_skip_layers) >= layers or len(set(cfg.sparsity_skip_layers)) == layers:
             raise ConfigError(f"sparsity_skip_layers={cfg.sparsity_skip_layers} must name some, not all, of the "
                               f"model's {layers} decoder layers (0..{layers - 1})")
-    model, output = Path(model_dir).resolve(), Path(cfg.output_dir).resolve()
-    if cfg.overwrite_output_dir and cfg.resume_from_checkpoint is None and any(model.is_relative_to(c.resolve())
-                                                           for c in checkpoints(output)):
-        raise ConfigError(f"--overwrite_output_dir would delete the model it starts from ({model_dir} lies in "
-                          f"{cfg.output_dir}): pass another --output_dir, or copy the model out first")
+    reference_dir = reference_dir or model_dir
+    if reference_dir != model_dir and cfg.beta > 0:
+        check_same_vocabulary(model_dir, reference_dir)
+    output = Path(cfg.output_dir).resolve()
+    for role, folder in (("model it starts from", model_dir), ("reference model", reference_dir)):
+        if cfg.overwrite_output_dir and cfg.resume_from_checkpoint is None and any(
+                Path(folder).resolve().is_relative_to(c.resolve()) for c in checkpoints(output)):
+            raise ConfigError(f"--overwrite_output_dir would delete the {role} ({folder} lies in {cfg.output_dir}): "
+                              f"pass another --output_dir, or copy the model out first")
+
+
+def check_same_vocabulary(model_dir: str, reference_dir: str) -> None:
+    """The KL term compares the two models' log-probs of the same token ids: their vocabularies must agree."""
+    from transformers import AutoConfig
+    sizes = [AutoConfig.from_pretrained(d).get_text_config().vocab_size for d in (model_dir, reference_dir)]
+    if sizes[0] != sizes[1]:
+        raise ConfigError(f"--ref_model {reference_dir} has a vocabulary of {sizes[1]} tokens, the model "
+                          f"{model_dir} {sizes[0]}: the KL term needs the same tokenizer")

@@ -10,7 +10,8 @@ keep_p = 0.975 halved from ZipVL (the warmed-up weights + sparse attention) to Z
 Recipes: "literal" is the paper's objective (reward r_acc + C (1 - tau), sparsity_coef = 0); "learned" adds
 lambda * C * tau~, the relaxed Eq. 3 count with a pathwise gradient (train.py; defaults: toy.TOY_LEARNED);
 "two_stage" continues the learned run's last checkpoint with the literal objective for --recover_steps (the
-relaxed term lowers tau, then the paper's reward recovers accuracy at that tau; its KL reference is that checkpoint).
+relaxed term lowers tau, then the paper's reward recovers accuracy at that tau; its KL reference is that checkpoint
+unless --ref_model names another, e.g. toy: the original warmed-up model).
 Steps: (1) the shipped warmed-up tiny model (toy_model/, toy.ensure_toy_model), (2) ZipR1 GRPO with train.py on
 the toy training rows, per recipe, (3) eval.py on held-out toy questions: Full, ZipVL and ZipR1 at --keep_p and over
 --sweep, with tau per layer. `--seed` sets the training seed, the probes and the held-out questions alike.
@@ -65,6 +66,9 @@ def parse_args(argv=None):
     p.add_argument("--learned_init", default="toy",
                    help="the learned run's start (and KL reference): toy (the warmed-up model), literal (the literal "
                         "run's last checkpoint), or a checkpoint folder (e.g. an earlier learned run: two stages)")
+    p.add_argument("--ref_model", default=None,
+                   help="KL reference of every recipe (train.py --ref_model), e.g. toy: the original warmed-up model "
+                        "in the two_stage run too; default: each run's start")
     p.add_argument("--recover_steps", type=int, default=800,
                    help="two_stage: literal-recipe steps (λ = 0) from the learned run's last checkpoint")
     p.add_argument("--keep_p", type=float, default=0.975, help="inference threshold of ZipVL and ZipR1")
@@ -96,7 +100,8 @@ def recipe_config(args, recipe: str) -> train.Config:
     elif recipe == "two_stage":
         model, steps = str(run_dir.checkpoints(Path(args.output_dir) / "learned" / "train")[-1]), args.recover_steps
     return train.check_config(train.Config(**{
-        **toy.TOY_PRESET, **sparsity, "model": model, "max_steps": steps, "save_steps": 25,
+        **toy.TOY_PRESET, **sparsity, "model": model, "ref_model": args.ref_model, "max_steps": steps,
+        "save_steps": 25,
         "learning_rate": args.learning_rate, "lr_scheduler_type": args.lr_scheduler_type,
         "warmup_steps": args.warmup_steps, "beta": args.beta, "per_step_questions": args.per_step_questions,
         "keep_p_uniform": args.keep_p_uniform, "keep_p_low": args.keep_p_low, "seed": args.seed,
@@ -173,7 +178,7 @@ def summarize(args, recipe: str, results: dict, train_seconds: float | None) -> 
         "lr_scheduler_type": cfg.get("lr_scheduler_type", defaults.lr_scheduler_type), "beta": cfg["beta"],
         "keep_p": args.keep_p, "seed": cfg["seed"], "eval_seed": args.seed,
         **{k: cfg.get(k, getattr(defaults, k)) for k in SPARSITY},
-        "start": cfg["model"], "keep_p_sampling": f"U({cfg['keep_p_low']}, 1]" if cfg["keep_p_uniform"] else
+        "start": cfg["model"], "reference": cfg.get("ref_model") or cfg["model"], "keep_p_sampling": f"U({cfg['keep_p_low']}, 1]" if cfg["keep_p_uniform"] else
         "paper grid 0.94..0.975", "eval_questions": full["questions"], "train_seconds": train_seconds,
         "accuracy": {"Full": full["accuracy"], "ZipVL": zipvl["accuracy"], "ZipR1": zipr1["accuracy"]},
         "tau": {"Full": 1.0, "ZipVL": zipvl["token_ratio"], "ZipR1": zipr1["token_ratio"]},
@@ -197,6 +202,8 @@ def markdown(summary: dict) -> list[str]:
         f"λ = {s['sparsity_coef']}, T = {s['sparsity_temperature']}, gate {s['sparsity_gate']}, target "
         f"{s['sparsity_target']}{' per layer' if s['sparsity_per_layer'] else ''}, skipped layers "
         f"{s['sparsity_skip_layers'] or 'none'}, warm-up {s['sparsity_warmup_steps']}, start {s['start']}")
+    if s.get("reference", s["start"]) != s["start"]:
+        term += f", KL reference {s['reference']}"
     lines = [f"### {s['recipe']} ({term}; {s['steps']} steps × {s['per_step_questions']} questions, lr "
              f"{s['learning_rate']} ({s['lr_scheduler_type']}), β {s['beta']}, seed {s['seed']}, "
              + (f"{s['train_seconds']:.0f} s)" if s["train_seconds"] is not None else "evaluated only)"),

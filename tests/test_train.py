@@ -442,6 +442,7 @@ BAD_SETTINGS = {  # argv -> words of the one-line error
     "temperature -1": (["--temperature", "-1"], "temperature must be >= 0"),
     "more questions than rows": (["--per_step_questions", "5"], "per_step_questions=5 exceeds the 4 usable rows"),
     "empty model dir": (["--model", "{empty}"], "is empty"),
+    "empty reference dir": (["--ref_model", "{empty}"], "is empty"),
     "torn config.json": (["--model", "{torn}"], "config.json is not valid JSON"),
 }
 
@@ -460,6 +461,67 @@ def test_bad_settings_are_one_line_errors_before_the_model_loads(sources, tmp_pa
     message = str(err.value.code)
     assert message.startswith("error: ") and words in message and "\n" not in message
     assert not (out / "metrics.jsonl").exists()  # nothing left behind that blocks the next run
+
+
+def test_ref_model_is_the_kl_anchor_and_defaults_to_the_model(sources, tmp_path):
+    """--ref_model changes only pi_ref: the rollout (the policy's) is the same, and the logged KL is the masked mean
+    of k3 against the named model under full attention, recomputed here by hand; naming the model's own folder
+    makes the default step exactly."""
+    def untimed(m):
+        return {k: v for k, v in m.items() if k not in TIMING_KEYS}
+    default = train.train(config(sources, tmp_path / "default", max_steps=1))[0]
+    named = train.train(config(sources, tmp_path / "named", max_steps=1, ref_model=str(sources[0])))[0]
+    assert untimed(named) == untimed(default)
+
+    other_dir = toy.build_tiny_model_dir(tmp_path / "other", seed=1, **SIZES)  # other weights, same tokenizer
+    cfg = config(sources, tmp_path / "other_run", max_steps=1, ref_model=str(other_dir))
+    got = train.train(cfg)[0]
+    assert {k: got[k] for k in ("reward", "accuracy", "tau")} == {k: default[k] for k in ("reward", "accuracy", "tau")}
+    assert got["kl"] != pytest.approx(default["kl"], rel=1e-3)
+
+    table = data.load_dataset_rows(cfg.dataset)  # the step-1 rollout again, from the same seed
+    rows = [table.rows[i] for i in data.question_indices(len(table), 0, 1, cfg.seed)]
+    policy, processor = train.load_policy(sources[0], cfg, "cpu"), media.load_processor(sources[0])
+    rollout, _ = train.sample_rollout(policy, processor, rows, cfg, 0, "cpu", train.contextlib.nullcontext())
+    with torch.no_grad():
+        logp = score_completions(policy, rollout)  # (N, T) the policy under the rollout's sparsity
+        ref_logp = score_completions(train.load_reference(other_dir, cfg, "cpu"), rollout, sparse=False)  # (N, T)
+    d = ref_logp - logp
+    k3 = d.exp() - d - 1  # (N, T) the k3 estimator of KL(pi || pi_ref), by hand
+    mask = rollout.completion_mask.float()
+    assert got["kl"] == pytest.approx(((k3 * mask).sum() / mask.sum()).item(), rel=1e-4)
+
+
+def test_ref_model_with_another_vocabulary_is_one_line(sources, tmp_path, monkeypatch):
+    other = tmp_path / "other_vocab"
+    shutil.copytree(sources[0], other)
+    config_json = json.loads((other / "config.json").read_text())
+    for part in (config_json, config_json.get("text_config", {})):
+        if "vocab_size" in part:
+            part["vocab_size"] += 7
+    (other / "config.json").write_text(json.dumps(config_json))
+    monkeypatch.setattr(train, "load_policy", lambda *a, **k: pytest.fail("the model loaded"))
+    with pytest.raises(SystemExit) as err:
+        train.main(["--model", str(sources[0]), "--dataset", str(sources[1]), "--ref_model", str(other),
+                    "--output_dir", str(tmp_path / "out"), "--disable_tqdm", "true", "--num_generations", "2"])
+    message = str(err.value.code)
+    assert message.startswith("error: ") and "--ref_model" in message and "vocabulary" in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("role", ["model", "ref_model"])
+def test_overwrite_would_not_delete_the_start_model_or_the_reference(sources, tmp_path, monkeypatch, role):
+    out = tmp_path / "run"
+    train.train(config(sources, out, max_steps=1))
+    checkpoint = str(out / "checkpoint-1")
+    monkeypatch.setattr(train, "load_policy", lambda *a, **k: pytest.fail("the model loaded"))
+    argv = ["--model", str(sources[0]), "--dataset", str(sources[1]), "--output_dir", str(out),
+            "--overwrite_output_dir", "true", "--disable_tqdm", "true", "--num_generations", "2", f"--{role}", checkpoint]
+    with pytest.raises(SystemExit) as err:
+        train.main(argv)
+    words = "the model it starts from" if role == "model" else "the reference model"
+    assert f"--overwrite_output_dir would delete {words}" in str(err.value.code)
+    assert (out / "checkpoint-1" / "model.safetensors").exists()
 
 
 def test_temperature_zero_decodes_greedily(sources, tmp_path):
