@@ -64,8 +64,9 @@ def parse_args(argv=None):
             dict(type=int, nargs="*") if isinstance(default, list) else dict(type=type(default))
         p.add_argument(f"--{name}", default=default, help=f"learned recipe (default {default})", **kind)
     p.add_argument("--learned_init", default="toy",
-                   help="the learned run's start (and KL reference): toy (the warmed-up model), literal (the literal "
-                        "run's last checkpoint), or a checkpoint folder (e.g. an earlier learned run: two stages)")
+                   help="the learned run's start (and KL reference, unless --ref_model): toy (the warmed-up model), "
+                        "literal (the literal run's last checkpoint), or a checkpoint folder (e.g. an earlier learned "
+                        "run: two stages)")
     p.add_argument("--ref_model", default=None,
                    help="KL reference of every recipe (train.py --ref_model), e.g. toy: the original warmed-up model "
                         "in the two_stage run too; default: each run's start")
@@ -178,8 +179,9 @@ def summarize(args, recipe: str, results: dict, train_seconds: float | None) -> 
         "lr_scheduler_type": cfg.get("lr_scheduler_type", defaults.lr_scheduler_type), "beta": cfg["beta"],
         "keep_p": args.keep_p, "seed": cfg["seed"], "eval_seed": args.seed,
         **{k: cfg.get(k, getattr(defaults, k)) for k in SPARSITY},
-        "start": cfg["model"], "reference": cfg.get("ref_model") or cfg["model"], "keep_p_sampling": f"U({cfg['keep_p_low']}, 1]" if cfg["keep_p_uniform"] else
-        "paper grid 0.94..0.975", "eval_questions": full["questions"], "train_seconds": train_seconds,
+        "start": cfg["model"], "reference": cfg.get("ref_model") or cfg["model"],
+        "keep_p_sampling": f"U({cfg['keep_p_low']}, 1]" if cfg["keep_p_uniform"] else "paper grid 0.94..0.975",
+        "eval_questions": full["questions"], "train_seconds": train_seconds,
         "accuracy": {"Full": full["accuracy"], "ZipVL": zipvl["accuracy"], "ZipR1": zipr1["accuracy"]},
         "tau": {"Full": 1.0, "ZipVL": zipvl["token_ratio"], "ZipR1": zipr1["token_ratio"]},
         "tau_by_layer": {"ZipVL": layer_token_ratios(results["config"]["base"], questions, args.keep_p, args.seed),
