@@ -265,6 +265,12 @@ def ensure_toy_dataset(folder, n, seed):
     return move_into_place(work, folder, complete=lambda f: (f / "toy.jsonl").is_file()) / "toy.jsonl"
 
 
+def rl_dataset(n: int = TOY_TRAIN_ROWS, cache: Path = TOY_CACHE) -> Path:
+    """toy.jsonl of the n RL training questions (seed TOY_DATA_SEED), written once under cache; a task version, a
+    folder. train.py's --dataset toy is n = TOY_TRAIN_ROWS."""
+    return ensure_toy_dataset(Path(cache) / f"toy-data-v{TASK_VERSION}-{n}", n, seed=TOY_DATA_SEED)
+
+
 def private_build_folder(folder: Path) -> Path:
     """An empty folder beside `folder`, private to this process: concurrent builders never share one."""
     work = folder.with_name(f"{folder.name}.building-{os.getpid()}")

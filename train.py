@@ -43,7 +43,7 @@ import run_dir
 from run_dir import checkpoints, plot_metrics, prepare_output_dir, save_checkpoint, start_output_dir
 from rollout import SamplingConfig, generate, score_completions, scoring_state
 from sparse_qwen import make_sparse, sparse_forward
-from toy import TOY_CACHE, TOY_DATA_SEED, TOY_TRAIN_ROWS
+from toy import TOY_CACHE, TOY_TRAIN_ROWS
 from train_config import (LR_SCHEDULES, PAPER_KEEP_P_GRID, Config, ConfigError, check_config,  # noqa: F401
                           check_sources, parse_config)
 
@@ -57,8 +57,7 @@ def resolve_sources(cfg: Config) -> tuple[str, str, str]:
     dataset = cfg.dataset
     if dataset == "toy":
         import toy
-        folder = TOY_CACHE / f"toy-data-v{toy.TASK_VERSION}-{TOY_TRAIN_ROWS}"  # a new task version: new data
-        dataset = str(toy.ensure_toy_dataset(folder, TOY_TRAIN_ROWS, seed=TOY_DATA_SEED))
+        dataset = str(toy.rl_dataset(TOY_TRAIN_ROWS, TOY_CACHE))  # a new task version: new data
     return model, dataset, reference
 
 

@@ -72,6 +72,8 @@ def parse_args(argv=None):
                         "in the two_stage run too; default: each run's start")
     p.add_argument("--recover_steps", type=int, default=800,
                    help="two_stage: literal-recipe steps (λ = 0) from the learned run's last checkpoint")
+    p.add_argument("--train_questions", type=int, default=toy.TOY_TRAIN_ROWS,
+                   help="RL training questions (train.py's toy: 512; 800 steps × 8 questions revisit each 12.5 times)")
     p.add_argument("--keep_p", type=float, default=0.975, help="inference threshold of ZipVL and ZipR1")
     p.add_argument("--sweep", default="0.9,0.95,0.975", help="keep_p values of the Pareto plot")
     p.add_argument("--eval_questions", type=int, default=1000,
@@ -102,6 +104,7 @@ def recipe_config(args, recipe: str) -> train.Config:
         model, steps = str(run_dir.checkpoints(Path(args.output_dir) / "learned" / "train")[-1]), args.recover_steps
     return train.check_config(train.Config(**{
         **toy.TOY_PRESET, **sparsity, "model": model, "ref_model": args.ref_model, "max_steps": steps,
+        "dataset": str(toy.rl_dataset(args.train_questions)),
         "save_steps": 25,
         "learning_rate": args.learning_rate, "lr_scheduler_type": args.lr_scheduler_type,
         "warmup_steps": args.warmup_steps, "beta": args.beta, "per_step_questions": args.per_step_questions,
@@ -179,7 +182,7 @@ def summarize(args, recipe: str, results: dict, train_seconds: float | None) -> 
         "lr_scheduler_type": cfg.get("lr_scheduler_type", defaults.lr_scheduler_type), "beta": cfg["beta"],
         "keep_p": args.keep_p, "seed": cfg["seed"], "eval_seed": args.seed,
         **{k: cfg.get(k, getattr(defaults, k)) for k in SPARSITY},
-        "start": cfg["model"], "reference": cfg.get("ref_model") or cfg["model"],
+        "start": cfg["model"], "reference": cfg.get("ref_model") or cfg["model"], "dataset": cfg.get("dataset"),
         "keep_p_sampling": f"U({cfg['keep_p_low']}, 1]" if cfg["keep_p_uniform"] else "paper grid 0.94..0.975",
         "eval_questions": full["questions"], "train_seconds": train_seconds,
         "accuracy": {"Full": full["accuracy"], "ZipVL": zipvl["accuracy"], "ZipR1": zipr1["accuracy"]},

@@ -25,7 +25,7 @@ def test_two_stage_continues_the_learned_checkpoint_with_the_literal_objective(t
     try:  # the script sets one CPU thread for its process
         out = script.main(["--recipes", "learned,two_stage", "--steps", "2", "--recover_steps", "1",
                            "--per_step_questions", "1", "--eval_questions", "3", "--sweep", "0.975",
-                           "--ref_model", "toy", "--output_dir", str(tmp_path / "r")])
+                           "--ref_model", "toy", "--train_questions", "16", "--output_dir", str(tmp_path / "r")])
     finally:
         torch.set_num_threads(threads)
     learned = run_dir.checkpoints(tmp_path / "r" / "learned" / "train")[-1]
@@ -36,10 +36,13 @@ def test_two_stage_continues_the_learned_checkpoint_with_the_literal_objective(t
     assert stage2["model"] == str(learned) and stage2["sparsity_coef"] == 0.0 and stage2["max_steps"] == 1
     assert stage2["ref_model"] == "toy"  # the KL anchor stays the original warmed-up model
     assert stage2["lr_scheduler_type"] == stage1["lr_scheduler_type"] == "cosine"
+    questions = Path(".cache") / f"toy-data-v{toy.TASK_VERSION}-16" / "toy.jsonl"  # --train_questions 16, under cwd
+    assert stage1["dataset"] == stage2["dataset"] == str(questions) and len(questions.read_text().splitlines()) == 16
     report = json.loads((tmp_path / "r" / "reproduction.json").read_text())
     assert report["recipe"] == out["recipe"] == "two_stage" and set(report["recipes"]) == {"learned", "two_stage"}
     assert report["recipes"]["two_stage"]["start"] == str(learned)
     assert report["recipes"]["two_stage"]["reference"] == "toy"
+    assert report["recipes"]["two_stage"]["dataset"] == report["recipes"]["learned"]["dataset"] == str(questions)
     assert "KL reference toy" in (tmp_path / "r" / "reproduction.md").read_text()
     assert (tmp_path / "r" / "pareto.png").stat().st_size > 0 and (tmp_path / "r" / "two_stage_metrics.png").is_file()
     assert report["recipes"]["two_stage"]["accuracy_vs_full_standard_error_points"] >= 0
