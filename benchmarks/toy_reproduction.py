@@ -76,7 +76,7 @@ def parse_args(argv=None):
     p.add_argument("--train_questions", type=int, default=8192,
                    help="RL training questions, written once under .cache (8192: 420 MB, 80 s; 800 steps × 8 "
                         "questions see 6400 of them. train.py's toy has 512, which 800 × 8 revisit 12.5 times: the "
-                        "model learns those questions and loses 2–7 points on held-out ones, RESULTS.md)")
+                        "trained models answer those 3–7 points better than held-out ones, RESULTS.md)")
     p.add_argument("--keep_p", type=float, default=0.975, help="inference threshold of ZipVL and ZipR1")
     p.add_argument("--sweep", default="0.9,0.95,0.975", help="keep_p values of the Pareto plot")
     p.add_argument("--eval_questions", type=int, default=1000,
