@@ -23,7 +23,8 @@ def sparsity_coef_at(cfg: Config, step: int) -> float:
 
 def sparsity_gates(cfg: Config, parts: dict, acc: torch.Tensor) -> torch.Tensor:
     """C per rollout row for the sparsity term: the reward's group gate, the row's own correctness, or 1.  (G*N,)"""
-    return {"group": parts["gate"], "answer": acc.float(), "none": torch.ones_like(acc, dtype=torch.float32)}[
+    correct = (acc >= cfg.gate_threshold).float()  # binary acc: acc itself; graded: scored at least the threshold
+    return {"group": parts["gate"], "answer": correct, "none": torch.ones_like(acc, dtype=torch.float32)}[
         cfg.sparsity_gate]
 
 

@@ -214,7 +214,7 @@ def test_bool_accuracy_is_accepted():
     (torch.zeros(2, 3), torch.zeros(2, 3), 2, "num_generations=2"),
     (torch.zeros(2, 2, 2), torch.zeros(2, 2, 2), 2, "num_generations=2"),
     (torch.zeros(4), torch.zeros(4), 0, "num_generations=0"),
-    (torch.tensor([0.5, 1.0]), torch.zeros(2), 2, "binary"),
+    (torch.tensor([1.5, 1.0]), torch.zeros(2), 2, r"in \[0, 1\]"),
     (torch.zeros(2), torch.tensor([0.5, 2.0]), 2, "tau"),
 ])
 def test_zipr1_rewards_bad_input(acc, tau, n, message):
