@@ -12,8 +12,10 @@ whose top level holds the .json/.jsonl/.parquet files), or a hub dataset id alre
 cache (its snapshot folder is then read like a local directory; nothing is downloaded).
 
 Validation (`check_row`) rejects rows with a missing or unreadable field, an unknown data_type or problem_type, a
-solution without a valid answer, or media that does not exist; then `check_media_files` opens every media file
-(media.check_media: image header and PNG checksums, a video's first frame), with a progress bar, on threads, and
+solution the reward cannot score (rewards.check_solution; graded accepts every form Video-R1 scores, e.g. multiple
+choice "d", "Yes", "AB", numerical "1e3", "1,2345", OCR "!!!"), or media that does not exist; then
+`check_media_files` opens every media file (media.check_media: image header and PNG checksums, a video's first
+frame), with a progress bar, on threads, and
 caches each result by the file's (size, mtime_ns) in a JSON file (`media_check_cache`: `.zipr1-media-check.json` in
 the media root, or under ~/.cache/zipr1 when that is not writable), so a second load of 260k rows is a few stats.
 `on_bad_row="error"` raises one `DatasetError` naming the row; `"skip"` drops the row and records why:
@@ -109,8 +111,9 @@ def _field(row: dict, key: str, kind, index: int):
     return value
 
 
-def check_row(row: dict, index: int, media_root: Path) -> dict:
-    """The row with "media_path" and "row" added, or DatasetError naming row `index` and what is wrong."""
+def check_row(row: dict, index: int, media_root: Path, accuracy: str = "graded") -> dict:
+    """The row with "media_path" and "row" added, or DatasetError naming row `index` and what is wrong; its solution
+    must be one `accuracy` ("graded" or "binary", rewards.py) can score."""
     problem = _field(row, "problem", str, index)
     data_type, problem_type = _field(row, "data_type", str, index), _field(row, "problem_type", str, index)
     if data_type not in DATA_TYPES:
@@ -122,12 +125,10 @@ def check_row(row: dict, index: int, media_root: Path) -> dict:
     if not isinstance(options, list) or not all(isinstance(o, str) for o in options):
         raise DatasetError(f"row {index}: 'options' must be a list of strings, got {options!r}")
     solution = _field(row, "solution", str, index)
-    try:  # a valid ground truth scores 1 against itself; malformed ones raise
-        ok = rewards.accuracy_reward(solution, solution, problem_type) == 1.0
+    try:  # every solution `accuracy` scoring can pay some answer on; graded: every form Video-R1 scores
+        rewards.check_solution(solution, problem_type, accuracy)
     except ValueError as err:
         raise DatasetError(f"row {index}: {err}") from None
-    if not ok:
-        raise DatasetError(f"row {index}: solution {solution!r} has no usable {problem_type!r} answer")
     media_path = media_root / _field(row, "path", str, index)
     if not media_path.exists():
         raise DatasetError(f"row {index}: {data_type} not found: {media_path}")
@@ -200,12 +201,14 @@ def check_media_files(rows: list[dict], cache_file: Path | None, progress: bool 
 
 
 def load_dataset_rows(dataset: str, media_root: str | None = None, on_bad_row: str = "error",
-                      cache_dir: str | None = None, check_media: bool = True, progress: bool = True) -> Rows:
+                      cache_dir: str | None = None, check_media: bool = True, progress: bool = True,
+                      accuracy: str = "graded") -> Rows:
     """Read and validate every row of `dataset` (file, directory, or cached hub id); see the module docstring.
 
     media_root defaults to the folder holding the data file (or the directory / cached snapshot itself).
     on_bad_row: "error" raises DatasetError at the first bad row; "skip" drops bad rows and counts them.
     check_media: open every media file (cached, see check_media_files); False checks only that it exists.
+    accuracy: the reward the rows will be scored with ("graded" or "binary"): a solution it cannot score is a bad row.
     """
     if on_bad_row not in ("error", "skip"):
         raise ValueError(f"on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
@@ -221,7 +224,7 @@ def load_dataset_rows(dataset: str, media_root: str | None = None, on_bad_row: s
     hint = "(pass --skip_bad_rows to skip and count bad rows)"
     for index, row in enumerate(_read_table(source, cache_dir)):
         try:
-            rows.append(check_row(row, index, root))
+            rows.append(check_row(row, index, root, accuracy))
         except DatasetError as err:
             if on_bad_row == "error":
                 raise DatasetError(f"{source}: {err} {hint}") from None
@@ -236,9 +239,9 @@ def load_dataset_rows(dataset: str, media_root: str | None = None, on_bad_row: s
     return Rows(rows, skipped, str(source))
 
 
-def prompt_item(row: dict, max_frames: int = 16) -> dict:
-    """media.prompt_item of a row: its image or video read now (errors name the row), its question in Video-R1's
-    format."""
+def prompt_item(row: dict, max_frames: int = 16, template: str = "video_r1") -> dict:
+    """media.prompt_item of a row: its image or video read now (errors name the row), its question in `template`
+    (media.question_text: Video-R1's prompt, or "answer_only")."""
     images, videos, fps = [], [], []
     try:
         if row["data_type"] == "image":
@@ -249,8 +252,8 @@ def prompt_item(row: dict, max_frames: int = 16) -> dict:
             fps.append(rate)
     except (OSError, ValueError) as err:
         raise DatasetError(f"row {row['row']}: {err}", row=row["row"]) from None
-    return media.prompt_item(media.question_text(row["problem"], row["options"], row["problem_type"]), images,
-                             videos, fps)
+    text = media.question_text(row["problem"], row["options"], row["problem_type"], template)
+    return media.prompt_item(text, images, videos, fps)
 
 
 def replace_bad_rows(indices: list[int], rows: list[dict], bad) -> list[int]:

@@ -107,7 +107,8 @@ def load_questions(args, out: Path):
     if Path(source).is_file() and not any(line.strip() for line in open(source)):
         raise ValueError(f"dataset {source} is empty")
     table = data.load_dataset_rows(source, media_root=args.media_root,
-                                   on_bad_row="skip" if args.skip_bad_rows else "error")
+                                   on_bad_row="skip" if args.skip_bad_rows else "error",
+                                   accuracy=accuracy_of(args))
     if table.skipped:
         print(f"data: {table.summary()}", file=sys.stderr)
     rows = table.rows[:args.limit]
@@ -120,7 +121,7 @@ def encode_batches(processor, rows, args):
     items, kept = [], []
     for row in rows:
         try:
-            items.append(data.prompt_item(row, args.max_frames))
+            items.append(data.prompt_item(row, args.max_frames, prompt_template_of(args)))
             kept.append(row)
         except data.DatasetError as err:
             if not args.skip_bad_rows:
@@ -141,7 +142,8 @@ def greedy(model, inputs, keep_p, max_new_tokens: int, seed: int = 0):
                     SamplingConfig(max_new_tokens=max_new_tokens, do_sample=False), seed=seed, timed=True)
 
 
-def evaluate_methods(methods: dict, processor, batches, encoded, max_new_tokens, seed=0, warmup=True) -> dict:
+def evaluate_methods(methods: dict, processor, batches, encoded, max_new_tokens, seed=0, warmup=True,
+                     accuracy="binary") -> dict:
     """Greedy answers to every question under each method {name: (model, keep_p or None = dense)}, scored and timed.
 
     Round robin: each batch runs under every method in turn, so a slow spell of a shared machine hits all alike.
@@ -153,15 +155,16 @@ def evaluate_methods(methods: dict, processor, batches, encoded, max_new_tokens,
         for name, (model, keep_p) in methods.items():
             out = greedy(model, inputs, keep_p, max_new_tokens, seed)
             texts = processor.batch_decode(out.completion_ids, skip_special_tokens=True)
-            records[name] += score(rows, texts, out.token_ratio.tolist(), out.kv_bytes.tolist())
+            records[name] += score(rows, texts, out.token_ratio.tolist(), out.kv_bytes.tolist(), accuracy)
             timings[name].append(dataclasses.asdict(out.timing))
     return {name: summarize(records[name], timings[name], keep_p) for name, (_, keep_p) in methods.items()}
 
 
 # ------------------------------------------------------------------------------------------------ metrics
-def score(rows, texts, tau, kv_bytes) -> list[dict]:
-    """One record per question: its answer, r_acc (rewards.py, per problem_type), τ and KV bytes."""
-    acc = rewards.accuracy_rewards(texts, [r["solution"] for r in rows], [r["problem_type"] for r in rows])
+def score(rows, texts, tau, kv_bytes, accuracy="binary") -> list[dict]:
+    """One record per question: its answer, r_acc (rewards.py, per problem_type; `accuracy` "binary" or "graded",
+    train.py's reward function), τ and KV bytes."""
+    acc = rewards.accuracy_rewards(texts, [r["solution"] for r in rows], [r["problem_type"] for r in rows], accuracy)
     return [dict(row=r["row"], completion=t, correct=float(a), tau=float(ta), kv_bytes=int(kv))
             for r, t, a, ta, kv in zip(rows, texts, acc, tau, kv_bytes)]
 
@@ -225,7 +228,13 @@ class EvalConfig:
     limit: int | None = HfArg(default=None, help="evaluate the first N questions only")
     batch_size: int = HfArg(default=8, help="questions per forward")
     max_completion_length: int | None = HfArg(default=None, help="new tokens per answer (default: 8 for the toy "
-                                                                 "model, else 256)")
+                                                                 "model, else Video-R1's 768)")
+    prompt_template: Literal["video_r1", "answer_only"] | None = HfArg(
+        default=None, help="the question's prompt, as train.py's (default: answer_only for the toy model, else "
+                           "video_r1)")
+    accuracy_reward: Literal["graded", "binary"] | None = HfArg(
+        default=None, help="how answers are scored, as train.py's reward (default: binary for the toy model, else "
+                           "graded)")
     max_frames: int = HfArg(default=16, help="frames sampled per video")
     device: str = HfArg(default_factory=lambda: "cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     dtype: Literal["bfloat16", "float16", "float32"] | None = HfArg(default=None, help="default: bf16 on GPU, fp32 "
@@ -240,6 +249,16 @@ def parse_args(argv=None) -> EvalConfig:
                      description="Accuracy, token ratio, KV memory and speed of Full / ZipVL / ZipR1.")
 
 
+def prompt_template_of(args) -> str:
+    """--prompt_template, by default the toy's short prompt for the toy model and Video-R1's for any other."""
+    return args.prompt_template or ("answer_only" if args.model == "toy" else "video_r1")
+
+
+def accuracy_of(args) -> str:
+    """--accuracy_reward, by default binary for the toy model (its training reward) and graded for any other."""
+    return args.accuracy_reward or ("binary" if args.model == "toy" else "graded")
+
+
 def check_args(args) -> list[float]:
     """The cheap checks, before anything is loaded: thresholds in (0, 1], sizes; returns the sweep values."""
     sweep = [float(v) for v in args.sweep.split(",") if v.strip()]
@@ -252,16 +271,16 @@ def check_args(args) -> list[float]:
 def compare(args, base, zipr1, zipr1_status, batches, processor, encoded, sweep):
     """Every method's metrics at --keep_p, the sparse models, and their (keep_p, accuracy, τ) sweep curves."""
     dtype = getattr(torch, args.dtype or ("float32" if args.device == "cpu" else "bfloat16"))
-    max_new = args.max_completion_length or (8 if args.model == "toy" else 256)
+    max_new = args.max_completion_length or (8 if args.model == "toy" else 768)
     models = {"ZipVL": load_model(base, args.device, dtype, sparse=True)}  # Full: the same model, stock attention
     if zipr1 is not None:
         models["ZipR1"] = load_model(zipr1, args.device, dtype, sparse=True)
     at = lambda p: {name: (model, p) for name, model in models.items()}  # noqa: E731
     methods = evaluate_methods({"Full": (models["ZipVL"], None), **at(args.keep_p)}, processor, batches, encoded,
-                               max_new, args.seed)
+                               max_new, args.seed, accuracy=accuracy_of(args))
     methods.setdefault("ZipR1", {"status": zipr1_status})
     points = {p: methods if p == args.keep_p else evaluate_methods(at(p), processor, batches, encoded, max_new,
-                                                                   args.seed, warmup=False) for p in sweep}
+                                                                   args.seed, False, accuracy_of(args)) for p in sweep}
     curves = {name: [points[p][name] for p in sweep] for name in models}
     return add_ratios(methods), models, curves
 
@@ -288,7 +307,7 @@ def run(args) -> dict:
         for name, model in models.items() if row else ():
             files[f"kept_{name}_{kind}"] = out / f"kept_tokens_{name}_{kind}.png"
             kept_token_picture(model, processor, row, args.keep_p, files[f"kept_{name}_{kind}"],
-                               f"{name}, question {row['row']}", args.max_frames)
+                               f"{name}, question {row['row']}", args.max_frames, template=prompt_template_of(args))
     table = markdown_table(methods, args.batch_size)
     results = dict(config=dict(vars(args), base=str(base), zipr1=str(zipr1) if zipr1 else None, questions=len(rows)),
                    methods=methods, files={k: str(v) for k, v in files.items()},

@@ -25,7 +25,17 @@ HF_VIDEO_FPS = 24.0  # HF's VideoMetadata.sampled_fps when a video comes without
 VIDEO_DEFAULTS = {"size": {"shortest_edge": 128 * 28 * 28, "longest_edge": 28 * 28 * 768}}  # Qwen2VLVideoProcessor
 VIDEO_KEYS = ("size", "min_pixels", "max_pixels", "patch_size", "temporal_patch_size", "merge_size", "image_mean",
               "image_std", "resample", "do_rescale", "rescale_factor", "do_normalize", "do_convert_rgb")
-TYPE_TEMPLATE = {  # Video-R1's answer-format instructions, per problem type
+# Video-R1's prompt (github.com/tulerfeng/Video-R1, src/r1-v/src/open_r1/grpo.py: QUESTION_TEMPLATE, TYPE_TEMPLATE,
+# make_conversation_image_and_video): the question, its reasoning instruction, then " " + the type's instruction
+REASONING_INSTRUCTION = (
+    "Please think about this question as if you were a human pondering deeply. "
+    "Engage in an internal dialogue using expressions such as 'let me think', 'wait', 'Hmm', 'oh, I see', "
+    "'let's break it down', etc, or other natural language thought expressions "
+    "It's encouraged to include self-reflection or verification in the reasoning process. "
+    "Provide your detailed reasoning between the <think> </think> tags, and then give your final answer between the "
+    "<answer> </answer> tags.")
+PROMPT_TEMPLATES = ("video_r1", "answer_only")  # Video-R1's reasoning prompt / question + answer instruction only
+TYPE_TEMPLATE = {  # Video-R1's answer-format instructions, per problem type (its leading space left out)
     "multiple choice": "Please provide only the single option letter (e.g., A, B, C, D, etc.) "
                        "within the <answer> </answer> tags.",
     "numerical": "Please provide the numerical value (e.g., 42 or 3.14) within the <answer> </answer> tags.",
@@ -242,13 +252,27 @@ def _expand_placeholders(text, counts):
     return [pattern.sub(lambda m: m.group() * int(next(queues[m.group()])), t) for t in text]
 
 
-def question_text(problem, options=None, problem_type=None) -> str:
-    """The question in Video-R1's format: the problem, its options, the answer-format instruction of its type."""
+def question_text(problem, options=None, problem_type=None, template="video_r1") -> str:
+    """The question text of a row, in one of PROMPT_TEMPLATES.
+
+    "video_r1" (real data): Video-R1's text, make_conversation_image_and_video in its grpo.py: a multiple-choice
+    problem directly followed by "Options:\n" and each option + "\n" (other types drop their options), then "\n",
+    REASONING_INSTRUCTION, " " and the type's TYPE_TEMPLATE instruction.
+    "answer_only" (the toy's short prompt): the problem, " Options:" and the options one per line when there are
+    any, then "\n" and the type's instruction; no reasoning instruction.
+    problem_type defaults to "multiple choice" with options, else "free-form".
+    """
     problem_type = problem_type or ("multiple choice" if options else "free-form")
     if problem_type not in TYPE_TEMPLATE:
         raise ValueError(f"problem_type must be one of {sorted(TYPE_TEMPLATE)}, got {problem_type!r}")
-    question = problem + (" Options:\n" + "\n".join(options) if options else "")
-    return f"{question}\n{TYPE_TEMPLATE[problem_type]}"
+    if template == "answer_only":
+        question = problem + (" Options:\n" + "\n".join(options) if options else "")
+        return f"{question}\n{TYPE_TEMPLATE[problem_type]}"
+    if template != "video_r1":
+        raise ValueError(f"prompt_template must be one of {PROMPT_TEMPLATES}, got {template!r}")
+    if problem_type == "multiple choice":
+        problem = problem + "Options:\n" + "".join(f"{option}\n" for option in options or [])
+    return f"{problem}\n{REASONING_INSTRUCTION} {TYPE_TEMPLATE[problem_type]}"
 
 
 def prompt_item(text, images=(), videos=(), fps=None, system=None) -> dict:

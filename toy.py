@@ -68,6 +68,7 @@ TOY_LEARNED = dict(sparsity_coef=1.0, sparsity_temperature=0.01, sparsity_gate="
                    sparsity_warmup_steps=0)  # the learned-sparsity recipe of the toy (benchmarks/RESULTS.md)
 TOY_PRESET = dict(learning_rate=2e-4, per_step_questions=2, max_completion_length=8, max_steps=150, save_steps=50,
                   output_dir="outputs/zipr1-toy", max_frames=8, num_threads=1,  # 1 thread: see WARMUP_THREADS
+                  prompt_template="answer_only", accuracy_reward="binary",  # its short prompt, 0/1 answers
                   **TOY_LEARNED)  # --sparsity_coef 0: the paper's literal recipe
 SHIPPED_MODEL = Path(__file__).resolve().parent / "toy_model"  # the warm-up of the default settings, in the repository
 TOY_TRAIN_ROWS, TOY_CACHE = 512, Path(".cache")  # RL questions train.py writes; where the toy model and data live
@@ -82,7 +83,7 @@ def _corpus():
     for kind in KINDS:
         problem, options, _, _ = _question(kind, random.Random(0))
         ptype = "multiple choice" if options else "numerical"
-        texts.append(media.question_text(problem, options, ptype))
+        texts.append(media.question_text(problem, options, ptype, template="answer_only"))
     texts += [f"{letter}. {w}" for letter in "ABCD" for w in words]
     return texts * 4
 
@@ -230,8 +231,8 @@ def toy_examples(n, seed=0, kinds=KINDS):
 def prompt_item(row):
     """media.prompt_item of an in-memory toy row (its image or video frames held in the row)."""
     images, videos = ([row["image"]] if "image" in row else []), ([row["video"]] if "video" in row else [])
-    return media.prompt_item(media.question_text(row["problem"], row["options"], row["problem_type"]), images, videos,
-                             [row.get("fps", VIDEO_FPS)] * len(videos))
+    text = media.question_text(row["problem"], row["options"], row["problem_type"], template="answer_only")
+    return media.prompt_item(text, images, videos, [row.get("fps", VIDEO_FPS)] * len(videos))
 
 
 def write_toy_dataset(out_dir, n, seed=0, kinds=KINDS):

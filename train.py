@@ -6,7 +6,8 @@
 One step, for G = per_step_questions questions with N = num_generations answers each (rows group-contiguous):
   1. rollout: the sparse policy samples answer n of every group under its own threshold p_n (the paper's grid,
      cycled, or p ~ U(keep_p_low, 1]) and records its token ratio tau_n                (rollout.generate, Eq. 1-3)
-  2. rewards r = r_acc + C (1 - tau), C = 1 iff some answer of the group is right      (rewards.zipr1_rewards)
+  2. rewards r = r_acc + C (1 - tau), C = 1 iff some answer of the group is right      (rewards.zipr1_rewards;
+     r_acc graded as Video-R1 scores it, or binary; + w_f r_format, w_f = 0 by default)
   3. advantages A = (r - mean) / std within each group                                  (grpo.group_advantages, Eq. 4)
   4. num_iterations (mu) AdamW updates of the clipped surrogate - beta KL(pi_theta || pi_ref): the policy's
      log-probs under the rollout's sparsity, the frozen reference's under full attention   (grpo.grpo_loss, Eq. 5)
@@ -122,7 +123,8 @@ def sample_rollout(policy, processor, rows, cfg: Config, step: int, device, auto
     (row seed) are those of its place in the global batch, and the probes take the step's seed, so the result does
     not depend on how questions are spread over ranks and batches.
     """
-    items, n, seed = [data.prompt_item(row, cfg.max_frames) for row in rows], cfg.num_generations, step_seed(cfg, step)
+    items = [data.prompt_item(row, cfg.max_frames, cfg.prompt_template) for row in rows]
+    n, seed = cfg.num_generations, step_seed(cfg, step)
     keep_p = keep_p_for_rows(cfg, position + len(rows), step)[position * n:].to(device)  # (G*N,)
     row_seeds = [multi_gpu.question_seed(seed, position + g) + j for g in range(len(rows)) for j in range(n)]
     sampling = SamplingConfig(max_new_tokens=cfg.max_completion_length, do_sample=cfg.temperature > 0,
@@ -239,9 +241,11 @@ def train_step(policy, reference, processor, optimizer, rows, cfg: Config, step:
         rollouts, texts = sample_groups(policy, processor, rows, cfg, step, device, autocast, first)
     n = cfg.num_generations
     solutions = [row["solution"] for row in rows for _ in range(n)]
-    acc = rewards.accuracy_rewards(texts, solutions, [row["problem_type"] for row in rows for _ in range(n)])  # (G*N,)
+    types = [row["problem_type"] for row in rows for _ in range(n)]
+    acc = rewards.accuracy_rewards(texts, solutions, types, cfg.accuracy_reward)  # (G*N,) binary or graded
     tau = torch.cat([r.token_ratio for r in rollouts]).float().cpu()  # (G*N,)
-    parts = rewards.zipr1_rewards(acc, tau, n, cfg.gate_efficiency)  # r = r_acc + C (1 - tau), each (G*N,)
+    parts = rewards.zipr1_rewards(acc, tau, n, cfg.gate_efficiency, cfg.gate_threshold, rewards.format_rewards(texts),
+                                  cfg.format_reward_weight)  # r = r_acc + w_f r_format + C (1 - tau), each (G*N,)
     advantages = grpo.group_advantages(parts["reward"], n, scale=cfg.scale_rewards).to(device)  # Eq. 4, (G*N,)
     gates = list(sparsity_gates(cfg, parts, acc).to(device).split(n))  # C of the sparsity term, per group
     stats = policy_update(policy, reference, optimizer, rollouts, list(advantages.split(n)), cfg, autocast, dist,
@@ -261,6 +265,7 @@ def train_step(policy, reference, processor, optimizer, rows, cfg: Config, step:
                "kl": kl if reference is not None else None,
                "zero_std_groups": (groups.amax(1) == groups.amin(1)).float().mean().item(),
                "completion_length": tokens / len(texts), **stats,
+               **({"r_format": parts["r_format"].mean().item()} if cfg.format_reward_weight else {}),
                "tokens_per_s": tokens / seconds, "seconds": seconds}
     return multi_gpu.reduce_metrics(metrics, dist)  # the same dict, over every rank's groups
 
@@ -280,7 +285,7 @@ def train(cfg: Config) -> list[dict]:
         model_dir, dataset, reference_dir = resolve_sources(cfg)
         processor = media.load_processor(model_dir)
         table = data.load_dataset_rows(dataset, cfg.media_root, "skip" if cfg.skip_bad_rows else "error",
-                                       progress=not cfg.disable_tqdm and dist.is_main)
+                                       progress=not cfg.disable_tqdm and dist.is_main, accuracy=cfg.accuracy_reward)
     check_sources(cfg, model_dir, len(table), reference_dir)
     if dist.is_main:
         print(f"data: {table.summary()}", file=sys.stderr)

@@ -20,6 +20,8 @@ from transformers.hf_argparser import HfArg
 
 import cli
 import grpo
+import media
+import rewards
 from run_dir import DEFAULT_OUTPUT_DIR, checkpoints
 from toy import TOY_PRESET
 
@@ -51,6 +53,9 @@ class Config:
     media_root: str | None = HfArg(default=None, help="where rows' 'path' are resolved (default: the dataset's folder)")
     skip_bad_rows: bool = HfArg(default=False, help="drop and count bad rows instead of stopping at the first one")
     max_frames: int = HfArg(default=16, help="frames sampled per video")
+    prompt_template: Literal["video_r1", "answer_only"] = HfArg(
+        default="video_r1", help="Video-R1's prompt (think in <think>, answer in <answer>), or the question and its "
+                                 "answer instruction only (media.question_text)")
     # ZipR1: N answers per question, each under its own sparsity threshold p_n
     num_generations: int = HfArg(default=8, help="N answers per question (a GRPO group)")
     keep_p_grid: list[float] = HfArg(default_factory=lambda: list(PAPER_KEEP_P_GRID),
@@ -58,6 +63,13 @@ class Config:
     keep_p_uniform: bool = HfArg(default=False, help="instead draw p = 1 - u (1 - keep_p_low), u ~ U[0, 1)")
     keep_p_low: float = HfArg(default=0.0, help="lower end of the uniform p; 0 is the method text's U(0, 1)")
     gate_efficiency: bool = HfArg(default=True, help="C: no efficiency reward for an all-wrong group")
+    gate_threshold: float = HfArg(default=0.5, help="C = 1 iff some answer of the group scores r_acc >= this, in "
+                                                    "(0, 1]; binary rewards: any value is 'some answer correct'")
+    accuracy_reward: Literal["graded", "binary"] = HfArg(
+        default="graded", help="r_acc: Video-R1's per-type scores in [0, 1] (OCR 1-WER, free-form ROUGE, regression "
+                               "relative error), or 1 / 0 for a correct answer (rewards.py)")
+    format_reward_weight: float = HfArg(default=0.0, help="weight of Video-R1's format reward (<think>...</think>"
+                                                          "<answer>...</answer>) in r; 0 as in the paper")
     # learned sparsity: λ·C·max(τ̃ − target, 0) joins the loss, τ̃ the relaxed Eq. 3 count (README); λ = 0 is the
     # paper's literal objective (τ̃ is still logged)
     sparsity_coef: float = HfArg(default=0.0, help="λ of the learned-sparsity term; 0: the paper's literal recipe")
@@ -87,7 +99,8 @@ class Config:
     generation_batch_size: int = HfArg(default=0, help="TRL's name: completions per step, G * N; sets "
                                                        "per_step_questions when given")
     rollout_questions: int = HfArg(default=0, help="questions a process samples in one batch; 0: all of its own")
-    max_completion_length: int = HfArg(default=512, help="new tokens per answer at most")
+    max_completion_length: int = HfArg(default=768, help="new tokens per answer at most (Video-R1: 768, room "
+                                                         "to reason)")
     temperature: float = HfArg(default=1.0, help="sampling temperature; 0: greedy (log-probs at temperature 1)")
     # optimisation
     learning_rate: float = HfArg(default=1e-6, help="AdamW learning rate")
@@ -195,7 +208,12 @@ def check_ranges(cfg: Config) -> None:
               "epsilon": (cfg.epsilon > 0, "> 0"),
               "epsilon_high": (cfg.epsilon_high is None or cfg.epsilon_high >= 0, ">= 0 (or unset: epsilon)"),
               "max_grad_norm": (cfg.max_grad_norm > 0, "> 0"),
-              "max_frames": (cfg.max_frames >= 1, ">= 1")}
+              "max_frames": (cfg.max_frames >= 1, ">= 1"),
+              "gate_threshold": (0 < cfg.gate_threshold <= 1, "in (0, 1]"),
+              "format_reward_weight": (cfg.format_reward_weight >= 0, ">= 0"),
+              "prompt_template": (cfg.prompt_template in media.PROMPT_TEMPLATES, f"one of {media.PROMPT_TEMPLATES}"),
+              "accuracy_reward": (cfg.accuracy_reward in rewards.ACCURACY_REWARDS,
+                                  f"one of {rewards.ACCURACY_REWARDS}")}
     for name, (ok, allowed) in ranges.items():
         if not ok:
             raise ConfigError(f"{name} must be {allowed}, got {getattr(cfg, name)}")

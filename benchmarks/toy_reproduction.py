@@ -139,7 +139,8 @@ def layer_token_ratios(model_dir, question_file: Path, keep_p: float, seed: int,
     processor, rows = media.load_processor(model_dir), data.load_dataset_rows(str(question_file)).rows
     ratios = []
     for i in range(0, len(rows), batch_size):
-        inputs = media.encode_prompts(processor, [data.prompt_item(r, 16) for r in rows[i:i + batch_size]])
+        items = [data.prompt_item(r, 16, "answer_only") for r in rows[i:i + batch_size]]  # the toy's prompt
+        inputs = media.encode_prompts(processor, items)
         _, state, _ = prefill(model, inputs, keep_p, seed)
         ratios.append(state.kept().float() / state.lengths()[:, None])  # (B, n_layers)
     return torch.cat(ratios).mean(0).tolist()

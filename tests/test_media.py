@@ -155,9 +155,11 @@ def test_encode_prompts_names_the_mismatched_sample(processor):
         media.encode_prompts(processor, [good, bad])
 
 
-def test_prompt_item_follows_video_r1_format(processor):
+def test_prompt_item_puts_media_first_then_the_question(processor):
+    """The answer_only text here; Video-R1's template is checked in test_video_r1_prompt_rewards.py."""
     image, frames = noise_image(56, 56, 0), [noise_image(56, 56, s) for s in (1, 2)]
-    item = media.prompt_item(media.question_text("What color?", ["A. red", "B. blue"]), [image], [frames], [4.0])
+    text = media.question_text("What color?", ["A. red", "B. blue"], template="answer_only")
+    item = media.prompt_item(text, [image], [frames], [4.0])
     content = item["messages"][0]["content"]
     assert [c["type"] for c in content] == ["image", "video", "text"]
     assert content[2]["text"] == ("What color? Options:\nA. red\nB. blue\nPlease provide only the single option "
