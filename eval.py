@@ -287,6 +287,7 @@ def compare(args, base, zipr1, zipr1_status, batches, processor, encoded, sweep)
 
 def run(args) -> dict:
     sweep, zipr1 = check_args(args), zipr1_checkpoint(args)
+    args = dataclasses.replace(args, prompt_template=prompt_template_of(args), accuracy_reward=accuracy_of(args))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows, batches = load_questions(args, out)
