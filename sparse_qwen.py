@@ -208,8 +208,8 @@ ACTIVATION_CHECKPOINTING_SINCE = "5.23"  # PreTrainedModel.activation_checkpoint
 ACTIVATION_CHECKPOINTING = "activation_checkpointing_enable"
 
 
-def check_transformers() -> None:
-    """Stop with one line if the installed transformers lacks a feature ZipR1 relies on; silent when all are there.
+def check_transformers() -> str:
+    """Stop with one line if the installed transformers lacks a feature ZipR1 relies on; else the line saying so.
 
     * our attention function registered through `AttentionInterface` / `AttentionMaskInterface` (done at import);
     * `mm_encoder_outputs` reaching the vision path: a two-token probe on a tiny random Qwen2.5-VL (< 0.1 s) feeds
@@ -224,6 +224,10 @@ def check_transformers() -> None:
         raise SystemExit(f"ZipR1 needs transformers >= {MM_ENCODER_OUTPUTS_SINCE}: transformers {found} ignores "
                          f"`mm_encoder_outputs` (the encoded images would be dropped); install "
                          f"transformers>={ACTIVATION_CHECKPOINTING_SINCE} (requirements.txt)")
+    checkpointing = ACTIVATION_CHECKPOINTING if hasattr(transformers.PreTrainedModel, ACTIVATION_CHECKPOINTING) \
+        else "gradient_checkpointing_enable(use_reentrant=False)"
+    return (f"transformers {found} ({transformers.__file__}): AttentionInterface ok, mm_encoder_outputs reaches the "
+            f"vision path, checkpointing via {checkpointing}")
 
 
 def mm_encoder_outputs_reach_vision_path() -> bool:
