@@ -122,7 +122,8 @@ figures() {  # the lines of a step's log worth reading in the summary
 }
 fallbacks() {  # Triton fallback warnings (zipr1_kernels warns once per kernel, in one line)
   [ -f "$LOG_DIR/$1.log" ] || return 0
-  grep -E 'zipr1_kernels: the Triton|fall back to torch' "$LOG_DIR/$1.log" | sort -u | head -n 20 || true
+  grep -oE 'zipr1_kernels: the Triton [a-z ]+ kernel failed \([A-Za-z]+(: [^)"]{0,80})?|.*fall back to torch' \
+    "$LOG_DIR/$1.log" | sort -u | head -n 20 || true
 }
 skipped_tests() {  # pytest's "SKIPPED [n] file:line: reason" lines (-rs)
   [ -f "$LOG_DIR/$1.log" ] || return 0
@@ -176,10 +177,10 @@ run_step() {  # run_step NAME CMD...: output to the screen and $LOG_DIR/NAME.log
   shift
   left=$(( BUDGET - ($(date +%s) - START) - 5 ))  # 5 s: the kill grace below
   limit=${LIMIT[$name]}
-  [ "$left" -ge "$limit" ] || limit=$left
-  if [ "$limit" -lt 10 ]; then
+  if [ "$left" -lt 10 ]; then
     RESULT[$name]="SKIPPED (budget of $BUDGET s spent)"; write_summary false; return 0
   fi
+  [ "$left" -ge "$limit" ] || limit=$left
   echo
   echo "==== $name (limit ${limit} s): $*"
   RESULT[$name]="RUNNING"; write_summary false

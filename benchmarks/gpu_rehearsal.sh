@@ -7,6 +7,9 @@
 #    from the registry: torch (CPU build; the machine has 2.11+cu130), transformers 5.17.0, huggingface-hub 1.33.0,
 #    tokenizers 0.23.2, safetensors 0.8.0, triton 3.6.0 (the machine's versions) and what the repo imports that the
 #    machine has (numpy, pillow, einops, tqdm, matplotlib, pytest, pyarrow, pandas, ...). No datasets, no PyAV.
+#    numpy < 2.4 (the machine has 2.5.2): Triton 3.6's interpreter calls int() on one-element arrays, an error since
+#    NumPy 2.4 (every kernel fails with "only 0-dimensional arrays can be converted to Python scalars"); on the GPU
+#    Triton compiles the kernels and never interprets them.
 #    `python` is removed from VENV/bin: only python3 is on the PATH, as there.
 # 2. A wheelhouse for this Python (gpu_wheels.sh --python-version X.Y --dest VENV/wheels): the same exact wheels as
 #    .whl/, built for this interpreter (the machine's is 3.12).
@@ -23,7 +26,7 @@ TORCH="${TORCH:-torch}"  # e.g. a local CPU wheel: TORCH=/opt/wheels/torch-2.13.
 if [ ! -x "$VENV/bin/python3" ]; then
   "$BASE_PYTHON" -m venv "$VENV"
   "$VENV/bin/python3" -m pip install -q "$TORCH" transformers==5.17.0 huggingface_hub==1.33.0 tokenizers==0.23.2 \
-    safetensors==0.8.0 triton==3.6.0 numpy pillow einops tqdm matplotlib pytest pyarrow pandas pyyaml requests \
+    safetensors==0.8.0 triton==3.6.0 "numpy<2.4" pillow einops tqdm matplotlib pytest pyarrow pandas pyyaml requests \
     filelock fsspec xxhash httpx typer regex packaging
 fi
 rm -f "$VENV/bin/python"
