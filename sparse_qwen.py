@@ -31,8 +31,12 @@ from dataclasses import dataclass, field
 
 import torch
 import transformers
-from transformers import AttentionInterface, DynamicCache
-from transformers.masking_utils import AttentionMaskInterface
+try:
+    from transformers import AttentionInterface, DynamicCache
+    from transformers.masking_utils import AttentionMaskInterface
+except ImportError as err:  # our extension points missing: one line naming the version, not a traceback
+    raise SystemExit(f"ZipR1 needs transformers >= 5.23 with AttentionInterface and AttentionMaskInterface; "
+                     f"with transformers {transformers.__version__} the import failed: {err}") from None
 
 import zipr1_kernels
 from sparse_attention import (Selection, check_keep_p, mask_to_indices, relaxed_token_ratio, sparse_attention,
@@ -212,12 +216,14 @@ def check_transformers() -> str:
     """Stop with one line if the installed transformers lacks a feature ZipR1 relies on; else the line saying so.
 
     * our attention function registered through `AttentionInterface` / `AttentionMaskInterface` (done at import);
-    * `mm_encoder_outputs` reaching the vision path: a two-token probe on a tiny random Qwen2.5-VL (< 0.1 s) feeds
+    * `mm_encoder_outputs` reaching the vision path: a three-token probe on a tiny random Qwen2.5-VL (< 0.1 s) feeds
       two different encoded images; transformers < 5.18 swallows the argument in **kwargs and returns the same
       hidden states for both (no error: wrong visual features), which stops the run here instead.
     Activation checkpointing needs no check: `enable_checkpointing` falls back to the older entry point."""
     found = transformers.__version__
-    if ATTN_NAME not in AttentionInterface._global_mapping or ATTN_NAME not in AttentionMaskInterface._global_mapping:
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    if ATTN_NAME not in ALL_ATTENTION_FUNCTIONS or ATTN_NAME not in ALL_MASK_ATTENTION_FUNCTIONS:
         raise SystemExit(f"ZipR1 needs transformers' AttentionInterface and AttentionMaskInterface (transformers >= "
                          f"{ACTIVATION_CHECKPOINTING_SINCE}); found transformers {found}")
     if not mm_encoder_outputs_reach_vision_path():

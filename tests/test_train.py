@@ -654,3 +654,14 @@ def test_the_stand_in_gives_wrong_visual_features_without_the_check(sources, mon
     assert_close_to_scale(logits(encoded), pixels, atol=1e-5, rtol=1e-4)
     transformers_5_17_forward(monkeypatch)
     assert (logits(encoded) - pixels).abs().max() > 1e-2
+
+
+def test_transformers_without_attention_interfaces_is_one_line_at_import():
+    """A transformers without AttentionMaskInterface (stand-in: the name deleted before sparse_qwen is imported)."""
+    code = ("import transformers.masking_utils as m; del m.AttentionMaskInterface; import sys; sys.path.insert(0, "
+            f"{str(Path(train.__file__).parent)!r}); import sparse_qwen")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    line, = done.stderr.strip().splitlines()
+    assert line.startswith("ZipR1 needs transformers >= 5.23 with AttentionInterface and AttentionMaskInterface")
+    assert "AttentionMaskInterface" in line.split("the import failed: ")[1]
