@@ -39,7 +39,7 @@ import toy  # the offline default: toy model, questions, train.py's toy run fold
 from pictures import kept_token_picture, pareto_plot
 from rollout import SamplingConfig, generate
 from sparse_attention import check_keep_p
-from sparse_qwen import make_sparse
+from sparse_qwen import check_transformers, make_sparse
 
 DEFAULT_SWEEP = "0.8,0.9,0.95,0.975,1.0"
 TOY_QUESTIONS = 40
@@ -322,7 +322,9 @@ def run(args) -> dict:
 
 def main(argv=None) -> dict:
     try:
-        return run(parse_args(argv))
+        args = parse_args(argv)
+        check_transformers()  # one line and exit where transformers lacks a feature we rely on
+        return run(args)
     except (ValueError, OSError) as err:  # bad threshold, missing model/checkpoint/dataset, bad row: one line
         raise SystemExit(f"eval.py: error: {err}") from None
 

@@ -30,8 +30,13 @@ import contextlib
 from dataclasses import dataclass, field
 
 import torch
-from transformers import AttentionInterface, DynamicCache
-from transformers.masking_utils import AttentionMaskInterface
+import transformers
+try:
+    from transformers import AttentionInterface, DynamicCache
+    from transformers.masking_utils import AttentionMaskInterface
+except ImportError as err:  # our extension points missing: one line naming the version, not a traceback
+    raise SystemExit(f"ZipR1 needs transformers >= 5.23 with AttentionInterface and AttentionMaskInterface; "
+                     f"with transformers {transformers.__version__} the import failed: {err}") from None
 
 import zipr1_kernels
 from sparse_attention import (Selection, check_keep_p, mask_to_indices, relaxed_token_ratio, sparse_attention,
@@ -199,6 +204,67 @@ def relaxed_ratio(state: SparseState, query, key, valid, layer: int, scaling) ->
 
 AttentionInterface.register(ATTN_NAME, zipr1_attention)
 AttentionMaskInterface.register(ATTN_NAME, padding_mask)
+
+
+# ----------------------------------------------------------------------------------------------- transformers features
+MM_ENCODER_OUTPUTS_SINCE = "5.18"  # Qwen2.5-VL's forward takes encoded vision features (`mm_encoder_outputs`)
+ACTIVATION_CHECKPOINTING_SINCE = "5.23"  # PreTrainedModel.activation_checkpointing_enable (before: gradient_...)
+ACTIVATION_CHECKPOINTING = "activation_checkpointing_enable"
+
+
+def check_transformers() -> str:
+    """Stop with one line if the installed transformers lacks a feature ZipR1 relies on; else the line saying so.
+
+    * our attention function registered through `AttentionInterface` / `AttentionMaskInterface` (done at import);
+    * `mm_encoder_outputs` reaching the vision path: a three-token probe on a tiny random Qwen2.5-VL (< 0.1 s) feeds
+      two different encoded images; transformers < 5.18 swallows the argument in **kwargs and returns the same
+      hidden states for both (no error: wrong visual features), which stops the run here instead.
+    Activation checkpointing needs no check: `enable_checkpointing` falls back to the older entry point."""
+    found = transformers.__version__
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    if ATTN_NAME not in ALL_ATTENTION_FUNCTIONS or ATTN_NAME not in ALL_MASK_ATTENTION_FUNCTIONS:
+        raise SystemExit(f"ZipR1 needs transformers' AttentionInterface and AttentionMaskInterface (transformers >= "
+                         f"{ACTIVATION_CHECKPOINTING_SINCE}); found transformers {found}")
+    if not mm_encoder_outputs_reach_vision_path():
+        raise SystemExit(f"ZipR1 needs transformers >= {MM_ENCODER_OUTPUTS_SINCE}: transformers {found} ignores "
+                         f"`mm_encoder_outputs` (the encoded images would be dropped); install "
+                         f"transformers>={ACTIVATION_CHECKPOINTING_SINCE} (requirements.txt)")
+    checkpointing = ACTIVATION_CHECKPOINTING if hasattr(transformers.PreTrainedModel, ACTIVATION_CHECKPOINTING) \
+        else "gradient_checkpointing_enable(use_reentrant=False)"
+    return (f"transformers {found} ({transformers.__file__}): AttentionInterface ok, mm_encoder_outputs reaches the "
+            f"vision path, checkpointing via {checkpointing}")
+
+
+def mm_encoder_outputs_reach_vision_path() -> bool:
+    """True iff Qwen2.5-VL's forward uses the features passed as `mm_encoder_outputs` for its image tokens."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLModel
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+    text = dict(vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=1, bos_token_id=0, eos_token_id=1,
+                rope_scaling={"type": "mrope", "mrope_section": [1, 1, 0]})
+    vision = dict(depth=1, hidden_size=8, intermediate_size=8, num_heads=2, out_hidden_size=8, fullatt_block_indexes=[0])
+    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision,
+                              vision_start_token_id=2, image_token_id=3, vision_end_token_id=4, video_token_id=5)
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(0)
+        model = Qwen2_5_VLModel(config).eval()
+        ids, grid = torch.tensor([[2, 3, 4]]), torch.tensor([[1, 2, 2]])  # one image of 2x2 patches -> 1 token
+
+        def hidden(value: float) -> torch.Tensor:
+            image = BaseModelOutputWithPooling(pooler_output=[torch.full((1, 8), value)])  # 1 merged token, dim 8
+            return model(input_ids=ids, image_grid_thw=grid, mm_encoder_outputs={"image": image}).last_hidden_state
+        return not torch.equal(hidden(0.0), hidden(1.0))
+
+
+def enable_checkpointing(model) -> None:
+    """Non-reentrant activation checkpointing of the decoder layers (the backward runs inside sparse_forward).
+    transformers >= 5.23 calls it `activation_checkpointing_enable`; before, `gradient_checkpointing_enable` with
+    use_reentrant=False sets the same per-layer checkpoint function (same gradients: tests/test_train.py)."""
+    if hasattr(model, ACTIVATION_CHECKPOINTING):
+        getattr(model, ACTIVATION_CHECKPOINTING)()
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def make_sparse(model):

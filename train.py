@@ -43,7 +43,7 @@ from learned_sparsity import sparsity_coef_at, sparsity_gates, sparsity_term
 import run_dir
 from run_dir import checkpoints, plot_metrics, prepare_output_dir, save_checkpoint, start_output_dir
 from rollout import SamplingConfig, generate, score_completions, scoring_state
-from sparse_qwen import make_sparse, sparse_forward
+from sparse_qwen import check_transformers, enable_checkpointing, make_sparse, sparse_forward
 from toy import TOY_CACHE, TOY_TRAIN_ROWS
 from train_config import (LR_SCHEDULES, PAPER_KEEP_P_GRID, Config, ConfigError, check_config,  # noqa: F401
                           check_sources, parse_config)
@@ -82,7 +82,7 @@ def load_policy(path, cfg: Config, device, dist=multi_gpu.SINGLE):
     if cfg.freeze_vision:
         policy.model.visual.requires_grad_(False)
     if cfg.gradient_checkpointing:
-        policy.activation_checkpointing_enable()  # non-reentrant; the backward runs inside sparse_forward
+        enable_checkpointing(policy)  # non-reentrant; the backward runs inside sparse_forward
     frozen = policy.model.visual if cfg.freeze_vision else None  # whole on every rank: called once per group
     return multi_gpu.shard_model(policy, dist, torch.bfloat16 if cfg.bf16 else None, replicate=frozen)
 
@@ -388,6 +388,7 @@ def main(argv=None) -> None:
     cfg = None
     try:
         cfg = parse_config(argv)
+        check_transformers()  # one line and exit where transformers lacks a feature we rely on
         train(cfg)
     except (media.ModelNotAvailable, data.DatasetError, ConfigError, FileExistsError, run_dir.ResumeError) as err:
         raise SystemExit(f"error: {err}") from None

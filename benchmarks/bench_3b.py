@@ -36,7 +36,7 @@ from transformers import DynamicCache, Qwen2_5_VLConfig, Qwen2_5_VLForConditiona
 
 from rollout import prefill  # noqa: E402
 from mrope import continuation_positions  # noqa: E402
-from sparse_qwen import make_sparse, sparse_forward  # noqa: E402
+from sparse_qwen import check_transformers, make_sparse, sparse_forward  # noqa: E402
 
 QWEN_TOKEN_IDS = dict(bos_token_id=151643, eos_token_id=151645, vision_start_token_id=151652,
                       vision_end_token_id=151653, image_token_id=151655, video_token_id=151656)
@@ -331,6 +331,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    check_transformers()  # one line and exit where transformers lacks a feature we rely on
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)

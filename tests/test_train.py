@@ -25,6 +25,7 @@ import data
 import grpo
 import media
 import run_dir
+import sparse_qwen
 import toy
 import train
 from rollout import eos_ids_of, score_completions
@@ -133,9 +134,13 @@ def _gradients(policy, reference, rollout, advantages, cfg, gates=None):
     return {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("sparsity_coef", [0.0, 2.0])
-def test_gradient_checkpointing_gives_the_same_gradients(sources, tmp_path, sparsity_coef):
-    """Also with the relaxed τ̃ term: one scoring state serves the forward and the recomputation in backward."""
+@pytest.mark.parametrize("sparsity_coef, entry", [(0.0, "activation"), (2.0, "activation"), (2.0, "gradient")])
+def test_gradient_checkpointing_gives_the_same_gradients(sources, tmp_path, sparsity_coef, entry, monkeypatch):
+    """Also with the relaxed τ̃ term: one scoring state serves the forward and the recomputation in backward.
+    entry "gradient": transformers < 5.23 has no activation_checkpointing_enable, and sparse_qwen.enable_checkpointing
+    falls back to gradient_checkpointing_enable(use_reentrant=False): the same gradients too."""
+    if entry == "gradient":
+        monkeypatch.setattr(sparse_qwen, "ACTIVATION_CHECKPOINTING", "a_method_transformers_5_17_lacks")
     cfg = config(sources, tmp_path, gradient_checkpointing=False, keep_p_grid=(0.5, 0.7, 0.9, 1.0),
                  sparsity_coef=sparsity_coef, sparsity_temperature=0.05)
     table = data.load_dataset_rows(cfg.dataset)
@@ -604,3 +609,59 @@ def test_skipped_layers_leave_the_term_and_the_rest_average(sources, tmp_path):
         assert_close_to_scale(n * grads["all"][k], (n - 1) * grads["skip0"][k] + grads["only0"][k], atol=1e-5,
                               rtol=1e-4)
     assert any(not torch.allclose(grads["only0"][k], grads["all"][k]) for k in grads["all"])
+
+
+def transformers_5_17_forward(monkeypatch):
+    """The old-transformers stand-in: Qwen2.5-VL's forward swallows `mm_encoder_outputs` in **kwargs, as
+    transformers 5.17 does (the argument arrived in 5.18), and embeds the image tokens as text."""
+    from transformers import Qwen2_5_VLModel
+    forward = Qwen2_5_VLModel.forward
+
+    def old_forward(self, *args, mm_encoder_outputs=None, **kwargs):
+        return forward(self, *args, **kwargs)
+    monkeypatch.setattr(Qwen2_5_VLModel, "forward", old_forward)
+
+
+def test_transformers_without_mm_encoder_outputs_stops_the_run_with_one_line(sources, tmp_path, monkeypatch):
+    """Where encoded images would be dropped (wrong visual features, no error), train.py stops before loading."""
+    sparse_qwen.check_transformers()  # the installed transformers has every feature: silent
+    assert sparse_qwen.mm_encoder_outputs_reach_vision_path()
+    transformers_5_17_forward(monkeypatch)
+    assert not sparse_qwen.mm_encoder_outputs_reach_vision_path()
+    monkeypatch.setattr(train, "load_policy", lambda *a, **k: pytest.fail("the model loaded"))
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as err:
+        train.main(["--model", str(sources[0]), "--dataset", str(sources[1]), "--output_dir", str(out),
+                    "--disable_tqdm", "true", "--max_steps", "1"])
+    message = str(err.value.code)
+    assert "transformers >= 5.18" in message and "mm_encoder_outputs" in message and "\n" not in message
+    assert not out.exists()
+
+
+def test_the_stand_in_gives_wrong_visual_features_without_the_check(sources, monkeypatch):
+    """What the check prevents: under the stand-in, a prompt carrying encoded images (frozen vision) and the same
+    prompt carrying pixels give different prompt log-probs; with transformers >= 5.18 they agree."""
+    processor = media.load_processor(sources[0])
+    table = data.load_dataset_rows(sources[1])
+    inputs = media.encode_prompts(processor, [data.prompt_item(table.rows[0], 4)])  # (1, P) + pixels
+    model = train.load_policy(sources[0], config(sources, "unused"), "cpu").eval()
+    encoded = train.repeat_prompts(model, inputs, 1)  # pixels replaced by mm_encoder_outputs
+
+    def logits(batch):
+        with torch.no_grad():
+            return model(**{k: v for k, v in batch.items()}).logits  # (1, P, V)
+    pixels = logits(inputs)
+    assert_close_to_scale(logits(encoded), pixels, atol=1e-5, rtol=1e-4)
+    transformers_5_17_forward(monkeypatch)
+    assert (logits(encoded) - pixels).abs().max() > 1e-2
+
+
+def test_transformers_without_attention_interfaces_is_one_line_at_import():
+    """A transformers without AttentionMaskInterface (stand-in: the name deleted before sparse_qwen is imported)."""
+    code = ("import transformers.masking_utils as m; del m.AttentionMaskInterface; import sys; sys.path.insert(0, "
+            f"{str(Path(train.__file__).parent)!r}); import sparse_qwen")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    line, = done.stderr.strip().splitlines()
+    assert line.startswith("ZipR1 needs transformers >= 5.23 with AttentionInterface and AttentionMaskInterface")
+    assert "AttentionMaskInterface" in line.split("the import failed: ")[1]
