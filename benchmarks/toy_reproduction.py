@@ -12,6 +12,9 @@ lambda * C * tau~, the relaxed Eq. 3 count with a pathwise gradient (train.py; d
 "two_stage" continues the learned run's last checkpoint with the literal objective for --recover_steps (the
 relaxed term lowers tau, then the paper's reward recovers accuracy at that tau; its KL reference is that checkpoint
 unless --ref_model names another, e.g. toy: the original warmed-up model).
+The fair baseline: RL alone raises accuracy on the toy, so "literal" trains, by default, for as many optimizer steps
+as the headline (last) recipe (two_stage: --steps + --recover_steps) on the same questions, and every other recipe
+reports accuracy_drop_vs_literal_points (literal trained as long minus it, on the same held-out questions).
 Steps: (1) the shipped warmed-up tiny model (toy_model/, toy.ensure_toy_model), (2) ZipR1 GRPO with train.py on
 --train_questions toy training rows, per recipe, (3) eval.py on held-out toy questions: Full, ZipVL and ZipR1 at
 --keep_p and over --sweep, with tau per layer. `--seed` sets the training seed, the probes and the held-out questions
@@ -71,6 +74,9 @@ def parse_args(argv=None):
     p.add_argument("--ref_model", default=None,
                    help="KL reference of every recipe (train.py --ref_model), e.g. toy: the original warmed-up model "
                         "in the two_stage run too; default: each run's start")
+    p.add_argument("--literal_steps", type=int, default=None,
+                   help="literal-recipe steps (default: as many as the headline recipe's, --steps + --recover_steps "
+                        "when two_stage runs: the fair baseline)")
     p.add_argument("--recover_steps", type=int, default=800,
                    help="two_stage: literal-recipe steps (λ = 0) from the learned run's last checkpoint")
     p.add_argument("--train_questions", type=int, default=8192,
@@ -90,6 +96,8 @@ def parse_args(argv=None):
     args.recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
     if not args.recipes or set(args.recipes) - set(RECIPES):
         p.error(f"--recipes: choose from {RECIPES}, got {args.recipes}")
+    if args.literal_steps is None:  # the literal baseline trains as long as the headline recipe
+        args.literal_steps = args.steps + (args.recover_steps if args.recipes[-1] == "two_stage" else 0)
     return args
 
 
@@ -105,6 +113,8 @@ def recipe_config(args, recipe: str) -> train.Config:
         model = args.learned_init
     elif recipe == "two_stage":
         model, steps = str(run_dir.checkpoints(Path(args.output_dir) / "learned" / "train")[-1]), args.recover_steps
+    elif recipe == "literal":
+        steps = args.literal_steps
     return train.check_config(train.Config(**{
         **toy.TOY_PRESET, **sparsity, "model": model, "ref_model": args.ref_model, "max_steps": steps,
         "dataset": str(toy.rl_dataset(args.train_questions)),
@@ -198,11 +208,25 @@ def summarize(args, recipe: str, results: dict, train_seconds: float | None) -> 
         "accuracy_drop_vs_full_points": 100 * (full["accuracy"] - zipr1["accuracy"]),
         "accuracy_vs_full_standard_error_points": paired_difference(zipr1["records"], full["records"])[1],
         "sweep": results["sweep"], "full": {"accuracy": full["accuracy"]},
+        "records": zipr1["records"],  # per held-out question, for the paired comparison with the literal baseline
     }
     summary["training"] = training_trend(Path(args.output_dir) / recipe / "train" / "metrics.jsonl", args.keep_p)
     summary["goal_met"] = (summary["tau_after_over_before"] <= 0.5  # rounded: 100 (0.95 − 0.94) is 1.0000000000000009
                            and round(summary["accuracy_drop_vs_full_points"], 9) <= 1)
     return summary
+
+
+def compare_with_literal(summaries: dict) -> None:
+    """accuracy_drop_vs_literal_points (literal − recipe, points) and its paired standard error, for every recipe
+    beside a literal run: the same held-out questions, so the difference is paired (paired_difference)."""
+    if "literal" not in summaries:
+        return
+    literal = summaries["literal"]
+    for s in summaries.values():
+        if s is not literal:
+            gain, se = paired_difference(s["records"], literal["records"])
+            s["accuracy_drop_vs_literal_points"], s["accuracy_vs_literal_standard_error_points"] = -gain, se
+            s["literal_steps"] = literal["steps"]
 
 
 def markdown(summary: dict) -> list[str]:
@@ -225,6 +249,10 @@ def markdown(summary: dict) -> list[str]:
               f"{-s['accuracy_drop_vs_full_points']:+.1f} ± {s['accuracy_vs_full_standard_error_points']:.1f} points "
               f"(± standard error; goal ≥ −1), vs ZipVL: {-s['accuracy_drop_vs_zipvl_points']:+.1f} points; "
               f"goal met: {s['goal_met']}"]
+    if "accuracy_drop_vs_literal_points" in s:
+        lines += [f"vs the literal recipe trained for {s['literal_steps']} steps: "
+                  f"{-s['accuracy_drop_vs_literal_points']:+.1f} ± {s['accuracy_vs_literal_standard_error_points']:.1f} "
+                  "points (the fair baseline: RL alone raises accuracy on the toy)"]
     lines += [f"training rollouts, steps {t['steps']}: accuracy {t['rollout_accuracy']:.3f}, τ {t['tau']:.3f}, "
               f"τ̃ {t['tau_relaxed']:.3f}, KL {t['kl']:.4f}" for t in s["training"].values()]
     return lines + [""]
@@ -243,20 +271,23 @@ def report(args, summaries: dict) -> dict:
     """reproduction.json/.md and pareto.png: the headline fields of the last recipe, every recipe under "recipes"."""
     out = Path(args.output_dir)
     last = summaries[args.recipes[-1]]
+    compare_with_literal(summaries)
     headline = {k: last[k] for k in ("recipe", "tau_after_over_before", "accuracy_drop_vs_full_points",
-                                     "accuracy_drop_vs_zipvl_points", "goal_met", "accuracy", "tau")}
-    (out / "reproduction.json").write_text(json.dumps({**headline, "recipes": summaries}, indent=1))
+                                     "accuracy_drop_vs_literal_points", "accuracy_drop_vs_zipvl_points", "goal_met",
+                                     "accuracy", "tau") if k in last}
+    recipes = {name: {k: v for k, v in s.items() if k != "records"} for name, s in summaries.items()}
+    (out / "reproduction.json").write_text(json.dumps({**headline, "recipes": recipes}, indent=1))
     lines = [line for s in summaries.values() for line in markdown(s)]
     (out / "reproduction.md").write_text("\n".join(lines))
     curves = {"ZipVL": last["sweep"]["ZipVL"]}
     for recipe, s in summaries.items():
-        label = "learned, then λ = 0" if recipe == "two_stage" else f"λ = {s['sparsity_coef']:g}"
+        label = "learned, then λ = 0" if recipe == "two_stage" else f"λ = {s['sparsity_coef']:g}, {s['steps']} steps"
         curves[f"ZipR1 {recipe} ({label})"] = s["sweep"]["ZipR1"]
     pareto_plot(curves, last["full"], out / "pareto.png")
     if {"learned", "two_stage"} <= set(summaries):
         two_stage_curves(out)
     print("\n".join(lines) + f"\nwrote {out / 'reproduction.json'}, {out / 'pareto.png'}")
-    return {**headline, "recipes": summaries}
+    return {**headline, "recipes": recipes}
 
 
 def main(argv=None) -> dict:

@@ -53,3 +53,41 @@ def test_paired_difference_by_hand():
     ours, full = ([{"correct": c} for c in cs] for cs in ([1.0, 1.0, 0.0, 1.0], [1.0, 0.0, 0.0, 0.0]))
     mean, se = load_script().paired_difference(ours, full)
     assert mean == 50.0 and abs(se - 100 * (1 / 3) ** 0.5 / 2) < 1e-9
+
+
+def test_literal_baseline_trains_as_long_as_the_two_stage_recipe(tmp_path, monkeypatch):
+    """The fair baseline (issue 27): by default "literal" trains --steps + --recover_steps, and the report's
+    accuracy_drop_vs_literal_points is literal − recipe on the same held-out questions, recomputed here from the
+    per-question answers eval.py wrote for each recipe."""
+    monkeypatch.chdir(tmp_path)
+    script, threads = load_script(), torch.get_num_threads()
+    try:
+        script.main(["--recipes", "literal,learned,two_stage", "--steps", "2", "--recover_steps", "1",
+                     "--per_step_questions", "1", "--eval_questions", "4", "--sweep", "0.975",
+                     "--train_questions", "16", "--output_dir", str(tmp_path / "r")])
+    finally:
+        torch.set_num_threads(threads)
+    literal = run_dir.checkpoints(tmp_path / "r" / "literal" / "train")
+    assert literal[-1].name == "checkpoint-3" and script.trained_config(literal[-1])["max_steps"] == 3  # 2 + 1
+    report = json.loads((tmp_path / "r" / "reproduction.json").read_text())
+
+    def correct(recipe):  # eval.py's results file of that recipe: 1.0 / 0.0 per held-out question
+        results = json.loads(next((tmp_path / "r" / recipe / "eval").glob("*.json")).read_text())
+        return [r["correct"] for r in results["methods"]["ZipR1"]["records"]]
+
+    base = correct("literal")
+    for recipe in ("learned", "two_stage"):
+        ours = correct(recipe)
+        expected = 100 * (sum(base) - sum(ours)) / len(base)
+        assert abs(report["recipes"][recipe]["accuracy_drop_vs_literal_points"] - expected) < 1e-9
+        assert report["recipes"][recipe]["literal_steps"] == 3
+    assert report["accuracy_drop_vs_literal_points"] == report["recipes"]["two_stage"]["accuracy_drop_vs_literal_points"]
+    assert "accuracy_drop_vs_literal_points" not in report["recipes"]["literal"]
+    assert "vs the literal recipe trained for 3 steps" in (tmp_path / "r" / "reproduction.md").read_text()
+
+
+def test_literal_steps_default_follows_the_headline_recipe():
+    parse = load_script().parse_args
+    assert parse(["--steps", "5", "--recover_steps", "7"]).literal_steps == 12  # ... two_stage last: 5 + 7
+    assert parse(["--recipes", "literal,learned", "--steps", "5"]).literal_steps == 5
+    assert parse(["--literal_steps", "9"]).literal_steps == 9
