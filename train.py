@@ -45,7 +45,7 @@ from rollout import SamplingConfig, generate, score_completions, scoring_state
 from sparse_qwen import make_sparse, sparse_forward
 from toy import TOY_CACHE, TOY_TRAIN_ROWS
 from train_config import (LR_SCHEDULES, PAPER_KEEP_P_GRID, Config, ConfigError, check_config,  # noqa: F401
-                          check_sources, parse_config)
+                          check_sources, input_sizes, parse_config)
 
 
 # ----------------------------------------------------------------------------------------------- setup
@@ -122,7 +122,8 @@ def sample_rollout(policy, processor, rows, cfg: Config, step: int, device, auto
     (row seed) are those of its place in the global batch, and the probes take the step's seed, so the result does
     not depend on how questions are spread over ranks and batches.
     """
-    items, n, seed = [data.prompt_item(row, cfg.max_frames) for row in rows], cfg.num_generations, step_seed(cfg, step)
+    items, n, seed = [data.prompt_item(row, sizes=input_sizes(cfg)) for row in rows], cfg.num_generations, \
+        step_seed(cfg, step)
     keep_p = keep_p_for_rows(cfg, position + len(rows), step)[position * n:].to(device)  # (G*N,)
     row_seeds = [multi_gpu.question_seed(seed, position + g) + j for g in range(len(rows)) for j in range(n)]
     sampling = SamplingConfig(max_new_tokens=cfg.max_completion_length, do_sample=cfg.temperature > 0,

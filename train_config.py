@@ -20,6 +20,8 @@ from transformers.hf_argparser import HfArg
 
 import cli
 import grpo
+from media_files import (FPS, FPS_MAX_FRAMES, FPS_MIN_FRAMES, MAX_PIXELS, MIN_PIXELS, VIDEO_MAX_PIXELS,
+                         VIDEO_MIN_PIXELS, InputSizes, input_sizes)  # noqa: F401 (input_sizes: train.py)
 from run_dir import DEFAULT_OUTPUT_DIR, checkpoints
 from toy import TOY_PRESET
 
@@ -50,7 +52,15 @@ class Config:
                                                        "checkpoint can keep the original model as anchor")
     media_root: str | None = HfArg(default=None, help="where rows' 'path' are resolved (default: the dataset's folder)")
     skip_bad_rows: bool = HfArg(default=False, help="drop and count bad rows instead of stopping at the first one")
-    max_frames: int = HfArg(default=16, help="frames sampled per video")
+    # input sizes (media_files.InputSizes; names and defaults of Video-R1's qwen-vl-utils, docs/video_r1.md)
+    min_pixels: int = HfArg(default=MIN_PIXELS, help="fewest pixels per image (4*28*28)")
+    max_pixels: int = HfArg(default=MAX_PIXELS, help="most pixels per image (256*28*28)")
+    video_min_pixels: int = HfArg(default=VIDEO_MIN_PIXELS, help="fewest pixels per video frame (128*28*28)")
+    video_max_pixels: int = HfArg(default=VIDEO_MAX_PIXELS, help="most pixels per video frame (128*28*28; "
+                                                                 "qwen-vl-utils allows 1.05 x video_min_pixels)")
+    fps: float = HfArg(default=FPS, help="video frames kept per second of video")
+    min_frames: int = HfArg(default=FPS_MIN_FRAMES, help="fewest frames kept per video (rounded up to even)")
+    max_frames: int = HfArg(default=FPS_MAX_FRAMES, help="most frames kept per video (rounded down to even)")
     # ZipR1: N answers per question, each under its own sparsity threshold p_n
     num_generations: int = HfArg(default=8, help="N answers per question (a GRPO group)")
     keep_p_grid: list[float] = HfArg(default_factory=lambda: list(PAPER_KEEP_P_GRID),
@@ -194,8 +204,8 @@ def check_ranges(cfg: Config) -> None:
               "temperature": (cfg.temperature >= 0, ">= 0 (0: greedy)"), "beta": (cfg.beta >= 0, ">= 0"),
               "epsilon": (cfg.epsilon > 0, "> 0"),
               "epsilon_high": (cfg.epsilon_high is None or cfg.epsilon_high >= 0, ">= 0 (or unset: epsilon)"),
-              "max_grad_norm": (cfg.max_grad_norm > 0, "> 0"),
-              "max_frames": (cfg.max_frames >= 1, ">= 1")}
+              "max_grad_norm": (cfg.max_grad_norm > 0, "> 0")}
+    ranges.update({name: (False, allowed) for name, allowed in InputSizes.problems(cfg).items()})
     for name, (ok, allowed) in ranges.items():
         if not ok:
             raise ConfigError(f"{name} must be {allowed}, got {getattr(cfg, name)}")
