@@ -202,6 +202,7 @@ def _animated_frames(path, pick):
     """(kept RGB frames, fps, total) of an animated GIF/WebP: only the kept frames are converted."""
     with Image.open(path) as img:
         total = getattr(img, "n_frames", 1)
+        img.load()  # WebP reports the first frame's duration only once it is loaded (GIF at open)
         duration_ms = img.info.get("duration") or 0
         fps = 1000.0 / duration_ms if duration_ms else DEFAULT_FPS
         frames = []
