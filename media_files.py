@@ -50,13 +50,13 @@ class InputSizes:
             raise ValueError(f"{name} must be {message}, got {getattr(self, name)}")
 
     def problems(self) -> dict:
-        """{setting: allowed range} of each setting outside its range (in field order)."""
+        """{setting: allowed range} of each setting outside its range (an upper limit before the lower one)."""
         one = IMAGE_FACTOR * IMAGE_FACTOR
-        checks = {"min_pixels": (one <= self.min_pixels <= self.max_pixels, f"in [{one}, max_pixels={self.max_pixels}]"),
-                  "max_pixels": (self.max_pixels >= one, f">= {one}"),
+        checks = {"max_pixels": (self.max_pixels >= one, f">= {one}"),
+                  "min_pixels": (one <= self.min_pixels <= self.max_pixels, f"in [{one}, max_pixels={self.max_pixels}]"),
+                  "video_max_pixels": (self.video_max_pixels >= one, f">= {one}"),
                   "video_min_pixels": (one <= self.video_min_pixels <= self.video_max_pixels,
                                        f"in [{one}, video_max_pixels={self.video_max_pixels}]"),
-                  "video_max_pixels": (self.video_max_pixels >= one, f">= {one}"),
                   "fps": (self.fps > 0 and math.isfinite(self.fps), "> 0 (frames kept per second of video)"),
                   "min_frames": (1 <= self.min_frames <= self.max_frames, f"in [1, max_frames={self.max_frames}]"),
                   "max_frames": (self.max_frames >= FRAME_FACTOR, f">= {FRAME_FACTOR} (frames are kept in pairs)")}
