@@ -231,3 +231,18 @@ def test_the_toy_keeps_its_sizes_and_frames(tmp_path):
         new, old = data.prompt_item(row, sizes=sizes), data.prompt_item(row, 8)
         assert [len(v) for v in new["videos"]] == [len(v) for v in old["videos"]] and new["fps"] == old["fps"]
         assert all(a.tobytes() == b.tobytes() for v, u in zip(new["videos"], old["videos"]) for a, b in zip(v, u))
+
+
+@pytest.mark.parametrize("n,fps", [(90, 10), (25, 10), (12, 4), (300, 25)])
+def test_mp4_keeps_video_r1s_frames(tmp_path, n, fps):
+    """PyAV path (.mp4, fps from the stream): the kept frames are the reference indices of all decoded frames."""
+    import av
+    from test_media import write_mp4
+    path = write_mp4(tmp_path / "clip.mp4", n=n, fps=fps)
+    with av.open(str(path)) as container:
+        every = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    keep = ref_frame_indices(len(every), fps)
+    frames, rate = media.load_video(path, sizes=media.InputSizes())
+    assert len(every) == n and len(frames) == len(keep)
+    assert all(np.array_equal(np.asarray(f), every[i]) for f, i in zip(frames, keep))
+    assert rate == pytest.approx(fps * len(keep) / n, rel=1e-9)
