@@ -286,7 +286,8 @@ def encode_prompts(processor, batch, completions=None):
 
     `completions` (optional, one string per sample) is appended after the generation prompt (teacher forcing).
     The items' `sizes` (one value for the whole batch) reach the processor as images_kwargs / videos_kwargs
-    (min_pixels, max_pixels): its smart_resize then gives each image and frame Video-R1's size.
+    (size = {"shortest_edge": min pixels, "longest_edge": max pixels}): its smart_resize gives each image and frame
+    its size (Video-R1's by default). Frames were sampled when the media was read (data.prompt_item).
 
     second_per_grid_ts (Qwen2.5-VL) is temporal_patch_size / fps of the kept frames, as transformers'
     Qwen2_5_VLProcessor computes it from the metadata below (FallbackProcessor the same), not Video-R1's 1.0:

@@ -11,7 +11,7 @@ decoded; plus the cheap check data.py runs on every media file at load time.
 Errors are one line naming the file: FileNotFoundError when missing, ValueError when unreadable.
 """
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -53,7 +53,8 @@ class InputSizes:
         """{setting: allowed range} of each setting outside its range (an upper limit before the lower one)."""
         one = IMAGE_FACTOR * IMAGE_FACTOR
         checks = {"max_pixels": (self.max_pixels >= one, f">= {one}"),
-                  "min_pixels": (one <= self.min_pixels <= self.max_pixels, f"in [{one}, max_pixels={self.max_pixels}]"),
+                  "min_pixels": (one <= self.min_pixels <= self.max_pixels,
+                                 f"in [{one}, max_pixels={self.max_pixels}]"),
                   "video_max_pixels": (self.video_max_pixels >= one, f">= {one}"),
                   "video_min_pixels": (one <= self.video_min_pixels <= self.video_max_pixels,
                                        f"in [{one}, video_max_pixels={self.video_max_pixels}]"),
@@ -76,9 +77,6 @@ class InputSizes:
     def videos_kwargs(self) -> dict:
         """The processor's per-call video-frame settings (HF: videos_kwargs=...)."""
         return {"size": {"shortest_edge": self.video_min_pixels, "longest_edge": self.video_pixel_limit()}}
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def input_sizes(settings) -> InputSizes:
@@ -139,9 +137,10 @@ def check_aspect_ratio(size, path, kind="image"):
     """ValueError naming the file when its longest side exceeds MAX_RATIO times its shortest (the processor's
     smart_resize rejects it, with a message that names no file)."""
     width, height = size
-    if min(width, height) >= 1 and max(width, height) / min(width, height) > MAX_RATIO:
-        raise ValueError(f"{kind} {path} is {width}x{height}: aspect ratio {max(width, height) / min(width, height):.1f}"
-                         f" exceeds MAX_RATIO {MAX_RATIO} (the Qwen2-VL processor cannot resize it)")
+    ratio = max(width, height) / min(width, height) if min(width, height) >= 1 else 0
+    if ratio > MAX_RATIO:
+        raise ValueError(f"{kind} {path} is {width}x{height}: aspect ratio {ratio:.1f} exceeds MAX_RATIO {MAX_RATIO} "
+                         "(the Qwen2-VL processor cannot resize it)")
 
 
 def _pyav():

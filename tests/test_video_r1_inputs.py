@@ -210,7 +210,8 @@ def test_bad_settings_fail_at_parse_time_with_the_allowed_range(flag, value, mes
     with pytest.raises(ValueError) as err:  # eval.py: the same check among its cheap ones, before anything loads
         evaluate.check_args(evaluate.parse_args(args))
     assert str(err.value) == message
-    kwargs = {flag: float(value) if flag == "fps" else int(value), **({"min_frames": 1} if flag == "max_frames" else {})}
+    kwargs = {flag: float(value) if flag == "fps" else int(value)}
+    kwargs.update({"min_frames": 1} if flag == "max_frames" else {})
     with pytest.raises(ValueError) as err:  # lmms-eval model_args: before the model is looked up
         engine.SparseQwen("no/such-model", **kwargs)
     assert str(err.value) == message
