@@ -239,21 +239,22 @@ def load_dataset_rows(dataset: str, media_root: str | None = None, on_bad_row: s
     return Rows(rows, skipped, str(source))
 
 
-def prompt_item(row: dict, max_frames: int = 16, template: str = "video_r1") -> dict:
+def prompt_item(row: dict, max_frames: int = 16, template: str = "video_r1", sizes=None) -> dict:
     """media.prompt_item of a row: its image or video read now (errors name the row), its question in `template`
-    (media.question_text: Video-R1's prompt, or "answer_only")."""
+    (media.question_text: Video-R1's prompt, or "answer_only"). sizes (media.InputSizes): Video-R1's frame sampling
+    and the pixel limits the processor applies; None: min(max_frames, total) frames at the processor's own sizes."""
     images, videos, fps = [], [], []
     try:
         if row["data_type"] == "image":
             images.append(media.load_image(row["media_path"]))
         else:
-            frames, rate = media.load_video(row["media_path"], max_frames=max_frames)
+            frames, rate = media.load_video(row["media_path"], max_frames=max_frames, sizes=sizes)
             videos.append(frames)
             fps.append(rate)
     except (OSError, ValueError) as err:
         raise DatasetError(f"row {row['row']}: {err}", row=row["row"]) from None
     text = media.question_text(row["problem"], row["options"], row["problem_type"], template)
-    return media.prompt_item(text, images, videos, fps)
+    return media.prompt_item(text, images, videos, fps, sizes=sizes)
 
 
 def replace_bad_rows(indices: list[int], rows: list[dict], bad) -> list[int]:

@@ -36,6 +36,8 @@ import media
 import rewards
 import run_dir  # checkpoint-<step> folders of a training run, train.py's default folder
 import toy  # the offline default: toy model, questions, train.py's toy run folder
+from media_files import (FPS, FPS_MAX_FRAMES, FPS_MIN_FRAMES, MAX_PIXELS, MIN_PIXELS, VIDEO_MAX_PIXELS,
+                         VIDEO_MIN_PIXELS, input_sizes)
 from pictures import kept_token_picture, pareto_plot
 from rollout import SamplingConfig, generate
 from sparse_attention import check_keep_p
@@ -115,13 +117,22 @@ def load_questions(args, out: Path):
     return rows, [rows[i:i + args.batch_size] for i in range(0, len(rows), args.batch_size)]
 
 
+def eval_sizes(args) -> media.InputSizes:
+    """The input sizes of the settings; --model toy keeps its processor's pixel limits (toy.TOY_INPUT_SIZES)."""
+    sizes = input_sizes(args)
+    if args.model != "toy":
+        return sizes
+    pixels = ("min_pixels", "max_pixels", "video_min_pixels", "video_max_pixels")
+    return dataclasses.replace(sizes, **{k: toy.TOY_INPUT_SIZES[k] for k in pixels})
+
+
 def encode_batches(processor, rows, args):
     """(rows, batches, encoded batches): each row's media read now; with --skip_bad_rows a row whose media fails here
     (past the load-time check, e.g. a truncated JPEG) is dropped with one line, else it is the error."""
     items, kept = [], []
     for row in rows:
         try:
-            items.append(data.prompt_item(row, args.max_frames, prompt_template_of(args)))
+            items.append(data.prompt_item(row, template=prompt_template_of(args), sizes=eval_sizes(args)))
             kept.append(row)
         except data.DatasetError as err:
             if not args.skip_bad_rows:
@@ -235,7 +246,14 @@ class EvalConfig:
     accuracy_reward: Literal["graded", "binary"] | None = HfArg(
         default=None, help="how answers are scored, as train.py's reward (default: binary for the toy model, else "
                            "graded)")
-    max_frames: int = HfArg(default=16, help="frames sampled per video")
+    # input sizes: as train.py's (media_files.InputSizes, Video-R1's defaults); --model toy keeps the toy's pixels
+    min_pixels: int = HfArg(default=MIN_PIXELS, help="fewest pixels per image (4*28*28)")
+    max_pixels: int = HfArg(default=MAX_PIXELS, help="most pixels per image (256*28*28)")
+    video_min_pixels: int = HfArg(default=VIDEO_MIN_PIXELS, help="fewest pixels per video frame (128*28*28)")
+    video_max_pixels: int = HfArg(default=VIDEO_MAX_PIXELS, help="most pixels per video frame (128*28*28)")
+    fps: float = HfArg(default=FPS, help="video frames kept per second of video")
+    min_frames: int = HfArg(default=FPS_MIN_FRAMES, help="fewest frames kept per video (rounded up to even)")
+    max_frames: int = HfArg(default=FPS_MAX_FRAMES, help="most frames kept per video (rounded down to even)")
     device: str = HfArg(default_factory=lambda: "cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     dtype: Literal["bfloat16", "float16", "float32"] | None = HfArg(default=None, help="default: bf16 on GPU, fp32 "
                                                                                         "on CPU")
@@ -265,6 +283,7 @@ def check_args(args) -> list[float]:
     check_keep_p([args.keep_p, *sweep], 1 + len(sweep))  # ValueError naming the values unless all lie in (0, 1]
     if args.batch_size < 1 or (args.limit is not None and args.limit < 1) or (args.max_completion_length or 2) < 2:
         raise ValueError("--batch_size and --limit must be >= 1, --max_completion_length >= 2")
+    input_sizes(args)  # ValueError naming the first size setting outside its range
     return sweep
 
 
@@ -308,7 +327,8 @@ def run(args) -> dict:
         for name, model in models.items() if row else ():
             files[f"kept_{name}_{kind}"] = out / f"kept_tokens_{name}_{kind}.png"
             kept_token_picture(model, processor, row, args.keep_p, files[f"kept_{name}_{kind}"],
-                               f"{name}, question {row['row']}", args.max_frames, template=prompt_template_of(args))
+                               f"{name}, question {row['row']}", template=prompt_template_of(args),
+                               sizes=eval_sizes(args))
     table = markdown_table(methods, args.batch_size)
     results = dict(config=dict(vars(args), base=str(base), zipr1=str(zipr1) if zipr1 else None, questions=len(rows)),
                    methods=methods, files={k: str(v) for k, v in files.items()},

@@ -17,7 +17,7 @@ from transformers import AutoProcessor, AutoTokenizer, BatchFeature
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 # reading images and videos, and the load-time check: media_files.py (load_video is the entry point, here too)
-from media_files import DEFAULT_FPS, check_media, load_image, load_video  # noqa: F401
+from media_files import DEFAULT_FPS, InputSizes, check_media, load_image, load_video  # noqa: F401
 
 logger = logging.getLogger(__name__)
 IMAGE_TOKEN, VIDEO_TOKEN = "<|image_pad|>", "<|video_pad|>"
@@ -135,17 +135,18 @@ def load_processor(model_name_or_dir):
     return processor
 
 
-def video_to_patches(frames, video_processor):
+def video_to_patches(frames, video_processor, **limits):
     """Flattened video patches exactly as HF's Qwen2-VL video processor lays them out.
 
     frames: T RGB frames (PIL or (T,H,W,3) uint8); each is resized (smart_resize), rescaled and normalised by the
     PIL image processor with temporal_patch_size=1; T is padded to a multiple of t_p by repeating the last frame.
     (HF resizes videos with torchvision, so when a resize happens pixels may differ from HF's by interpolation.)
+    limits: optional size={"shortest_edge", "longest_edge"} (pixels per frame) for this call.
     Returns (patches (grid_t*grid_h*grid_w, C*t_p*p*p), grid (3,)), rows ordered (t, h/m, w/m, m_h, m_w).
     """
     tp = video_processor.temporal_patch_size
     frames = list(frames) + [frames[-1]] * (-len(frames) % tp)  # pad T to a multiple of t_p
-    out = video_processor(frames, temporal_patch_size=1, return_tensors="pt")
+    out = video_processor(frames, temporal_patch_size=1, return_tensors="pt", **limits)
     per_frame, grids = out["pixel_values"], out["image_grid_thw"]  # (T*gh*gw, C*p*p), (T, 3)
     if not bool((grids == grids[0]).all()):
         raise ValueError(f"video frames must share one size, got grids {grids.tolist()}")
@@ -203,8 +204,11 @@ class FallbackProcessor:
         return self.tokenizer.decode(*args, **kwargs)
 
     def __call__(self, text, images=None, videos=None, padding=True, return_tensors="pt", padding_side="left",
-                 fps=None, video_metadata=None, do_sample_frames=False):
-        """Tokenise `text` with each <|image_pad|>/<|video_pad|> expanded to t*h*w/merge^2 copies, in order."""
+                 fps=None, video_metadata=None, do_sample_frames=False, images_kwargs=None, videos_kwargs=None):
+        """Tokenise `text` with each <|image_pad|>/<|video_pad|> expanded to t*h*w/merge^2 copies, in order.
+
+        images_kwargs / videos_kwargs: {"size": {"shortest_edge", "longest_edge"}} (pixels) for this call, as HF's
+        processor takes them."""
         text = [text] if isinstance(text, str) else list(text)
         images = [images] if isinstance(images, Image.Image) else list(images or [])
         videos = list(videos or [])
@@ -217,13 +221,14 @@ class FallbackProcessor:
         data, counts = {}, {IMAGE_TOKEN: [], VIDEO_TOKEN: []}
         merge = self.image_processor.merge_size ** 2
         if images:
-            data.update(self.image_processor(images, return_tensors="pt"))
+            data.update(self.image_processor(images, return_tensors="pt", **_pixel_limits(images_kwargs)))
             counts[IMAGE_TOKEN] = (data["image_grid_thw"].prod(-1) // merge).tolist()
         if videos:
-            patches, grids = zip(*(video_to_patches(v, self.video_processor) for v in videos))
+            limits = _pixel_limits(videos_kwargs)
+            patches, grids = zip(*(video_to_patches(v, self.video_processor, **limits) for v in videos))
             data["pixel_values_videos"], data["video_grid_thw"] = torch.cat(patches), torch.stack(grids)
             counts[VIDEO_TOKEN] = (data["video_grid_thw"].prod(-1) // self.video_processor.merge_size ** 2).tolist()
-            if self.with_second_per_grid:
+            if self.with_second_per_grid:  # seconds per temporal patch of the kept frames, as HF: see encode_prompts
                 tp = self.video_processor.temporal_patch_size
                 data["second_per_grid_ts"] = [tp / f for f in _video_fps(fps, video_metadata, len(videos))]
         text = _expand_placeholders(text, counts)
@@ -233,6 +238,14 @@ class FallbackProcessor:
                  for row in (ids.tolist() if torch.is_tensor(ids) else ids)]  # 0 text, 1 image, 2 video
         encoded["mm_token_type_ids"] = torch.tensor(types) if torch.is_tensor(ids) else types
         return BatchFeature({**encoded, **data}, tensor_type=return_tensors)
+
+
+def _pixel_limits(kwargs):
+    """The per-call {"size": ...} the fallback honours; anything else is an error, not ignored."""
+    kwargs = dict(kwargs or {})
+    if set(kwargs) - {"size"}:
+        raise ValueError(f"FallbackProcessor takes only size per call, got {sorted(kwargs)}")
+    return kwargs
 
 
 def _video_fps(fps, video_metadata, n):
@@ -275,27 +288,44 @@ def question_text(problem, options=None, problem_type=None, template="video_r1")
     return f"{problem}\n{REASONING_INSTRUCTION} {TYPE_TEMPLATE[problem_type]}"
 
 
-def prompt_item(text, images=(), videos=(), fps=None, system=None) -> dict:
-    """One prompt for `encode_prompts`: {"messages", "images", "videos", "fps"}.
+def prompt_item(text, images=(), videos=(), fps=None, system=None, sizes=None) -> dict:
+    """One prompt for `encode_prompts`: {"messages", "images", "videos", "fps", "sizes"}.
 
     messages: Qwen chat messages, one user turn of the media entries first (images, then videos) and then `text`
     (after an optional system turn). images: PIL images; videos: lists of PIL frames; fps: one per video
-    (default DEFAULT_FPS). data.py, toy.py and the lmms-eval engine gather their media and build prompts here.
+    (default DEFAULT_FPS); sizes: the InputSizes the processor resizes images and frames to (None: the processor's
+    own defaults, the toy's). data.py, toy.py and the lmms-eval engine gather their media and build prompts here.
     """
     images, videos = list(images), list(videos)
     content = [{"type": "image"} for _ in images] + [{"type": "video"} for _ in videos]
     system_turn = [{"role": "system", "content": [{"type": "text", "text": system}]}] if system else []
     messages = system_turn + [{"role": "user", "content": content + [{"type": "text", "text": text}]}]
     return {"messages": messages, "images": images, "videos": videos,
-            "fps": [DEFAULT_FPS] * len(videos) if fps is None else list(fps)}
+            "fps": [DEFAULT_FPS] * len(videos) if fps is None else list(fps), "sizes": sizes}
 
 
 def encode_prompts(processor, batch, completions=None):
-    """Left-padded model inputs for a batch of {"messages", "images": [PIL], "videos": [frames], "fps": [float]}.
+    """Left-padded model inputs for a batch of {"messages", "images": [PIL], "videos": [frames], "fps": [float],
+    "sizes": InputSizes or None}.
 
     `completions` (optional, one string per sample) is appended after the generation prompt (teacher forcing).
+    The items' `sizes` (one value for the whole batch) reach the processor as images_kwargs / videos_kwargs
+    (size = {"shortest_edge": min pixels, "longest_edge": max pixels}): its smart_resize gives each image and frame
+    its size (Video-R1's by default). Frames were sampled when the media was read (data.prompt_item).
+
+    second_per_grid_ts (Qwen2.5-VL) is temporal_patch_size / fps of the kept frames, as transformers'
+    Qwen2_5_VLProcessor computes it from the metadata below (FallbackProcessor the same), not Video-R1's 1.0:
+    get_rope_index advances the temporal position by vision_config.tokens_per_second x second_per_grid_ts per
+    temporal patch, i.e. positions are absolute time (Qwen2.5-VL's "absolute time encoding"), and a patch of 2 frames
+    kept at f fps spans 2 / f seconds. Video-R1 deletes the key (grpo_trainer.py, compute_loss; its issue #73), so the
+    model falls back to 1 s per patch: right only when f = 2, e.g. a 60 s clip sampled to 16 frames (f = 0.27) would
+    be placed as if 8 s long.
     """
     texts, images, videos, metadata = [], [], [], []
+    sizes = {item.get("sizes") for item in batch}
+    if len(sizes) > 1:
+        raise ValueError(f"one batch mixes input sizes {sorted(map(str, sizes))}: encode each setting separately")
+    sizes = sizes.pop() if sizes else None
     for i, item in enumerate(batch):
         text = processor.apply_chat_template(item["messages"], tokenize=False, add_generation_prompt=True)
         item_images, item_videos = list(item.get("images") or []), list(item.get("videos") or [])
@@ -312,5 +342,7 @@ def encode_prompts(processor, batch, completions=None):
             metadata.append({"total_num_frames": len(frames), "fps": float(f),
                              "frames_indices": list(range(len(frames)))})  # HF: sampled_fps = f
     kwargs = {"videos": videos, "video_metadata": metadata, "do_sample_frames": False} if videos else {}
+    if sizes is not None:
+        kwargs.update(images_kwargs=sizes.images_kwargs(), videos_kwargs=sizes.videos_kwargs())
     return processor(text=texts, images=images or None, padding=True, return_tensors="pt", padding_side="left",
                      **kwargs)

@@ -2,18 +2,99 @@
 decoded; plus the cheap check data.py runs on every media file at load time.
 
     load_image(path)                 RGB PIL image
-    load_video(path, max_frames)     (frames, fps of the kept frames): a folder of frames, .gif/.webp, .npy, or any
-                                     container PyAV decodes (.mp4, ...)
+    load_video(path, max_frames, sizes)  (frames, fps of the kept frames): a folder of frames, .gif/.webp, .npy, or
+                                     any container PyAV decodes (.mp4, ...)
+    InputSizes                       Video-R1's input sizes (pixels per image / frame, frames per video), checked
+    smart_nframes(...)               how many frames Video-R1 keeps of a video
     check_media(path, data_type)     the image header (and PNG checksums), or a video's first frame
 
 Errors are one line naming the file: FileNotFoundError when missing, ValueError when unreadable.
 """
+import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 DEFAULT_FPS = 2.0  # frames per second assumed for frame folders and .npy videos (no timing stored)
+
+# Video-R1's input sizes: the constants of its bundled qwen-vl-utils (src/qwen-vl-utils/src/qwen_vl_utils/
+# vision_process.py, module top), which its trainer uses unchanged (grpo_trainer.py calls process_vision_info on
+# messages that set no sizes). Names as there.
+IMAGE_FACTOR = 28  # sides are multiples of patch 14 x merge 2
+MIN_PIXELS, MAX_PIXELS = 4 * 28 * 28, 256 * 28 * 28  # per image
+MAX_RATIO = 200  # longest / shortest side; Qwen2-VL's smart_resize rejects more
+VIDEO_MIN_PIXELS, VIDEO_MAX_PIXELS = 128 * 28 * 28, 128 * 28 * 28  # per frame
+FRAME_FACTOR, FPS, FPS_MIN_FRAMES, FPS_MAX_FRAMES = 2, 2.0, 4, 16  # frames: even count, 2 per second, 4..16
+
+
+@dataclass(frozen=True)
+class InputSizes:
+    """Pixels per image and per video frame, and the frame sampling of videos; Video-R1's values by default.
+
+    Images are resized by the processor's smart_resize into [min_pixels, max_pixels]; video frames into
+    [video_min_pixels, video_pixel_limit()]; a video keeps smart_nframes(total, its fps, fps, min_frames, max_frames)
+    frames. A ValueError of one line names the first setting outside its range.
+    """
+    min_pixels: int = MIN_PIXELS
+    max_pixels: int = MAX_PIXELS
+    video_min_pixels: int = VIDEO_MIN_PIXELS
+    video_max_pixels: int = VIDEO_MAX_PIXELS
+    fps: float = FPS
+    min_frames: int = FPS_MIN_FRAMES
+    max_frames: int = FPS_MAX_FRAMES
+
+    def __post_init__(self):
+        for name, message in self.problems().items():
+            raise ValueError(f"{name} must be {message}, got {getattr(self, name)}")
+
+    def problems(self) -> dict:
+        """{setting: allowed range} of each setting outside its range (an upper limit before the lower one)."""
+        one = IMAGE_FACTOR * IMAGE_FACTOR
+        checks = {"max_pixels": (self.max_pixels >= one, f">= {one}"),
+                  "min_pixels": (one <= self.min_pixels <= self.max_pixels,
+                                 f"in [{one}, max_pixels={self.max_pixels}]"),
+                  "video_max_pixels": (self.video_max_pixels >= one, f">= {one}"),
+                  "video_min_pixels": (one <= self.video_min_pixels <= self.video_max_pixels,
+                                       f"in [{one}, video_max_pixels={self.video_max_pixels}]"),
+                  "fps": (self.fps > 0 and math.isfinite(self.fps), "> 0 (frames kept per second of video)"),
+                  "min_frames": (1 <= self.min_frames <= self.max_frames, f"in [1, max_frames={self.max_frames}]"),
+                  "max_frames": (self.max_frames >= FRAME_FACTOR, f">= {FRAME_FACTOR} (frames are kept in pairs)")}
+        return {name: allowed for name, (ok, allowed) in checks.items() if not ok}
+
+    def video_pixel_limit(self) -> int:
+        """The per-frame max_pixels qwen-vl-utils really applies (vision_process.py, fetch_video): max(video_max_pixels,
+        int(1.05 video_min_pixels)), at the defaults 105,369, not 100,352. (Its per-video budget, total_pixels / frames
+        x 2 with total_pixels ~ 90M, is left out: it binds only above 1,800 frames or 11M pixels per frame.)"""
+        return max(self.video_max_pixels, int(self.video_min_pixels * 1.05))
+
+    def images_kwargs(self) -> dict:
+        """The processor's per-call image settings (HF: images_kwargs=...; size, since min/max_pixels are deprecated
+        there): its smart_resize keeps shortest_edge <= height x width <= longest_edge."""
+        return {"size": {"shortest_edge": self.min_pixels, "longest_edge": self.max_pixels}}
+
+    def videos_kwargs(self) -> dict:
+        """The processor's per-call video-frame settings (HF: videos_kwargs=...)."""
+        return {"size": {"shortest_edge": self.video_min_pixels, "longest_edge": self.video_pixel_limit()}}
+
+
+def input_sizes(settings) -> InputSizes:
+    """The InputSizes of a settings object holding its fields (train_config.Config, eval.EvalConfig)."""
+    return InputSizes(**{name: getattr(settings, name) for name in InputSizes.__dataclass_fields__})
+
+
+def smart_nframes(total, video_fps, fps=FPS, min_frames=FPS_MIN_FRAMES, max_frames=FPS_MAX_FRAMES) -> int:
+    """Frames Video-R1 keeps of a `total`-frame video recorded at `video_fps` (qwen-vl-utils vision_process.py,
+    smart_nframes, the `fps` branch): `fps` frames per second of video, clamped to [min_frames rounded up to even,
+    max_frames and total rounded down to even], rounded down to even. Deliberate deviation: a 1-frame video keeps its
+    frame (qwen-vl-utils raises; the processor repeats it to fill the temporal patch)."""
+    if total < FRAME_FACTOR:
+        return total
+    low = math.ceil(min_frames / FRAME_FACTOR) * FRAME_FACTOR
+    high = math.floor(min(max_frames, total) / FRAME_FACTOR) * FRAME_FACTOR
+    wanted = total / video_fps * fps
+    return math.floor(min(max(wanted, low), high) / FRAME_FACTOR) * FRAME_FACTOR
 
 
 def load_image(path):
@@ -23,9 +104,11 @@ def load_image(path):
         raise FileNotFoundError(f"image not found: {path}")
     try:
         with Image.open(path) as img:
-            return img.convert("RGB")
+            image = img.convert("RGB")
     except (UnidentifiedImageError, OSError, SyntaxError, EOFError) as err:  # PIL's errors for a corrupt file
         raise ValueError(f"cannot read image {path}: {err}") from None
+    check_aspect_ratio(image.size, path)
+    return image
 
 
 FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")  # a folder of frames: these files, sorted by name
@@ -35,6 +118,29 @@ SEEK_AHEAD_S = 4.0  # PyAV: a kept frame more than this far ahead is reached by 
 def kept_frame_indices(total, max_frames):
     """Uniform sampling of <= max_frames of `total` frames: round(linspace(0, total - 1, k))."""
     return np.linspace(0, total - 1, min(max_frames, total)).round().astype(int).tolist()
+
+
+def frame_picker(max_frames=16, sizes=None):
+    """pick(total, video_fps) -> kept frame indices: Video-R1's rule when `sizes` (InputSizes) is given, n =
+    smart_nframes(...) and indices round(linspace(0, total - 1, n)) as qwen-vl-utils' video readers
+    (_read_video_decord / _read_video_torchvision: torch.linspace(...).round()); else the toy's min(max_frames,
+    total). (linspace in float64 here, float32 there: with n even no index lies within 1/30 of a .5 tie.)"""
+    if sizes is None:
+        return lambda total, video_fps: kept_frame_indices(total, max_frames)
+    def pick(total, video_fps):
+        n = smart_nframes(total, video_fps, sizes.fps, sizes.min_frames, sizes.max_frames)
+        return np.linspace(0, total - 1, n).round().astype(int).tolist()
+    return pick
+
+
+def check_aspect_ratio(size, path, kind="image"):
+    """ValueError naming the file when its longest side exceeds MAX_RATIO times its shortest (the processor's
+    smart_resize rejects it, with a message that names no file)."""
+    width, height = size
+    ratio = max(width, height) / min(width, height) if min(width, height) >= 1 else 0
+    if ratio > MAX_RATIO:
+        raise ValueError(f"{kind} {path} is {width}x{height}: aspect ratio {ratio:.1f} exceeds MAX_RATIO {MAX_RATIO} "
+                         "(the Qwen2-VL processor cannot resize it)")
 
 
 def _pyav():
@@ -59,7 +165,7 @@ def _frame_count(container, stream):
     return count
 
 
-def _pyav_frames(path, max_frames):
+def _pyav_frames(path, pick):
     """(kept RGB frames, fps, total frames, frames decoded): only the kept frames become PIL images, and a kept frame
     far ahead is reached by seeking to the keyframe before it rather than decoding everything in between."""
     av = _pyav()
@@ -73,7 +179,7 @@ def _pyav_frames(path, max_frames):
         total = _frame_count(container, stream)
         start, base = stream.start_time or 0, stream.time_base
         frames, decoded, index, decoder, timed = [], 0, -1, None, None  # timed: frames carry timestamps
-        for target in kept_frame_indices(total, max_frames) if total else []:
+        for target in pick(total, fps) if total else []:
             if decoder is None or (timed and target - index > SEEK_AHEAD_S * fps):
                 if decoder is not None:  # to the keyframe at or before the target's timestamp
                     container.seek(start + int(target / fps / base), stream=stream, backward=True)
@@ -91,42 +197,52 @@ def _pyav_frames(path, max_frames):
         return frames, fps, total, decoded
 
 
-def _animated_frames(path, max_frames):
+def _animated_frames(path, pick):
     """(kept RGB frames, fps, total) of an animated GIF/WebP: only the kept frames are converted."""
     with Image.open(path) as img:
         total = getattr(img, "n_frames", 1)
+        img.load()  # WebP reports the first frame's duration only once it is loaded (GIF at open)
         duration_ms = img.info.get("duration") or 0
+        fps = 1000.0 / duration_ms if duration_ms else DEFAULT_FPS
         frames = []
-        for i in kept_frame_indices(total, max_frames):
+        for i in pick(total, fps):
             img.seek(i)
             frames.append(img.convert("RGB"))
-    return frames, (1000.0 / duration_ms if duration_ms else DEFAULT_FPS), total
+    return frames, fps, total
 
 
-def _npy_frames(path, max_frames):
+def _npy_frames(path, pick):
     array = np.load(path, mmap_mode="r")  # the header only; the kept frames are read below
     if array.ndim != 4 or array.shape[-1] != 3 or array.dtype != np.uint8:
         raise ValueError(f"{path}: expected a (T,H,W,3) uint8 array, got {array.shape} {array.dtype}")
-    keep = kept_frame_indices(len(array), max_frames) if len(array) else []
+    keep = pick(len(array), DEFAULT_FPS) if len(array) else []
     return [Image.fromarray(np.asarray(array[i])) for i in keep], DEFAULT_FPS, len(array)
 
 
-def _read_video(path, max_frames):
+def _read_video(path, pick):
     """(kept frames, fps, total frames) of any source load_video accepts."""
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix.lower() in FRAME_SUFFIXES)
-        keep = kept_frame_indices(len(files), max_frames) if files else []
+        keep = pick(len(files), DEFAULT_FPS) if files else []
         return [load_image(files[i]) for i in keep], DEFAULT_FPS, len(files)
     suffix = path.suffix.lower()
     if suffix in (".gif", ".webp"):
-        return _animated_frames(path, max_frames)
+        return _animated_frames(path, pick)
     if suffix == ".npy":
-        return _npy_frames(path, max_frames)
-    return _pyav_frames(path, max_frames)[:3]
+        return _npy_frames(path, pick)
+    return _pyav_frames(path, pick)[:3]
 
 
-def load_video(path, max_frames=16):
-    """(frames, fps): RGB PIL frames, uniformly subsampled to <= max_frames, and the fps of the kept frames.
+def _first_frame(total, fps):
+    return [0]
+
+
+def load_video(path, max_frames=16, sizes=None):
+    """(frames, fps): RGB PIL frames, uniformly subsampled, and the fps of the kept frames.
+
+    Kept frames: with `sizes` (InputSizes) Video-R1's rule (frame_picker: smart_nframes of the video's length and
+    fps); without, min(max_frames, total) (the toy's rule). The fps of the kept frames is the video's fps x kept /
+    total, qwen-vl-utils' sample_fps (the processor turns it into second_per_grid_ts, see media.encode_prompts).
 
     Sources: a folder of frame images (sorted by name, fps = DEFAULT_FPS), animated .gif/.webp (fps from the frame
     duration), .npy (T,H,W,3) uint8 (fps = DEFAULT_FPS), other containers (mp4, ...) through PyAV. Only the kept
@@ -138,11 +254,12 @@ def load_video(path, max_frames=16):
     av = _pyav()
     errors = (UnidentifiedImageError, OSError, EOFError, SyntaxError) + ((av.error.FFmpegError,) if av else ())
     try:
-        frames, fps, total = _read_video(path, max_frames)
+        frames, fps, total = _read_video(path, frame_picker(max_frames, sizes))
     except errors as err:
         raise ValueError(f"cannot read video {path}: {err}") from None
     if not frames:
         raise ValueError(f"video {path} holds no frames")
+    check_aspect_ratio(frames[0].size, path, "video")
     return frames, fps * len(frames) / total
 
 
@@ -170,9 +287,9 @@ def _check_video_file(path):
             img.seek(0)
             img.load()  # the first frame decodes
     elif path.suffix.lower() == ".npy":
-        if not _npy_frames(path, 1)[2]:  # the header's shape and dtype, and the first frame
+        if not _npy_frames(path, _first_frame)[2]:  # the header's shape and dtype, and the first frame
             raise ValueError(f"video {path} holds no frames")
-    elif not _pyav_frames(path, 1)[0]:  # the container opens and its first frame decodes
+    elif not _pyav_frames(path, _first_frame)[0]:  # the container opens and its first frame decodes
         raise ValueError(f"video {path} holds no frames")
 
 

@@ -35,11 +35,11 @@ def dim_dropped(image: np.ndarray, kept: np.ndarray, cell: int, strength: float 
 
 
 def kept_token_picture(model, processor, row, keep_p, path, title, max_frames=16, max_layers=8,
-                       template="video_r1") -> np.ndarray:
+                       template="video_r1", sizes=None) -> np.ndarray:
     """One example with the visual tokens each layer drops darkened, one panel per layer. Video: rows = layers
     (at most max_layers, evenly spaced), columns = frame slots (the mean of the temporal_patch_size frames a token
     covers); the question in `template` (media.question_text). Returns kept (n_layers, t, gh, gw) bool."""
-    item, vision = data.prompt_item(row, max_frames, template), make_sparse(model).config.vision_config
+    item, vision = data.prompt_item(row, max_frames, template, sizes=sizes), make_sparse(model).config.vision_config
     inputs = media.encode_prompts(processor, [item]).to(model.device)
     (_, state, _), video = prefill(model, inputs, keep_p), bool(item["videos"])  # sparse prefill (Eq. 1-3), seed 0
     selection = state.selection_masks()  # (1, n_layers, P)

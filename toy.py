@@ -66,10 +66,15 @@ WARMUP_THREADS = 1  # the warm-up runs on one CPU thread on every machine: a 0.5
 # the offline default of train.py and eval.py: sizes that make `python train.py` a few-minute CPU run
 TOY_LEARNED = dict(sparsity_coef=1.0, sparsity_temperature=0.01, sparsity_gate="answer", sparsity_target=0.3,
                    sparsity_warmup_steps=0)  # the learned-sparsity recipe of the toy (benchmarks/RESULTS.md)
+# the toy's media sizes: its processor's own limits (toy_model/preprocessor_config.json), so its small pictures are
+# not scaled up to Video-R1's 128*28*28 pixels per frame; its 8-frame videos at 2 fps keep all 8 frames under
+# Video-R1's rule (8 s x 2 fps = 8, inside [4, 8]), as under the old min(max_frames, total)
+TOY_INPUT_SIZES = dict(min_pixels=56 * 56, max_pixels=CANVAS * CANVAS, video_min_pixels=56 * 56,
+                       video_max_pixels=CANVAS * CANVAS, fps=VIDEO_FPS, min_frames=4, max_frames=8)
 TOY_PRESET = dict(learning_rate=2e-4, per_step_questions=2, max_completion_length=8, max_steps=150, save_steps=50,
-                  output_dir="outputs/zipr1-toy", max_frames=8, num_threads=1,  # 1 thread: see WARMUP_THREADS
+                  output_dir="outputs/zipr1-toy", num_threads=1,  # 1 thread: see WARMUP_THREADS
                   prompt_template="answer_only", accuracy_reward="binary",  # its short prompt, 0/1 answers
-                  **TOY_LEARNED)  # --sparsity_coef 0: the paper's literal recipe
+                  **TOY_INPUT_SIZES, **TOY_LEARNED)  # --sparsity_coef 0: the paper's literal recipe
 SHIPPED_MODEL = Path(__file__).resolve().parent / "toy_model"  # the warm-up of the default settings, in the repository
 TOY_TRAIN_ROWS, TOY_CACHE = 512, Path(".cache")  # RL questions train.py writes; where the toy model and data live
 TOY_DATA_SEED = 424_242  # RL questions: a seed the warm-up (seeds 0..steps-1) and eval.py (777_777 + seed) never use

@@ -46,7 +46,7 @@ from rollout import SamplingConfig, generate, score_completions, scoring_state
 from sparse_qwen import check_transformers, enable_checkpointing, make_sparse, sparse_forward
 from toy import TOY_CACHE, TOY_TRAIN_ROWS
 from train_config import (LR_SCHEDULES, PAPER_KEEP_P_GRID, Config, ConfigError, check_config,  # noqa: F401
-                          check_sources, parse_config)
+                          check_sources, input_sizes, parse_config)
 
 
 # ----------------------------------------------------------------------------------------------- setup
@@ -123,7 +123,7 @@ def sample_rollout(policy, processor, rows, cfg: Config, step: int, device, auto
     (row seed) are those of its place in the global batch, and the probes take the step's seed, so the result does
     not depend on how questions are spread over ranks and batches.
     """
-    items = [data.prompt_item(row, cfg.max_frames, cfg.prompt_template) for row in rows]
+    items = [data.prompt_item(row, template=cfg.prompt_template, sizes=input_sizes(cfg)) for row in rows]
     n, seed = cfg.num_generations, step_seed(cfg, step)
     keep_p = keep_p_for_rows(cfg, position + len(rows), step)[position * n:].to(device)  # (G*N,)
     row_seeds = [multi_gpu.question_seed(seed, position + g) + j for g in range(len(rows)) for j in range(n)]

@@ -22,6 +22,8 @@ import cli
 import grpo
 import media
 import rewards
+from media_files import (FPS, FPS_MAX_FRAMES, FPS_MIN_FRAMES, MAX_PIXELS, MIN_PIXELS, VIDEO_MAX_PIXELS,
+                         VIDEO_MIN_PIXELS, InputSizes, input_sizes)  # noqa: F401 (input_sizes: train.py)
 from run_dir import DEFAULT_OUTPUT_DIR, checkpoints
 from toy import TOY_PRESET
 
@@ -52,7 +54,15 @@ class Config:
                                                        "checkpoint can keep the original model as anchor")
     media_root: str | None = HfArg(default=None, help="where rows' 'path' are resolved (default: the dataset's folder)")
     skip_bad_rows: bool = HfArg(default=False, help="drop and count bad rows instead of stopping at the first one")
-    max_frames: int = HfArg(default=16, help="frames sampled per video")
+    # input sizes (media_files.InputSizes; names and defaults of Video-R1's qwen-vl-utils, docs/video_r1.md)
+    min_pixels: int = HfArg(default=MIN_PIXELS, help="fewest pixels per image (4*28*28)")
+    max_pixels: int = HfArg(default=MAX_PIXELS, help="most pixels per image (256*28*28)")
+    video_min_pixels: int = HfArg(default=VIDEO_MIN_PIXELS, help="fewest pixels per video frame (128*28*28)")
+    video_max_pixels: int = HfArg(default=VIDEO_MAX_PIXELS, help="most pixels per video frame (128*28*28; "
+                                                                 "qwen-vl-utils allows 1.05 x video_min_pixels)")
+    fps: float = HfArg(default=FPS, help="video frames kept per second of video")
+    min_frames: int = HfArg(default=FPS_MIN_FRAMES, help="fewest frames kept per video (rounded up to even)")
+    max_frames: int = HfArg(default=FPS_MAX_FRAMES, help="most frames kept per video (rounded down to even)")
     prompt_template: Literal["video_r1", "answer_only"] = HfArg(
         default="video_r1", help="Video-R1's prompt (think in <think>, answer in <answer>), or the question and its "
                                  "answer instruction only (media.question_text)")
@@ -208,12 +218,12 @@ def check_ranges(cfg: Config) -> None:
               "epsilon": (cfg.epsilon > 0, "> 0"),
               "epsilon_high": (cfg.epsilon_high is None or cfg.epsilon_high >= 0, ">= 0 (or unset: epsilon)"),
               "max_grad_norm": (cfg.max_grad_norm > 0, "> 0"),
-              "max_frames": (cfg.max_frames >= 1, ">= 1"),
               "gate_threshold": (0 < cfg.gate_threshold <= 1, "in (0, 1]"),
               "format_reward_weight": (cfg.format_reward_weight >= 0, ">= 0"),
               "prompt_template": (cfg.prompt_template in media.PROMPT_TEMPLATES, f"one of {media.PROMPT_TEMPLATES}"),
               "accuracy_reward": (cfg.accuracy_reward in rewards.ACCURACY_REWARDS,
                                   f"one of {rewards.ACCURACY_REWARDS}")}
+    ranges.update({name: (False, allowed) for name, allowed in InputSizes.problems(cfg).items()})
     for name, (ok, allowed) in ranges.items():
         if not ok:
             raise ConfigError(f"{name} must be {allowed}, got {getattr(cfg, name)}")

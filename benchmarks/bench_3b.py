@@ -276,9 +276,11 @@ def zipr1_step_rows(args, device, size):
         cfg = train.check_config(train.Config(
             model=str(model_dir), dataset=str(jsonl), num_generations=args.step_n, per_step_questions=1,
             max_completion_length=args.step_new_tokens, max_frames=args.step_frames, gradient_checkpointing=True,
-            output_dir=str(Path(tmp) / "out"), disable_tqdm=True))
+            min_frames=2, video_min_pixels=args.step_frame_size ** 2, video_max_pixels=args.step_frame_size ** 2,
+            output_dir=str(Path(tmp) / "out"), disable_tqdm=True))  # frames kept at the size and count asked for
         processor, rows = media.load_processor(model_dir), data.load_dataset_rows(str(jsonl)).rows
-        prompt = media.encode_prompts(processor, [data.prompt_item(rows[0], cfg.max_frames)])["input_ids"].shape[1]
+        item = data.prompt_item(rows[0], sizes=train.input_sizes(cfg))
+        prompt = media.encode_prompts(processor, [item])["input_ids"].shape[1]
         policy = train.load_policy(model_dir, cfg, device)
         reference = train.load_reference(model_dir, cfg, device)
         optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.learning_rate)

@@ -28,16 +28,18 @@ from sparse_attention import check_keep_p
 from sparse_qwen import make_sparse, make_state, sparse_forward
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".npy")
+SIZE_ARGS = tuple(media.InputSizes.__dataclass_fields__)  # model_args min_pixels, ..., max_frames
 
 
-def split_visuals(visuals, max_frames: int):
-    """(images, videos, fps) from doc_to_visual's output: PIL images, image paths, video paths or frame folders."""
+def split_visuals(visuals, sizes: media.InputSizes):
+    """(images, videos, fps) from doc_to_visual's output: PIL images, image paths, video paths or frame folders;
+    video frames kept by Video-R1's rule at `sizes`."""
     images, videos, fps = [], [], []
     for v in [] if visuals is None else visuals if isinstance(visuals, (list, tuple)) else [visuals]:
         if isinstance(v, Image.Image):
             images.append(v.convert("RGB"))
         elif isinstance(v, (str, Path)) and (Path(v).is_dir() or str(v).lower().endswith(VIDEO_SUFFIXES)):
-            frames, rate = media.load_video(v, max_frames=max_frames)
+            frames, rate = media.load_video(v, sizes=sizes)
             videos.append(frames)
             fps.append(rate)
         elif isinstance(v, (str, Path)):
@@ -47,9 +49,9 @@ def split_visuals(visuals, max_frames: int):
     return images, videos, fps
 
 
-def request_item(context: str, visuals, max_frames: int = 16) -> dict:
+def request_item(context: str, visuals, sizes: media.InputSizes = media.InputSizes()) -> dict:
     """media.prompt_item of a request: its media first, then the context without "<image>" placeholders."""
-    return media.prompt_item(context.replace("<image>", ""), *split_visuals(visuals, max_frames))
+    return media.prompt_item(context.replace("<image>", ""), *split_visuals(visuals, sizes), sizes=sizes)
 
 
 def sampling_config(gen_kwargs: dict, default_max_new_tokens: int) -> SamplingConfig:
@@ -78,9 +80,16 @@ class SparseQwen:
     """A Qwen2(.5)-VL with Top-p sparse attention (keep_p = 1: dense) answering lmms-eval requests in batches."""
 
     def __init__(self, pretrained: str, keep_p: float = 0.975, batch_size: int = 1, max_new_tokens: int = 1024,
-                 max_frames: int = 16, device: str | None = None, dtype: str | None = None, seed: int = 0):
+                 device: str | None = None, dtype: str | None = None, seed: int = 0,
+                 min_pixels: int = media.InputSizes.min_pixels, max_pixels: int = media.InputSizes.max_pixels,
+                 video_min_pixels: int = media.InputSizes.video_min_pixels,
+                 video_max_pixels: int = media.InputSizes.video_max_pixels, fps: float = media.InputSizes.fps,
+                 min_frames: int = media.InputSizes.min_frames, max_frames: int = media.InputSizes.max_frames):
         self.keep_p = float(check_keep_p(float(keep_p), 1)[0])
-        self.batch_size, self.max_new_tokens, self.max_frames = int(batch_size), int(max_new_tokens), int(max_frames)
+        self.batch_size, self.max_new_tokens = int(batch_size), int(max_new_tokens)
+        # input sizes (model_args, as train.py / eval.py flags; Video-R1's defaults): ValueError naming a bad one
+        self.sizes = media.InputSizes(int(min_pixels), int(max_pixels), int(video_min_pixels), int(video_max_pixels),
+                                      float(fps), int(min_frames), int(max_frames))
         self.seed, self.device = int(seed), device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = getattr(torch, dtype or ("bfloat16" if self.device != "cpu" else "float32"))
         self.processor = media.load_processor(pretrained)
@@ -106,7 +115,7 @@ class SparseQwen:
 
     def _generate_batch(self, args, task_dict) -> list[str]:
         gen_kwargs = dict(args[0][1])
-        items = [request_item(context, to_visual(task_dict[task][split][doc_id]), self.max_frames)
+        items = [request_item(context, to_visual(task_dict[task][split][doc_id]), self.sizes)
                  for context, _, to_visual, doc_id, task, split in args]
         rollout = generate(self.model, self._encode(items), self.keep_p,
                            sampling_config(gen_kwargs, self.max_new_tokens), seed=self.seed)
@@ -122,7 +131,7 @@ class SparseQwen:
         for context, to_target, to_visual, doc_id, task, split in (r.args for r in requests):
             doc = task_dict[task][split][doc_id]
             target = to_target(doc) if callable(to_target) else to_target
-            inputs = self._encode([request_item(context, to_visual(doc), self.max_frames)])
+            inputs = self._encode([request_item(context, to_visual(doc), self.sizes)])
             ids = self.processor.tokenizer(target, add_special_tokens=False, return_tensors="pt")["input_ids"]
             batch = full_sequence(self.model, SimpleNamespace(inputs=inputs, completion_ids=ids.to(self.device)))
             state = make_state(self.model, self.keep_p, mode="teacher", batch_size=1,

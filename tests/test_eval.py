@@ -296,9 +296,10 @@ def test_adapter_answers_as_rollout_generate_on_hand_built_prompts(tiny, lmms):
         messages = [{"role": "user", "content": [{"type": media_entry},
                                                  {"type": "text", "text": context.removeprefix("<image>")}]}]
         visual = to_visual(lmms.task_dict["toy"]["test"][doc_id])[0]
-        frames, fps = media.load_video(visual, max_frames=eng.max_frames) if media_entry == "video" else ([], 0)
+        frames, fps = media.load_video(visual, sizes=eng.sizes) if media_entry == "video" else ([], 0)
         items.append({"messages": messages, "images": [visual] if media_entry == "image" else [],
-                      "videos": [frames] if media_entry == "video" else [], "fps": [fps] * (media_entry == "video")})
+                      "videos": [frames] if media_entry == "video" else [], "fps": [fps] * (media_entry == "video"),
+                      "sizes": eng.sizes})
     expected, ratios = [], []
     for batch, request in ((items[:2], lmms.requests[0]), (items[2:], lmms.requests[2])):  # the engine's batches
         ref = generate(eng.model, media.encode_prompts(tiny.processor, batch), 0.8,

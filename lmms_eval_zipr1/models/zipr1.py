@@ -2,7 +2,7 @@
 from lmms_eval.api.model import lmms
 from lmms_eval.api.registry import register_model
 
-from lmms_eval_zipr1.engine import SparseQwen
+from lmms_eval_zipr1.engine import SIZE_ARGS, SparseQwen
 
 
 @register_model("zipr1")
@@ -15,13 +15,15 @@ class ZipR1(lmms):
     is_simple = True
 
     def __init__(self, pretrained: str = "Qwen/Qwen2.5-VL-3B-Instruct", keep_p: float = 0.975, batch_size: int = 1,
-                 max_new_tokens: int = 1024, max_frames: int = 16, device: str | None = None,
-                 dtype: str | None = None, seed: int = 0, **unknown) -> None:
+                 max_new_tokens: int = 1024, device: str | None = None, dtype: str | None = None, seed: int = 0,
+                 **sizes_and_unknown) -> None:
         super().__init__()
+        sizes = {k: v for k, v in sizes_and_unknown.items() if k in SIZE_ARGS}  # min_pixels, ..., max_frames
+        unknown = set(sizes_and_unknown) - set(sizes)
         if unknown:
             raise ValueError(f"zipr1: unknown model_args {sorted(unknown)}")
         self.engine = SparseQwen(pretrained, keep_p=keep_p, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                                 max_frames=max_frames, device=device, dtype=dtype, seed=seed)
+                                 device=device, dtype=dtype, seed=seed, **sizes)
 
     @property
     def batch_size(self) -> int:
