@@ -366,12 +366,15 @@ def test_sixteen_bit_png_keeps_its_greys(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------- 5: seeds
-@pytest.mark.parametrize("seed", [9_223_373, 2**63, 2**64 - 1])
+@pytest.mark.parametrize("seed", [18_446_634, 2**63, 2**64 - 1])
 def test_any_seed_torch_takes_works(seed):
+    """18,446,634 is the first --seed whose step-3 probe seed (train.step_seed times probe_indices' 1,000,003) passed
+    2**64, where torch.Generator.manual_seed raised (the issue counted to signed int64: 9,223,373)."""
     valid = torch.ones(2, 300, dtype=torch.bool)
-    idx, ok = probe_indices(valid, 4, 8, seed)
+    probe_seed = train.step_seed(train.Config(seed=seed), 3)  # what train.py hands the probes
+    idx, ok = probe_indices(valid, 4, 8, probe_seed)
     assert ok.all() and idx.shape == (2, 12) and (idx[:, -4:] == torch.arange(296, 300)).all()
-    assert torch.equal(idx, probe_indices(valid, 4, 8, seed)[0])  # a replay
+    assert torch.equal(idx, probe_indices(valid, 4, 8, probe_seed)[0])  # a replay
     torch.manual_seed(seed)  # the range the parser allows is torch's
     indices = data.question_indices(10, 3, 4, seed)
     assert len(set(indices)) == 4 and indices == data.question_indices(10, 3, 4, seed)
