@@ -284,8 +284,6 @@ def run_training(cfg: Config, stop: run_dir.StopOnSignal) -> list[dict]:
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     dist = multi_gpu.init_distributed()  # torchrun: join the process group; plain python: one process
-    if dist.is_main:
-        run_dir.lock_output_dir(cfg.output_dir)  # a second run in the same output_dir stops here, one line
     torch.manual_seed(cfg.seed)
     device = dist.device
     with multi_gpu.main_first(dist):  # rank 0 builds the toy model / data caches first
@@ -298,6 +296,8 @@ def run_training(cfg: Config, stop: run_dir.StopOnSignal) -> list[dict]:
         print(f"data: {table.summary()}", file=sys.stderr)
         for message in table.skipped[:5]:
             print(f"  skipped {message}", file=sys.stderr)
+    if dist.is_main:  # before output_dir is read or the model loads; a failed start above leaves no folder
+        run_dir.lock_output_dir(cfg.output_dir)  # a second run in the same output_dir stops here, one line
     resume_from, metrics, bad = multi_gpu.broadcast(
         (*prepare_output_dir(cfg), run_dir.read_bad_rows(Path(cfg.output_dir))) if dist.is_main else None, dist)
     policy = load_policy(resume_from or model_dir, cfg, device, dist)
