@@ -40,6 +40,7 @@ import rewards
 DATA_TYPES = ("image", "video")
 DATA_FILE_SUFFIXES = (".json", ".jsonl", ".parquet")
 MEDIA_CHECK_FILE = ".zipr1-media-check.json"
+MEDIA_CHECK_VERSION = 2  # bumped when media.check_media rejects more (2: aspect ratio, decompression bombs)
 
 
 class DatasetError(ValueError):
@@ -57,12 +58,27 @@ class Rows:
     rows: list[dict]
     skipped: list[str] = field(default_factory=list)  # one message per dropped row
     source: str = ""
+    num_source: int = 0  # rows in the source, dropped ones included (0: unknown, `rows` are the source)
 
     def __len__(self):
         return len(self.rows)
 
     def summary(self) -> str:
-        return f"{len(self.rows)} rows from {self.source}, {len(self.skipped)} bad rows skipped"
+        text = f"{len(self.rows)} rows from {self.source}, {len(self.skipped)} bad rows skipped"
+        if self.skipped and self.num_source:
+            text += (" (a step that would pick a skipped row takes the next readable row instead; every other step "
+                     "picks the questions it would with all rows readable)")
+        return text
+
+    def by_source(self) -> tuple[list[dict], dict[int, str]]:
+        """(one slot per source row: the row, or {"row": i} for a dropped one; {dropped index: why})."""
+        if not self.num_source:
+            return self.rows, {}
+        slots: list[dict] = [{"row": i} for i in range(self.num_source)]
+        for row in self.rows:
+            slots[row["row"]] = row
+        kept = {row["row"] for row in self.rows}
+        return slots, {i: "dropped at load" for i in range(self.num_source) if i not in kept}
 
 
 def supported_problem_types() -> tuple[str, ...]:
@@ -93,6 +109,9 @@ def _read_table(source: Path, cache_dir=None):
     if all(f.stat().st_size == 0 for f in files):
         raise DatasetError(f"{source}: the data file is empty")
     builder = "parquet" if files[0].suffix == ".parquet" else "json"
+    if builder == "json":
+        for f in files:
+            check_utf8(f)
     if any((f.suffix == ".parquet") != (builder == "parquet") for f in files):
         raise DatasetError(f"{source}: mixes parquet and json data files {[f.name for f in files]}")
     try:
@@ -101,6 +120,19 @@ def _read_table(source: Path, cache_dir=None):
         cause = err.__cause__ or err
         first_line = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
         raise DatasetError(f"{source}: cannot be read as {builder}: {first_line}") from None
+
+
+def check_utf8(path: Path) -> None:
+    """DatasetError naming the line and column of the first byte of a JSON / JSONL file that is not UTF-8 (JSON's
+    encoding; `datasets` reads such a file and fails later, on the row)."""
+    raw = path.read_bytes()
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line_start, line = raw.rfind(b"\n", 0, err.start) + 1, raw.count(b"\n", 0, err.start) + 1
+        raise DatasetError(f"{path}: line {line} is not valid UTF-8 (byte "
+                           f"0x{raw[err.start]:02x} at column {err.start - line_start + 1}): re-encode the file as "
+                           f"UTF-8") from None
 
 
 def _field(row: dict, key: str, kind, index: int):
@@ -145,7 +177,8 @@ def media_check_cache(root: Path) -> Path:
 
 def _read_json_cache(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())["files"]
+        cache = json.loads(path.read_text())
+        return cache["files"] if cache.get("version") == MEDIA_CHECK_VERSION else {}  # older checks: redone
     except (OSError, ValueError, KeyError, TypeError):  # none yet, or torn by a killed run: start afresh
         return {}
 
@@ -154,7 +187,7 @@ def _write_json_cache(path: Path, files: dict) -> None:
     try:  # written aside, then renamed: a killed run never leaves a torn cache
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"version": 1, "files": files}))
+        tmp.write_text(json.dumps({"version": MEDIA_CHECK_VERSION, "files": files}))
         os.replace(tmp, path)
     except OSError:
         pass  # a read-only place: the checks are redone next time
@@ -222,7 +255,9 @@ def load_dataset_rows(dataset: str, media_root: str | None = None, on_bad_row: s
         raise DatasetError(f"media root is not a directory: {root}")
     rows, bad = [], {}  # bad: row index -> why
     hint = "(pass --skip_bad_rows to skip and count bad rows)"
+    num_source = 0
     for index, row in enumerate(_read_table(source, cache_dir)):
+        num_source = index + 1
         try:
             rows.append(check_row(row, index, root, accuracy))
         except DatasetError as err:
@@ -236,7 +271,7 @@ def load_dataset_rows(dataset: str, media_root: str | None = None, on_bad_row: s
     rows, skipped = [r for r in rows if r["row"] not in unreadable], [bad[i] for i in sorted(bad)]
     if not rows:
         raise DatasetError(f"{source}: no usable rows ({len(skipped)} bad rows skipped)")
-    return Rows(rows, skipped, str(source))
+    return Rows(rows, skipped, str(source), num_source)
 
 
 def prompt_item(row: dict, max_frames: int = 16, template: str = "video_r1", sizes=None) -> dict:
@@ -257,6 +292,19 @@ def prompt_item(row: dict, max_frames: int = 16, template: str = "video_r1", siz
     return media.prompt_item(text, images, videos, fps, sizes=sizes)
 
 
+def checked_prompts(inputs, rows: list[dict], max_prompt_length: int | None, repeats: int = 1):
+    """`inputs` (the encoded prompts of `rows`, each `repeats` times) when every prompt fits max_prompt_length; else
+    DatasetError carrying the row, which train.py records as a bad row. Never truncated: cutting a prompt from the
+    left would cut its image tokens."""
+    if max_prompt_length is not None:
+        lengths = inputs["attention_mask"].sum(-1)[::repeats].tolist()  # (G,) tokens, text and media
+        for row, length in zip(rows, lengths):
+            if length > max_prompt_length:
+                raise DatasetError(f"row {row['row']}: its prompt is {length} tokens, above max_prompt_length "
+                                   f"{max_prompt_length} (prompts are never truncated)", row=row["row"])
+    return inputs
+
+
 def replace_bad_rows(indices: list[int], rows: list[dict], bad) -> list[int]:
     """`indices` (positions in `rows`) with each row whose source index is in `bad` replaced by the next usable
     position after it (wrapping), not picked this step: it depends on (indices, bad) only, so a resumed run that knows
@@ -264,8 +312,9 @@ def replace_bad_rows(indices: list[int], rows: list[dict], bad) -> list[int]:
     if not any(rows[i]["row"] in bad for i in indices):
         return list(indices)
     if sum(r["row"] not in bad for r in rows) < len(indices):
-        raise DatasetError(f"too few readable rows left ({len(bad)} failed while training) for {len(indices)} "
-                           f"questions per step")
+        raise DatasetError(f"only {sum(r['row'] not in bad for r in rows)} readable rows are left ({len(bad)} "
+                           f"unreadable) for per_step_questions={len(indices)}: lower it, or repair the media "
+                           f"recorded in bad_rows.jsonl")
     picked = []
     for i in indices:
         j = i
@@ -273,6 +322,15 @@ def replace_bad_rows(indices: list[int], rows: list[dict], bad) -> list[int]:
             j = (j + 1) % len(rows)
         picked.append(j)
     return picked
+
+
+def step_rows(table: Rows, step: int, per_step: int, seed: int, bad: dict) -> list[dict]:
+    """Step `step`'s questions: question_indices over every source row, rows dropped at load or in `bad` replaced
+    (replace_bad_rows). Drawn over the source, not the readable rows, so media deleted between runs changes only
+    the steps that pick it: a resumed run replays every other step as the uninterrupted run did."""
+    slots, dropped = table.by_source()
+    return [slots[i] for i in replace_bad_rows(question_indices(len(slots), step, per_step, seed), slots,
+                                               {**dropped, **bad})]
 
 
 def question_indices(num_rows: int, step: int, per_step: int, seed: int) -> list[int]:
@@ -283,7 +341,7 @@ def question_indices(num_rows: int, step: int, per_step: int, seed: int) -> list
     picked, start = [], step * per_step
     while len(picked) < per_step:
         epoch, offset = divmod(start + len(picked), num_rows)
-        order = torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        order = torch.randperm(num_rows, generator=torch.Generator().manual_seed((seed * 100_003 + epoch) % 2**64))
         picked += order[offset:offset + per_step - len(picked)].tolist()
     return picked
 

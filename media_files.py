@@ -1,12 +1,13 @@
 """Images and videos from disk: RGB PIL images, and uniformly subsampled video frames where only the kept frames are
 decoded; plus the cheap check data.py runs on every media file at load time.
 
-    load_image(path)                 RGB PIL image
+    load_image(path)                 RGB PIL image (to_rgb: every PIL mode, 16-bit and float scaled, alpha on white)
     load_video(path, max_frames, sizes)  (frames, fps of the kept frames): a folder of frames, .gif/.webp, .npy, or
                                      any container PyAV decodes (.mp4, ...)
     InputSizes                       Video-R1's input sizes (pixels per image / frame, frames per video), checked
     smart_nframes(...)               how many frames Video-R1 keeps of a video
-    check_media(path, data_type)     the image header (and PNG checksums), or a video's first frame
+    check_media(path, data_type)     the image header (and PNG checksums), or a video's first frame; an aspect ratio
+                                     above MAX_RATIO, or more pixels than PIL allows, is a bad row here already
 
 Errors are one line naming the file: FileNotFoundError when missing, ValueError when unreadable.
 """
@@ -18,6 +19,21 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 DEFAULT_FPS = 2.0  # frames per second assumed for frame folders and .npy videos (no timing stored)
+WIDE_GREY_MAX = {"I;16": 65535, "I;16B": 65535, "I;16L": 65535, "I;16N": 65535, "I": 65535, "F": 1.0}  # white
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """RGB of an image in any PIL mode. 16-bit and 32-bit grey (I;16*, I: 16-bit samples, as PIL opens 16-bit PNG
+    and TIFF) are scaled from 0..65535 and float grey (F) from 0..1 to 0..255, not clipped (PIL's own convert clips
+    them: a 16-bit image turns white); transparent pixels are laid on white (qwen-vl-utils' to_rgb); the other modes
+    (1, L, P, RGB, CMYK, YCbCr, ...) by PIL's convert."""
+    if img.mode in WIDE_GREY_MAX:
+        grey = np.asarray(img, dtype=np.float64) * (255 / WIDE_GREY_MAX[img.mode])  # (H, W) on 0..255
+        return Image.fromarray(np.rint(np.clip(grey, 0, 255)).astype(np.uint8), "L").convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (img.mode == "P" and "transparency" in img.info):
+        white = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, img.convert("RGBA")).convert("RGB")
+    return img.convert("RGB")
 
 # Video-R1's input sizes: the constants of its bundled qwen-vl-utils (src/qwen-vl-utils/src/qwen_vl_utils/
 # vision_process.py, module top), which its trainer uses unchanged (grpo_trainer.py calls process_vision_info on
@@ -98,16 +114,16 @@ def smart_nframes(total, video_fps, fps=FPS, min_frames=FPS_MIN_FRAMES, max_fram
 
 
 def load_image(path):
-    """RGB PIL image; FileNotFoundError / ValueError naming the path when missing or unreadable."""
+    """RGB PIL image (to_rgb); FileNotFoundError / ValueError naming the path when missing or unreadable."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image not found: {path}")
     try:
         with Image.open(path) as img:
-            image = img.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, EOFError) as err:  # PIL's errors for a corrupt file
-        raise ValueError(f"cannot read image {path}: {err}") from None
-    check_aspect_ratio(image.size, path)
+            image = to_rgb(img)
+    except (UnidentifiedImageError, OSError, SyntaxError, EOFError, Image.DecompressionBombError) as err:
+        raise ValueError(f"cannot read image {path}: {err}") from None  # PIL's errors for a corrupt file
+    check_shape(path, image.size)
     return image
 
 
@@ -131,16 +147,6 @@ def frame_picker(max_frames=16, sizes=None):
         n = smart_nframes(total, video_fps, sizes.fps, sizes.min_frames, sizes.max_frames)
         return np.linspace(0, total - 1, n).round().astype(int).tolist()
     return pick
-
-
-def check_aspect_ratio(size, path, kind="image"):
-    """ValueError naming the file when its longest side exceeds MAX_RATIO times its shortest (the processor's
-    smart_resize rejects it, with a message that names no file)."""
-    width, height = size
-    ratio = max(width, height) / min(width, height) if min(width, height) >= 1 else 0
-    if ratio > MAX_RATIO:
-        raise ValueError(f"{kind} {path} is {width}x{height}: aspect ratio {ratio:.1f} exceeds MAX_RATIO {MAX_RATIO} "
-                         "(the Qwen2-VL processor cannot resize it)")
 
 
 def _pyav():
@@ -252,25 +258,35 @@ def load_video(path, max_frames=16, sizes=None):
     if not path.exists():
         raise FileNotFoundError(f"video not found: {path}")
     av = _pyav()
-    errors = (UnidentifiedImageError, OSError, EOFError, SyntaxError) + ((av.error.FFmpegError,) if av else ())
+    errors = (UnidentifiedImageError, OSError, EOFError, SyntaxError, Image.DecompressionBombError) + \
+        ((av.error.FFmpegError,) if av else ())
     try:
         frames, fps, total = _read_video(path, frame_picker(max_frames, sizes))
     except errors as err:
         raise ValueError(f"cannot read video {path}: {err}") from None
     if not frames:
         raise ValueError(f"video {path} holds no frames")
-    check_aspect_ratio(frames[0].size, path, "video")
+    check_shape(path, frames[0].size, "video")
     return frames, fps * len(frames) / total
 
 
-MEDIA_ERRORS = (UnidentifiedImageError, OSError, EOFError, SyntaxError, ValueError)  # what PIL raises on bad files
+MEDIA_ERRORS = (UnidentifiedImageError, OSError, EOFError, SyntaxError, ValueError,  # what PIL raises on bad files
+                Image.DecompressionBombError)  # more than twice Image.MAX_IMAGE_PIXELS
+
+
+def check_shape(path, size, data_type="image"):
+    """ValueError naming the file when an image or frame of `size` (width, height) is empty or too elongated."""
+    if min(size) < 1:
+        raise ValueError(f"{data_type} {path} has size {size}")
+    if max(size) / min(size) > MAX_RATIO:
+        raise ValueError(f"{data_type} {path} is {size[0]}x{size[1]} pixels: its aspect ratio "
+                         f"{max(size) / min(size):.0f} exceeds {MAX_RATIO} (qwen-vl-utils' MAX_RATIO)")
 
 
 def _check_image_file(path):
     with Image.open(path) as img:
         img.verify()  # PNG: every chunk's checksum; other formats: the header (no pixels are decoded)
-        if min(img.size) < 1:
-            raise ValueError(f"image {path} has size {img.size}")
+        check_shape(path, img.size)
 
 
 def _check_video_file(path):
@@ -286,11 +302,13 @@ def _check_video_file(path):
                 raise ValueError(f"video {path} holds no frames")
             img.seek(0)
             img.load()  # the first frame decodes
-    elif path.suffix.lower() == ".npy":
-        if not _npy_frames(path, _first_frame)[2]:  # the header's shape and dtype, and the first frame
+            check_shape(path, img.size, "video")
+    else:  # .npy: the header's shape and dtype, and the first frame; others: the container opens, a frame decodes
+        read = _npy_frames if path.suffix.lower() == ".npy" else _pyav_frames
+        frames = read(path, _first_frame)[0]
+        if not frames:
             raise ValueError(f"video {path} holds no frames")
-    elif not _pyav_frames(path, _first_frame)[0]:  # the container opens and its first frame decodes
-        raise ValueError(f"video {path} holds no frames")
+        check_shape(path, frames[0].size, "video")
 
 
 def check_media(path, data_type):

@@ -15,14 +15,18 @@ metrics.jsonl (a run killed while logging) is dropped.
 from __future__ import annotations
 
 import dataclasses
+import errno
+import fcntl
 import json
 import os
+import signal
 import shutil
 import sys
 import zipfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 import multi_gpu
 
@@ -38,6 +42,59 @@ class ResumeError(ValueError):
     """--resume_from_checkpoint cannot continue this output_dir (reported as one line by train.main)."""
 
 
+class SaveError(OSError):
+    """A checkpoint cannot be written (full disk): one line naming the folder and the bytes needed."""
+
+
+LOCK_FILE = ".zipr1.lock"
+_held_locks: dict[Path, object] = {}  # output_dir -> the open lock file, held until this process ends
+
+
+def lock_output_dir(output_dir) -> None:
+    """Claims output_dir for this process (fcntl.flock on output_dir/.zipr1.lock; the OS releases it when the
+    process ends, also when killed): a second run started in the same folder stops at once with one line, instead
+    of both writing the same checkpoint-<step>.tmp. Re-entrant within a process."""
+    output_dir = Path(output_dir).resolve()
+    if output_dir in _held_locks:
+        return
+    output_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(output_dir / LOCK_FILE, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise ResumeError(f"output_dir {output_dir} is in use by another run ({holder}): wait for it to end, or "
+                          f"pass another --output_dir") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()}")
+    handle.flush()
+    _held_locks[output_dir] = handle
+
+
+def folder_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def checkpoint_bytes_estimate(policy, optimizer) -> int:
+    """Bytes a checkpoint takes: the newest one's size when there is one (see check_free_space), else the
+    parameters as stored plus the optimizer's state tensors (AdamW: two fp32 moments per trained parameter)."""
+    weights = sum(p.numel() * p.element_size() for p in policy.parameters())
+    moments = sum(2 * p.numel() * 4 for group in optimizer.param_groups for p in group["params"])
+    return weights + moments
+
+
+def check_free_space(output_dir: Path, needed: int, step: int) -> None:
+    """SaveError naming the folder and the bytes needed when the disk holding output_dir has less free."""
+    free = shutil.disk_usage(output_dir).free
+    if free < needed:
+        raise SaveError(f"cannot save checkpoint-{step}: {output_dir} has {free:,} bytes free, the checkpoint needs "
+                        f"about {needed:,}: free some space, then run the same command with "
+                        f"--resume_from_checkpoint (it continues from the last complete checkpoint)")
+
+
 def checkpoint_step(path: Path) -> int:
     return int(path.name.split("-")[-1])
 
@@ -50,13 +107,31 @@ def save_checkpoint(policy, processor, optimizer, cfg, step: int, dist=multi_gpu
     path, tmp = output_dir / f"checkpoint-{step}", output_dir / f"checkpoint-{step}.tmp"
     if dist.is_main:
         shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while saving
-    multi_gpu.barrier(dist)
-    multi_gpu.save_pretrained(policy, tmp, dist)
-    optimizer_state = multi_gpu.optimizer_state(policy, optimizer, dist)  # full, keyed by parameter name
+    last = checkpoints(output_dir)[-1:] if dist.is_main else []
+    needed = folder_bytes(last[0]) if last else checkpoint_bytes_estimate(policy, optimizer)
+    try:  # every rank learns that the disk is full, and stops
+        short = dist.is_main and shutil.disk_usage(output_dir).free < needed
+        if multi_gpu.all_sum(float(short), dist):
+            check_free_space(output_dir, needed, step)
+            raise SaveError(f"cannot save checkpoint-{step}: {output_dir} is full on rank 0")
+        multi_gpu.barrier(dist)
+        multi_gpu.save_pretrained(policy, tmp, dist)
+        optimizer_state = multi_gpu.optimizer_state(policy, optimizer, dist)  # full, keyed by parameter name
+        if dist.is_main:
+            processor.save_pretrained(tmp)
+            torch.save({"step": step, "optimizer": optimizer_state, "config": dataclasses.asdict(cfg)},
+                       tmp / "trainer_state.pt")
+    except (OSError, RuntimeError, SafetensorError) as err:  # a write failed: full disk, quota, file size limit
+        if dist.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)  # no half-written checkpoint is left behind
+        if isinstance(err, SaveError):
+            raise
+        cause = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        free = shutil.disk_usage(output_dir).free
+        raise SaveError(f"cannot save checkpoint-{step}: writing it in {output_dir} failed ({cause}); {free:,} bytes "
+                        f"free, about {needed:,} needed: free some space, then run the same command with "
+                        f"--resume_from_checkpoint (it continues from the last complete checkpoint)") from None
     if dist.is_main:
-        processor.save_pretrained(tmp)
-        torch.save({"step": step, "optimizer": optimizer_state, "config": dataclasses.asdict(cfg)},
-                   tmp / "trainer_state.pt")
         if path.exists():  # a step saved again (resumed before it): the new one replaces it
             shutil.rmtree(path)
         os.replace(tmp, path)
@@ -74,13 +149,16 @@ def checkpoint_problem(path: Path) -> str | None:
         index = path / "model.safetensors.index.json"
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else \
             ["model.safetensors"]
+        for name in [*shards, "trainer_state.pt"]:
+            if not (path / name).is_file():
+                return f"no {name}"
         for shard in shards:
             with safe_open(str(path / shard), "pt"):  # the header parses and the file holds what it announces
                 pass
         with zipfile.ZipFile(path / "trainer_state.pt"):  # torch.save's zip: a torn file has no central directory
             pass
-    except FileNotFoundError as err:
-        return f"no {Path(err.filename).name}"
+    except FileNotFoundError as err:  # safetensors' error carries no filename: name the file ourselves
+        return f"no {Path(err.filename).name}" if err.filename else f"a missing file ({err})"
     except Exception as err:  # OSError, ValueError, KeyError, BadZipFile, and safetensors' own errors
         return f"unreadable: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
     return None
@@ -210,3 +288,53 @@ def start_output_dir(cfg, resume_from: Path | None, kept: list[dict]) -> None:
         for old in checkpoints(output_dir):
             shutil.rmtree(old)
         metrics_path.unlink(missing_ok=True)
+
+
+class Stopped(Exception):
+    """The run stopped on a signal (train.main prints `message` and exits 128 + signum, as a killed process would);
+    an empty message: stopped before a step could finish (train.interrupted says what can be resumed)."""
+
+    def __init__(self, signum: int, message: str = ""):
+        super().__init__(message)
+        self.signum, self.message = signum, message
+
+
+class StopOnSignal:
+    """SIGTERM (what schedulers send before killing) and SIGINT (Ctrl-C) while training. Once the steps run
+    (`stepping`), the first signal prints one line and lets the current step finish; train.py then saves a checkpoint
+    and stops (Stopped). Before the first step, or at a second signal, Stopped is raised at once. Only the main
+    thread can take signals: elsewhere this does nothing."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.signum, self.stepping, self.previous = None, False, {}
+
+    def install(self) -> "StopOnSignal":
+        import threading
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.signal(s, self._received) for s in self.SIGNALS}
+        return self
+
+    def uninstall(self) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+        self.previous = {}
+
+    def _received(self, signum, frame) -> None:
+        if self.signum is not None or not self.stepping:
+            self.uninstall()
+            raise Stopped(signum)
+        self.signum = signum
+        print(f"{signal.Signals(signum).name}: finishing this step, then saving a checkpoint (send it again to stop "
+              f"at once)", file=sys.stderr, flush=True)
+
+    def requested(self, dist=multi_gpu.SINGLE) -> bool:
+        """Whether any rank took a signal (all ranks stop after the same step)."""
+        return multi_gpu.all_sum(float(self.signum is not None), dist) > 0
+
+    def stop(self, saved: Path, step: int) -> Stopped:
+        self.uninstall()
+        name = signal.Signals(self.signum or signal.SIGTERM).name
+        return Stopped(self.signum or signal.SIGTERM, f"stopped by {name} after step {step}: saved {saved}; run the "
+                       f"same command with --resume_from_checkpoint to continue from it")

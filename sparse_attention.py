@@ -115,7 +115,7 @@ def probe_indices(valid: torch.Tensor, num_recent=NUM_RECENT_PROBES, num_random=
         pos = valid[b].nonzero().squeeze(-1)  # (ℓ,) positions of real tokens
         recent, earlier = pos[-num_recent:], pos[:-num_recent] if pos.numel() > num_recent else pos[:0]
         if earlier.numel() > num_random:
-            g = torch.Generator().manual_seed(int(seed) * 1_000_003 + pos.numel())
+            g = torch.Generator().manual_seed((int(seed) * 1_000_003 + pos.numel()) % 2**64)  # any seed: no overflow
             earlier = earlier[torch.randperm(earlier.numel(), generator=g)[:num_random].sort().values.to(pos.device)]
         rows.append(torch.cat([earlier, recent]))
     width = max(r.numel() for r in rows)

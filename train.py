@@ -99,7 +99,7 @@ def load_reference(path, cfg: Config, device, dist=multi_gpu.SINGLE):
 
 # ----------------------------------------------------------------------------------------------- one step
 def step_seed(cfg: Config, step: int) -> int:
-    return cfg.seed * 1_000_003 + step
+    return (cfg.seed * 1_000_003 + step) % 2**64  # any seed torch.manual_seed takes
 
 
 def keep_p_for_rows(cfg: Config, groups: int, step: int) -> torch.Tensor:
@@ -132,9 +132,11 @@ def sample_rollout(policy, processor, rows, cfg: Config, step: int, device, auto
     policy.eval()  # HF turns the KV cache off for checkpointed layers in train mode
     with autocast:
         if cfg.freeze_vision:  # each image/video through the vision tower once, for rollout and both scorings
-            inputs = repeat_prompts(policy, media.encode_prompts(processor, items).to(device), n)  # (G*N, P) + media
+            inputs = data.checked_prompts(media.encode_prompts(processor, items), rows, cfg.max_prompt_length)
+            inputs = repeat_prompts(policy, inputs.to(device), n)  # (G*N, P) + media
         else:  # a trained vision tower needs its pixels in the policy's training forward
-            inputs = media.encode_prompts(processor, [item for item in items for _ in range(n)]).to(device)  # (G*N, P)
+            inputs = media.encode_prompts(processor, [item for item in items for _ in range(n)])  # (G*N, P)
+            inputs = data.checked_prompts(inputs, rows, cfg.max_prompt_length, n).to(device)
         rollout = generate(policy, inputs, keep_p, sampling, seed=seed, row_seeds=row_seeds)  # (G*N, T) completions
     texts = processor.batch_decode(rollout.completion_ids.cpu(), skip_special_tokens=True)
     return rollout, texts
@@ -275,7 +277,15 @@ def train(cfg: Config) -> list[dict]:
     """Run (or resume) ZipR1 training; returns the metrics of every step.
 
     Everything is checked and loaded (settings, model folder, data and its media, what --resume_from_checkpoint
-    would continue) before anything in output_dir is deleted or written."""
+    would continue) before anything in output_dir is deleted or written. SIGTERM / SIGINT: run_dir.StopOnSignal."""
+    stop = run_dir.StopOnSignal().install()
+    try:
+        return run_training(cfg, stop)
+    finally:
+        stop.uninstall()
+
+
+def run_training(cfg: Config, stop: run_dir.StopOnSignal) -> list[dict]:
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     dist = multi_gpu.init_distributed()  # torchrun: join the process group; plain python: one process
@@ -291,6 +301,8 @@ def train(cfg: Config) -> list[dict]:
         print(f"data: {table.summary()}", file=sys.stderr)
         for message in table.skipped[:5]:
             print(f"  skipped {message}", file=sys.stderr)
+    if dist.is_main:  # before output_dir is read or the model loads; a failed start above leaves no folder
+        run_dir.lock_output_dir(cfg.output_dir)  # a second run in the same output_dir stops here, one line
     resume_from, metrics, bad = multi_gpu.broadcast(
         (*prepare_output_dir(cfg), run_dir.read_bad_rows(Path(cfg.output_dir))) if dist.is_main else None, dist)
     policy = load_policy(resume_from or model_dir, cfg, device, dist)
@@ -318,6 +330,7 @@ def train(cfg: Config) -> list[dict]:
                disable=cfg.disable_tqdm or not dist.is_main)
     known_bad = len(bad)
     learning_rate_at = learning_rate_schedule(cfg)
+    stop.stepping = True
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate_at(step)
@@ -330,10 +343,13 @@ def train(cfg: Config) -> list[dict]:
         kl = "off" if m["kl"] is None else f"{m['kl']:.4f}"
         bar.set_postfix(reward=f"{m['reward']:.3f}", acc=f"{m['accuracy']:.2f}", tau=f"{m['tau']:.3f}",
                         tau_relaxed=f"{m.get('tau_relaxed', math.nan):.3f}", kl=kl)
-        if (step + 1) % cfg.save_steps == 0 or step + 1 == cfg.max_steps:
-            save_checkpoint(policy, processor, optimizer, cfg, step + 1, dist)
+        stopping = stop.requested(dist)
+        if (step + 1) % cfg.save_steps == 0 or step + 1 == cfg.max_steps or stopping:
+            saved = save_checkpoint(policy, processor, optimizer, cfg, step + 1, dist)
             if dist.is_main:
                 plot_metrics(metrics, Path(cfg.output_dir) / "metrics.png")
+            if stopping:
+                raise stop.stop(saved, step + 1)
     if dist.is_main:
         print(f"done: {len(table.skipped)} bad rows skipped at load, {len(bad) - known_bad} while training; "
               f"checkpoint {checkpoints(Path(cfg.output_dir))[-1]}, metrics {metrics_path}, "
@@ -347,10 +363,9 @@ def step_on_readable_rows(policy, reference, processor, optimizer, table, bad: d
     """train_step on step `step`'s questions, rows in `bad` replaced (data.replace_bad_rows). A row whose media fails
     now joins `bad` and the step is redone without it (skip_bad_row; nothing was updated yet), or the run stops."""
     while True:
-        indices = data.question_indices(len(table), step, cfg.per_step_questions, cfg.seed)
-        indices = data.replace_bad_rows(indices, table.rows, bad)
-        mine = multi_gpu.rank_questions(len(indices), dist)  # whole groups: this rank's block of questions
-        rows = [table.rows[indices[q]] for q in mine]
+        picked = data.step_rows(table, step, cfg.per_step_questions, cfg.seed, bad)  # replaced: see data.py
+        mine = multi_gpu.rank_questions(len(picked), dist)  # whole groups: this rank's block of questions
+        rows = [picked[q] for q in mine]
         try:
             return train_step(policy, reference, processor, optimizer, rows, cfg, step, device, autocast, dist,
                               mine.start)
@@ -390,8 +405,12 @@ def main(argv=None) -> None:
         cfg = parse_config(argv)
         check_transformers()  # one line and exit where transformers lacks a feature we rely on
         train(cfg)
-    except (media.ModelNotAvailable, data.DatasetError, ConfigError, FileExistsError, run_dir.ResumeError) as err:
+    except (media.ModelNotAvailable, data.DatasetError, ConfigError, FileExistsError, run_dir.ResumeError,
+            run_dir.SaveError) as err:
         raise SystemExit(f"error: {err}") from None
+    except run_dir.Stopped as err:  # SIGTERM / SIGINT: exit as the signal would, after one line
+        print(err.message or interrupted(cfg), file=sys.stderr)
+        raise SystemExit(128 + err.signum) from None
     except KeyboardInterrupt:
         raise SystemExit(interrupted(cfg)) from None
 

@@ -10,6 +10,7 @@ before anything loads; `check_sources` what the loaded data and model folder all
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,6 +112,9 @@ class Config:
     rollout_questions: int = HfArg(default=0, help="questions a process samples in one batch; 0: all of its own")
     max_completion_length: int = HfArg(default=768, help="new tokens per answer at most (Video-R1: 768, room "
                                                          "to reason)")
+    max_prompt_length: int | None = HfArg(default=16384, help="prompt tokens (text + image/video tokens) per "
+                                                              "question at most: a longer row is a bad row (never "
+                                                              "truncated); None: no limit")
     temperature: float = HfArg(default=1.0, help="sampling temperature; 0: greedy (log-probs at temperature 1)")
     # optimisation
     learning_rate: float = HfArg(default=1e-6, help="AdamW learning rate")
@@ -169,8 +173,9 @@ def check_config(cfg: Config) -> Config:
         raise ConfigError(f"keep_p_grid values must lie in (0, 1], got {cfg.keep_p_grid}")
     if not 0 <= cfg.keep_p_low < 1:
         raise ConfigError(f"keep_p_low must lie in [0, 1), got {cfg.keep_p_low}")
-    if cfg.num_generations < 2 or cfg.per_step_questions < 1 or cfg.num_iterations < 1 or cfg.max_steps < 1:
-        raise ConfigError("need num_generations >= 2 and per_step_questions, num_iterations, max_steps >= 1")
+    for name, low in (("num_generations", 2), ("per_step_questions", 1), ("num_iterations", 1), ("max_steps", 1)):
+        if getattr(cfg, name) < low:
+            raise ConfigError(f"{name} must be >= {low}, got {getattr(cfg, name)}")
     if cfg.num_threads < 0:
         raise ConfigError(f"num_threads must be >= 0 (0: torch's default), got {cfg.num_threads}")
     if cfg.rollout_questions < 0:
@@ -179,10 +184,12 @@ def check_config(cfg: Config) -> Config:
     if cfg.per_step_questions % world:
         raise ConfigError(f"per_step_questions={cfg.per_step_questions} must be a multiple of the {world} processes "
                           f"(each takes whole question groups, the same number)")
-    if cfg.sparsity_coef < 0 or cfg.sparsity_temperature <= 0 or not 0 <= cfg.sparsity_target < 1 \
-            or cfg.sparsity_warmup_steps < 0:
-        raise ConfigError("need sparsity_coef >= 0, sparsity_temperature > 0, 0 <= sparsity_target < 1 and "
-                          "sparsity_warmup_steps >= 0")
+    for name, ok, allowed in (("sparsity_coef", cfg.sparsity_coef >= 0, ">= 0"),
+                              ("sparsity_temperature", cfg.sparsity_temperature > 0, "> 0"),
+                              ("sparsity_target", 0 <= cfg.sparsity_target < 1, "in [0, 1)"),
+                              ("sparsity_warmup_steps", cfg.sparsity_warmup_steps >= 0, ">= 0")):
+        if not ok:
+            raise ConfigError(f"{name} must be {allowed}, got {getattr(cfg, name)}")
     if any(j < 0 for j in cfg.sparsity_skip_layers):
         raise ConfigError(f"sparsity_skip_layers must be layer indices >= 0, got {cfg.sparsity_skip_layers}")
     if cfg.sparsity_gate not in SPARSITY_GATES:
@@ -207,26 +214,53 @@ def resume_target(value) -> str | None:
     return "last" if value is True or str(value).lower() in ("last", "true", "yes", "1") else str(value)
 
 
+SEED_RANGE = (0, 2**64 - 1)  # what torch.manual_seed takes (unsigned 64-bit)
+
+
 def check_ranges(cfg: Config) -> None:
-    """One ConfigError per setting outside the range where it means something."""
+    """One ConfigError per setting outside the range where it means something (NaN and infinity included), and an
+    output_dir that cannot be written: before any model or data loads."""
+    floats = [f.name for f in dataclasses.fields(cfg) if isinstance(getattr(cfg, f.name), float)]
+    for name in floats + ["keep_p_grid"]:
+        values = getattr(cfg, name) if name == "keep_p_grid" else [getattr(cfg, name)]
+        if not all(math.isfinite(v) for v in values):
+            raise ConfigError(f"{name} must be a finite number, got {getattr(cfg, name)}")
     ranges = {"max_completion_length": (cfg.max_completion_length >= 1, ">= 1"),
               "save_steps": (cfg.save_steps >= 1, ">= 1"),
               "save_total_limit": (cfg.save_total_limit >= 1, ">= 1 (the newest checkpoints kept)"),
               "learning_rate": (cfg.learning_rate >= 0, ">= 0"), "warmup_steps": (cfg.warmup_steps >= 0, ">= 0"),
               "weight_decay": (cfg.weight_decay >= 0, ">= 0"),
               "temperature": (cfg.temperature >= 0, ">= 0 (0: greedy)"), "beta": (cfg.beta >= 0, ">= 0"),
-              "epsilon": (cfg.epsilon > 0, "> 0"),
+              "epsilon": (0 < cfg.epsilon < 1, "in (0, 1) (1 or more clips nothing)"),
               "epsilon_high": (cfg.epsilon_high is None or cfg.epsilon_high >= 0, ">= 0 (or unset: epsilon)"),
               "max_grad_norm": (cfg.max_grad_norm > 0, "> 0"),
               "gate_threshold": (0 < cfg.gate_threshold <= 1, "in (0, 1]"),
               "format_reward_weight": (cfg.format_reward_weight >= 0, ">= 0"),
               "prompt_template": (cfg.prompt_template in media.PROMPT_TEMPLATES, f"one of {media.PROMPT_TEMPLATES}"),
               "accuracy_reward": (cfg.accuracy_reward in rewards.ACCURACY_REWARDS,
-                                  f"one of {rewards.ACCURACY_REWARDS}")}
+                                  f"one of {rewards.ACCURACY_REWARDS}"),
+              "max_prompt_length": (cfg.max_prompt_length is None or cfg.max_prompt_length >= 1,
+                                    ">= 1 (or None: no limit)"),
+              "seed": (SEED_RANGE[0] <= cfg.seed <= SEED_RANGE[1], "in [0, 2**64 - 1] (torch.manual_seed's range)")}
     ranges.update({name: (False, allowed) for name, allowed in InputSizes.problems(cfg).items()})
     for name, (ok, allowed) in ranges.items():
         if not ok:
             raise ConfigError(f"{name} must be {allowed}, got {getattr(cfg, name)}")
+    check_output_dir(cfg.output_dir)
+
+
+def check_output_dir(output_dir: str) -> None:
+    """output_dir names a folder this user can create or write into."""
+    if not str(output_dir).strip():
+        raise ConfigError("output_dir must name a folder, got '' (it would write into the current directory)")
+    path = Path(output_dir).expanduser().absolute()
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"output_dir {output_dir} is a file, not a folder")
+    existing = next(p for p in (path, *path.parents) if p.exists())  # the folder itself, or where it would be made
+    if not existing.is_dir():
+        raise ConfigError(f"output_dir {output_dir} cannot be made: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"output_dir {output_dir} cannot be written: {existing} is not writable by this user")
 
 
 def check_sources(cfg: Config, model_dir: str, num_rows: int, reference_dir: str | None = None) -> None:

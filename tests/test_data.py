@@ -217,7 +217,7 @@ def test_media_checks_are_cached_by_size_and_mtime(fixture_dir, tmp_path, monkey
     assert checked == ["blue.png"]
     cache.write_text('{"version": 1, "files": {"image:')  # a torn cache (a killed run) is ignored, then rewritten
     table = data.load_dataset_rows(str(path), on_bad_row="skip", cache_dir=str(tmp_path / "c"))
-    assert len(table) == 6 and json.loads(cache.read_text())["version"] == 1
+    assert len(table) == 6 and json.loads(cache.read_text())["version"] == data.MEDIA_CHECK_VERSION
 
 
 def test_media_failing_only_when_read_in_full_names_its_row(fixture_dir, tmp_path):

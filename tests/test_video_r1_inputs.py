@@ -182,12 +182,14 @@ def test_video_grid_and_second_per_grid_equal_video_r1s(processor, tmp_path, n, 
 def test_extreme_aspect_ratios_are_rejected_naming_the_file(tmp_path):
     Image.new("RGB", (201, 1)).save(tmp_path / "wide.png")
     Image.new("RGB", (200, 1)).save(tmp_path / "ok.png")
-    with pytest.raises(ValueError, match=r"wide\.png is 201x1: aspect ratio 201\.0 exceeds MAX_RATIO 200") as err:
+    with pytest.raises(ValueError, match=r"wide\.png is 201x1 pixels: its aspect ratio 201 exceeds 200 "
+                                         r"\(qwen-vl-utils' MAX_RATIO\)") as err:
         media.load_image(tmp_path / "wide.png")
     assert "\n" not in str(err.value)
     assert media.load_image(tmp_path / "ok.png").size == (200, 1)
     np.save(tmp_path / "tall.npy", np.zeros((4, 300, 1, 3), np.uint8))
-    with pytest.raises(ValueError, match=r"video .*tall\.npy is 1x300: aspect ratio 300\.0 exceeds MAX_RATIO 200"):
+    with pytest.raises(ValueError, match=r"video .*tall\.npy is 1x300 pixels: its aspect ratio 300 exceeds 200 "
+                                         r"\(qwen-vl-utils' MAX_RATIO\)"):
         media.load_video(tmp_path / "tall.npy", sizes=media.InputSizes())
 
 
