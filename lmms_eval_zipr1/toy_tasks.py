@@ -37,6 +37,13 @@ def doc_to_choice(doc):
 def process_results(doc, results):
     found = re.search(r"<answer>\\s*([A-Z])\\s*</answer>", results[0])
     return {"exact_match": float(found is not None and found.group(1) == doc["answer"])}
+
+
+def process_loglikelihood(doc, results):
+    # lmms-eval 0.7.3's built-in loglikelihood scoring unpacks `ll, is_greedy = results` (api/task.py:1600), a list
+    # of one (loss, is_greedy) pair: a ValueError for every model. This reads results[0], as lm-eval-harness does.
+    loss, is_greedy = results[0]
+    return {"acc": float(is_greedy)}
 '''
 
 COMMON = """dataset_path: json
@@ -72,6 +79,7 @@ metric_list:
     "zipr1_toy_ll": """output_type: loglikelihood
 doc_to_target: truth
 target_delimiter: ""
+process_results: !function utils.process_loglikelihood
 metric_list:
   - metric: acc
     aggregation: mean

@@ -36,6 +36,8 @@ def parse_model_args(model_args: dict) -> dict:
     parsed = {name: default for name, (_, default) in MODEL_ARGS.items()}
     for name, value in model_args.items():
         kind = MODEL_ARGS[name][0]
+        if value is None:  # a default passed on (create_from_arg_string -> __init__)
+            continue
         try:
             parsed[name] = kind(value)
         except (TypeError, ValueError):
