@@ -107,3 +107,32 @@ def test_error_during_evaluation_with_exit_code_zero_fails_the_run(tmp_path):
     with pytest.raises(AssertionError, match="batch_size is not a model_arg"):
         run_lmms_eval(["--model", "zipr1", "--model_args", f"pretrained={TOY_MODEL},batch_size=2",
                        "--tasks", "zipr1_toy_mc", "--include_path", str(tasks), "--device", "cpu"], cwd=tmp_path)
+
+
+def test_benchmark_script_writes_the_papers_table_on_the_toy_tasks(tmp_path, monkeypatch):
+    """benchmarks/lmms_benchmarks.py --toy: three lmms-eval runs (Full, ZipVL, ZipR1 = the toy model) -> table.md,
+    whose cells are lmms-eval's accuracies and the plugin's τ of each run."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import lmms_benchmarks
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    lmms_benchmarks.main(["--toy", "--tasks", "zipr1_toy_mc", "--output_dir", str(tmp_path / "out")])
+    rows = (tmp_path / "out" / "table.md").read_text().splitlines()
+    assert rows[0] == "| benchmark | task | Full acc | Full τ | ZipVL acc | ZipVL τ | ZipR1 acc | ZipR1 τ |"
+    cells = [c.strip() for c in rows[2].strip("|").split("|")]
+    accs = [results_json(tmp_path / "out" / m)["results"]["zipr1_toy_mc"]["acc,none"] for m in ("Full", "ZipVL",
+                                                                                                  "ZipR1")]
+    taus = [json.loads((tmp_path / "out" / m / "zipr1_stats.json").read_text())["zipr1_toy_mc"]["token_ratio"]
+            for m in ("Full", "ZipVL", "ZipR1")]
+    assert cells[:2] == ["toy (multiple choice)", "`zipr1_toy_mc`"]
+    assert cells[2::2] == [f"{a:.3f}" for a in accs] and cells[3::2] == [f"{t:.3f}" for t in taus]
+    assert taus[0] == 1.0 and taus[1] < 1.0 and taus[1] == pytest.approx(taus[2], rel=1e-6)  # ZipR1 = ZipVL here
+
+
+def test_the_13_benchmarks_task_names_exist_in_the_installed_lmms_eval():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import lmms_benchmarks
+    checked = lmms_benchmarks.check_tasks()
+    assert len({name.split(" (")[0] for name, _, _ in checked}) == 13  # MMMU-Pro runs in two settings
+    assert [task for _, task, ok in checked if not ok] == []
