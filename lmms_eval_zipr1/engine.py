@@ -88,7 +88,9 @@ class SparseQwen:
             raise ValueError(f"zipr1: keep_p={keep_p} needs attn_implementation=zipr1; attn_implementation="
                              f"{attn_implementation} is Full attention (drop keep_p)")
         self.attn_implementation = attn_implementation
-        self.keep_p = float(check_keep_p(float(0.975 if keep_p is None else keep_p), 1)[0]) if self.sparse else None
+        self.keep_p = float(0.975 if keep_p is None else keep_p) if self.sparse else None
+        if self.sparse:
+            check_keep_p(self.keep_p, 1)  # (0, 1], else one ValueError
         self.batch_size, self.max_new_tokens, self.max_frames = int(batch_size), int(max_new_tokens), int(max_frames)
         self.seed, self.device = int(seed), device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = getattr(torch, dtype or ("bfloat16" if self.device != "cpu" else "float32"))
