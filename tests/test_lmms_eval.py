@@ -49,6 +49,14 @@ def run_lmms_eval(args: list[str], cwd: Path, env_extra: dict | None = None) -> 
     return out
 
 
+def benchmark_script():
+    """benchmarks/lmms_benchmarks.py as a module."""
+    spec = importlib.util.spec_from_file_location("lmms_benchmarks", ROOT / "benchmarks" / "lmms_benchmarks.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def results_json(output_path: Path) -> dict:
     """lmms-eval's aggregated results file under output_path (<model>/<date>_results.json)."""
     found = sorted(output_path.rglob("*_results.json"))
@@ -112,8 +120,7 @@ def test_error_during_evaluation_with_exit_code_zero_fails_the_run(tmp_path):
 def test_benchmark_script_writes_the_papers_table_on_the_toy_tasks(tmp_path, monkeypatch):
     """benchmarks/lmms_benchmarks.py --toy: three lmms-eval runs (Full, ZipVL, ZipR1 = the toy model) -> table.md,
     whose cells are lmms-eval's accuracies and the plugin's τ of each run."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import lmms_benchmarks
+    lmms_benchmarks = benchmark_script()
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -131,8 +138,7 @@ def test_benchmark_script_writes_the_papers_table_on_the_toy_tasks(tmp_path, mon
 
 
 def test_the_13_benchmarks_task_names_exist_in_the_installed_lmms_eval():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import lmms_benchmarks
+    lmms_benchmarks = benchmark_script()
     checked = lmms_benchmarks.check_tasks()
     assert len({name.split(" (")[0] for name, _, _ in checked}) == 13  # MMMU-Pro runs in two settings
     assert [task for _, task, ok in checked if not ok] == []
