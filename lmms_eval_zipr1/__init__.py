@@ -1,15 +1,17 @@
 """lmms-eval plugin: the `zipr1` model = a Qwen2(.5)-VL answering with Top-p sparse attention (Eq. 1-3).
 
-lmms-eval is optional: this package imports it only in `models/zipr1.py`, which lmms-eval itself loads. Install
-lmms-eval and the benchmark data yourself, then run from this repository's root:
-
-    LMMS_EVAL_PLUGINS=lmms_eval_zipr1 PYTHONPATH=$PWD python -m lmms_eval --model zipr1 \
-        --model_args pretrained=outputs/zipr1/checkpoint-1000,keep_p=0.975 --tasks mme --batch_size 1
-
-`LMMS_EVAL_PLUGINS` makes lmms-eval import `lmms_eval_zipr1.models` (AVAILABLE_MODELS: name -> class in
-`models/<name>.py`) and add `lmms_eval_zipr1/tasks` to its task search path. model_args: pretrained (folder or hub
-id), keep_p (1.0 = dense), batch_size, max_new_tokens, device, dtype, seed, and the input sizes of train.py / eval.py
-(min_pixels, max_pixels, video_min_pixels, video_max_pixels, fps, min_frames, max_frames; Video-R1's values by
-default, docs/video_r1.md). The request handling lives in `engine.py` and is tested without lmms-eval
-(tests/test_eval.py).
+lmms-eval is optional: this package imports it only in `models/zipr1.py`, which lmms-eval itself loads. Install,
+model_args (keep_p, attn_implementation, the input sizes min_pixels ... max_frames of train.py), τ per task and the paper's benchmarks: docs/lmms_eval.md. Discovery: the `lmms_eval.models` entry point
+that `pip install -e .[lmms]` registers (`models.manifest`); fallback LMMS_EVAL_PLUGINS=lmms_eval_zipr1, for which
+lmms-eval 0.7.3 also needs the (empty) `tasks` subpackage on its include path (__main__.py:683-687). The request
+handling lives in `engine.py` and is tested without lmms-eval (tests/test_eval.py); `toy_tasks.py` writes local toy
+tasks that tests/test_lmms_eval.py runs through the real lmms-eval.
 """
+import sys
+from pathlib import Path
+
+# The plugin imports this checkout's top-level modules (media, rollout, sparse_qwen, ...). `pip install -e .` maps only
+# this package into site-packages, so its checkout joins the end of sys.path (installed packages keep precedence).
+_CHECKOUT = str(Path(__file__).resolve().parents[1])
+if _CHECKOUT not in sys.path:
+    sys.path.append(_CHECKOUT)

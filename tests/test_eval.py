@@ -306,8 +306,8 @@ def test_adapter_answers_as_rollout_generate_on_hand_built_prompts(tiny, lmms):
                        SamplingConfig(max_new_tokens=request.args[1]["max_new_tokens"], do_sample=False))
         expected += tiny.processor.batch_decode(ref.completion_ids, skip_special_tokens=True)
         ratios += ref.token_ratio.tolist()
-    assert eng.token_ratios == pytest.approx(ratios)
-    assert answers == expected and len(eng.token_ratios) == 3
+    assert eng.stats["toy"]["token_ratio"] == pytest.approx(ratios)
+    assert answers == expected and len(eng.stats["toy"]["kv_bytes"]) == 3
 
 
 def test_adapter_generation_settings_and_stop_strings():
@@ -344,8 +344,8 @@ def test_adapter_loglikelihood_equals_a_stock_dense_forward_at_keep_p_one(tiny, 
             logits = dense(**batch).logits[0, prompt_len - 1:-1]  # (T, V): the predictions of the target tokens
         ref_logp = torch.log_softmax(logits, -1).gather(-1, ids[0][:, None]).sum()
         requests = [FakeInstance("Color?", lambda doc, t=target: t, lambda doc: [doc["visual"]], 0, "toy", "test")]
-        (logp, greedy), = eng.loglikelihood(requests, lmms.task_dict)
-        assert logp == pytest.approx(float(ref_logp), abs=1e-4)
+        (loss, greedy), = eng.loglikelihood(requests, lmms.task_dict)
+        assert loss == pytest.approx(-float(ref_logp), abs=1e-4)  # a loss, as lmms-eval's argmin expects
         assert greedy == bool((logits.argmax(-1) == ids[0]).all())
     assert eng.loglikelihood([FakeInstance("Color?", targets[0], lambda d: [d["visual"]], 0, "toy", "test")],
                              lmms.task_dict)[0][1]  # the model's own first token is its greedy continuation
@@ -366,15 +366,18 @@ def fake_lmms_eval(monkeypatch, registry):
             return cls
         return decorate
     modules = {name: types.ModuleType(name) for name in ("lmms_eval", "lmms_eval.api", "lmms_eval.api.model",
-                                                         "lmms_eval.api.registry")}
+                                                         "lmms_eval.api.registry", "lmms_eval.api.instance")}
     modules["lmms_eval.api.model"].lmms = BaseLMMs
+    modules["lmms_eval.api.instance"].GenerationResult = lambda text: SimpleNamespace(text=text)
+    modules["lmms_eval"].utils = SimpleNamespace(simple_parse_args_string=lambda s: dict(
+        kv.split("=", 1) for kv in s.split(",")))
     modules["lmms_eval.api.registry"].register_model = register_model
     for name, module in modules.items():
         monkeypatch.setitem(sys.modules, name, module)
     return BaseLMMs
 
 
-def test_lmms_subclass_registers_as_zipr1_and_delegates(tiny, lmms, monkeypatch):
+def test_lmms_subclass_registers_as_zipr1_and_delegates(tiny, lmms, monkeypatch, tmp_path):
     registry = {}
     base = fake_lmms_eval(monkeypatch, registry)
     plugin = importlib.import_module("lmms_eval_zipr1.models")
@@ -386,15 +389,27 @@ def test_lmms_subclass_registers_as_zipr1_and_delegates(tiny, lmms, monkeypatch)
         sys.modules.pop(f"lmms_eval_zipr1.models.{name}", None)  # bound to the stand-in: do not keep it
     assert name == "zipr1" and registry == {"zipr1": cls} and issubclass(cls, base) and cls.is_simple
     assert importlib.util.find_spec("lmms_eval_zipr1.tasks").submodule_search_locations  # lmms-eval's CLI needs it
-    model = cls(pretrained=str(tiny.dir), keep_p=0.8, batch_size=2, max_new_tokens=9, device="cpu")
+    model = cls(pretrained=str(tiny.dir), keep_p=0.8, batch_size=2, max_new_tokens=9, device="cpu",
+                stats_path=str(tmp_path / "stats.json"))
     model.task_dict = lmms.task_dict  # lmms-eval's evaluator sets it before calling the model
     reference = engine.SparseQwen(str(tiny.dir), keep_p=0.8, batch_size=1, max_new_tokens=9, device="cpu")
     answers = model.generate_until(lmms.requests)
     assert answers == reference.generate_until(lmms.requests, lmms.task_dict)
     assert registry.pop("cached") == [("generate_until", r.args[:2], a) for r, a in zip(lmms.requests, answers)]
     assert model.batch_size == 2 and model.loglikelihood(lmms.requests[:0]) == []
+    stats = json.loads((tmp_path / "stats.json").read_text())["toy"]  # τ and KV bytes per task, beside the results
+    assert stats["requests"] == 3 and stats["token_ratio"] == pytest.approx(
+        sum(reference.stats["toy"]["token_ratio"]) / 3, rel=1e-6) and stats["kv_bytes"] > 0
     with pytest.raises(ValueError, match="unknown model_args"):
         cls(pretrained=str(tiny.dir), temprature=0.1)
+    with pytest.raises(ValueError, match="batch_size is not a model_arg: pass it as --batch_size"):
+        cls.__dict__["create_from_arg_string"].__func__(cls, f"pretrained={tiny.dir},batch_size=2", {"batch_size": 1})
+    with pytest.raises(ValueError, match="--batch_size auto is not supported"):
+        cls(pretrained=str(tiny.dir), batch_size="auto")
+    with pytest.raises(ValueError, match="model_arg keep_p='x' is not a float"):
+        cls(pretrained=str(tiny.dir), keep_p="x")
+    with pytest.raises(ValueError, match="keep_p=0.9 needs attn_implementation=zipr1"):
+        cls(pretrained=str(tiny.dir), keep_p=0.9, attn_implementation="sdpa")
 
 
 def test_eval_flags_share_train_py_style(capsys):
