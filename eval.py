@@ -30,13 +30,13 @@ import torch
 from transformers import AutoConfig, AutoModelForImageTextToText
 from transformers.hf_argparser import HfArg
 
-import cli
-import data
-import media
+from zipr1_support import cli
+from zipr1_support import data
+from zipr1_support import media
 import rewards
-import run_dir  # checkpoint-<step> folders of a training run, train.py's default folder
+from zipr1_support import run_dir  # checkpoint-<step> folders of a training run, train.py's default folder
 import toy  # the offline default: toy model, questions, train.py's toy run folder
-from pictures import kept_token_picture, pareto_plot
+from zipr1_support.pictures import kept_token_picture, pareto_plot
 from rollout import SamplingConfig, generate
 from sparse_attention import check_keep_p
 from sparse_qwen import make_sparse

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from train_config import Config
+from zipr1_support.train_config import Config
 
 
 def sparsity_coef_at(cfg: Config, step: int) -> float:

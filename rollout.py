@@ -22,9 +22,9 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from batching import MEDIA_KEYS, check_vision_tokens
+from zipr1_support.batching import MEDIA_KEYS, check_vision_tokens
 from grpo import completion_mask, token_logprobs
-from mrope import continuation_positions, prompt_positions
+from zipr1_support.mrope import continuation_positions, prompt_positions
 from sparse_qwen import (ATTN_NAME, PrunedKVCache, SparseState, make_state, sparse_forward, text_config,
                          token_kv_bytes)
 

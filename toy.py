@@ -28,7 +28,7 @@ from transformers import (AutoModelForImageTextToText, PreTrainedTokenizerFast, 
                           Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig, Qwen2VLForConditionalGeneration)
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-import media
+from zipr1_support import media
 import rewards
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",

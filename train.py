@@ -32,19 +32,19 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-import data
-import multi_gpu
+from zipr1_support import data
+from zipr1_support import multi_gpu
 import grpo
-import media
+from zipr1_support import media
 import rewards
-from batching import repeat_prompts, split_groups
+from zipr1_support.batching import repeat_prompts, split_groups
 from learned_sparsity import sparsity_coef_at, sparsity_gates, sparsity_term
-import run_dir
-from run_dir import checkpoints, plot_metrics, prepare_output_dir, save_checkpoint, start_output_dir
+from zipr1_support import run_dir
+from zipr1_support.run_dir import checkpoints, plot_metrics, prepare_output_dir, save_checkpoint, start_output_dir
 from rollout import SamplingConfig, generate, score_completions, scoring_state
 from sparse_qwen import make_sparse, sparse_forward
 from toy import TOY_CACHE, TOY_TRAIN_ROWS
-from train_config import (LR_SCHEDULES, PAPER_KEEP_P_GRID, Config, ConfigError, check_config,  # noqa: F401
+from zipr1_support.train_config import (LR_SCHEDULES, PAPER_KEEP_P_GRID, Config, ConfigError, check_config,  # noqa: F401
                           check_sources, parse_config)
 
 

@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText
 
-import media
+from zipr1_support import media
 from rollout import SamplingConfig, full_sequence, generate
 from sparse_attention import check_keep_p
 from sparse_qwen import make_sparse, make_state, sparse_forward

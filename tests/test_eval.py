@@ -25,14 +25,14 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText
 from transformers.vision_utils import get_vision_position_ids
 
-import data
+from zipr1_support import data
 import eval as ev
-import media
-import run_dir
+from zipr1_support import media
+from zipr1_support import run_dir
 import toy
 import train
 from lmms_eval_zipr1 import engine
-from pictures import dim_dropped, kept_token_picture, visual_token_grid
+from zipr1_support.pictures import dim_dropped, kept_token_picture, visual_token_grid
 from rollout import SamplingConfig, generate
 from sparse_qwen import make_sparse
 

@@ -10,8 +10,8 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText
 from transformers.models.qwen2_5_vl.processing_qwen2_5_vl import Qwen2_5_VLProcessor
 
-import media
-import media_files
+from zipr1_support import media
+from zipr1_support import media_files
 import toy
 
 

@@ -8,10 +8,10 @@ import torch
 from transformers import AttentionInterface, AutoModelForImageTextToText
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-import media
+from zipr1_support import media
 import rollout
 import toy
-from batching import repeat_prompts, split_groups
+from zipr1_support.batching import repeat_prompts, split_groups
 from rollout import SamplingConfig, generate, prefill, score_completions, scoring_state
 from sparse_attention import sparse_attention
 from sparse_qwen import make_sparse

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText, AutoTokenizer
 
-import media
+from zipr1_support import media
 import rewards
 import toy
 

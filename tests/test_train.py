@@ -21,10 +21,10 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-import data
+from zipr1_support import data
 import grpo
-import media
-import run_dir
+from zipr1_support import media
+from zipr1_support import run_dir
 import toy
 import train
 from rollout import eos_ids_of, score_completions

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-import media
+from zipr1_support import media
 import rewards
 
 DATA_TYPES = ("image", "video")

@@ -11,8 +11,8 @@ import math
 import numpy as np
 from matplotlib.figure import Figure
 
-import data
-import media
+from zipr1_support import data
+from zipr1_support import media
 from rollout import prefill
 from sparse_qwen import make_sparse
 

@@ -17,7 +17,7 @@ from transformers import AutoProcessor, AutoTokenizer, BatchFeature
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 # reading images and videos, and the load-time check: media_files.py (load_video is the entry point, here too)
-from media_files import DEFAULT_FPS, check_media, load_image, load_video  # noqa: F401
+from zipr1_support.media_files import DEFAULT_FPS, check_media, load_image, load_video  # noqa: F401
 
 logger = logging.getLogger(__name__)
 IMAGE_TOKEN, VIDEO_TOKEN = "<|image_pad|>", "<|video_pad|>"

@@ -18,9 +18,9 @@ from typing import Literal
 import torch
 from transformers.hf_argparser import HfArg
 
-import cli
+from zipr1_support import cli
 import grpo
-from run_dir import DEFAULT_OUTPUT_DIR, checkpoints
+from zipr1_support.run_dir import DEFAULT_OUTPUT_DIR, checkpoints
 from toy import TOY_PRESET
 
 SPARSITY_GATES = ("group", "answer", "none")

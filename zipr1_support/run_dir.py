@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-import multi_gpu
+from zipr1_support import multi_gpu
 
 DEFAULT_OUTPUT_DIR = "outputs/zipr1"  # train.py's run folder (Config.output_dir); eval.py finds ZipR1 there
 
