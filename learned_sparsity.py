@@ -12,19 +12,17 @@ from __future__ import annotations
 
 import torch
 
-from zipr1_support.train_config import Config
+
+def sparsity_coef_at(coef: float, warmup_steps: int, step: int) -> float:
+    """λ at this step: coef, ramped linearly over the first warmup_steps (0: no ramp)."""
+    ramp = 1.0 if warmup_steps == 0 else min(1.0, (step + 1) / warmup_steps)
+    return coef * ramp
 
 
-def sparsity_coef_at(cfg: Config, step: int) -> float:
-    """λ at this step: cfg.sparsity_coef, ramped linearly over the first sparsity_warmup_steps."""
-    ramp = 1.0 if cfg.sparsity_warmup_steps == 0 else min(1.0, (step + 1) / cfg.sparsity_warmup_steps)
-    return cfg.sparsity_coef * ramp
-
-
-def sparsity_gates(cfg: Config, parts: dict, acc: torch.Tensor) -> torch.Tensor:
-    """C per rollout row for the sparsity term: the reward's group gate, the row's own correctness, or 1.  (G*N,)"""
-    return {"group": parts["gate"], "answer": acc.float(), "none": torch.ones_like(acc, dtype=torch.float32)}[
-        cfg.sparsity_gate]
+def sparsity_gates(kind: str, parts: dict, acc: torch.Tensor) -> torch.Tensor:
+    """C per rollout row for the sparsity term: the reward's group gate ("group"), the row's own correctness
+    ("answer"), or 1 ("none").  (G*N,)"""
+    return {"group": parts["gate"], "answer": acc.float(), "none": torch.ones_like(acc, dtype=torch.float32)}[kind]
 
 
 def sparsity_term(tau_layers: torch.Tensor, gate: torch.Tensor, keep_p: torch.Tensor, target: float,

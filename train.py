@@ -243,9 +243,10 @@ def train_step(policy, reference, processor, optimizer, rows, cfg: Config, step:
     tau = torch.cat([r.token_ratio for r in rollouts]).float().cpu()  # (G*N,)
     parts = rewards.zipr1_rewards(acc, tau, n, cfg.gate_efficiency)  # r = r_acc + C (1 - tau), each (G*N,)
     advantages = grpo.group_advantages(parts["reward"], n, scale=cfg.scale_rewards).to(device)  # Eq. 4, (G*N,)
-    gates = list(sparsity_gates(cfg, parts, acc).to(device).split(n))  # C of the sparsity term, per group
+    gates = list(sparsity_gates(cfg.sparsity_gate, parts, acc).to(device).split(n))  # C of the sparsity term
+    coef = sparsity_coef_at(cfg.sparsity_coef, cfg.sparsity_warmup_steps, step)  # λ
     stats = policy_update(policy, reference, optimizer, rollouts, list(advantages.split(n)), cfg, autocast, dist,
-                          gates, sparsity_coef_at(cfg, step))
+                          gates, coef)
     kl = stats.pop("kl")  # masked mean of k3; nan without a reference
     seconds = time.perf_counter() - start
     by_p: dict[str, list[float]] = {}
@@ -257,7 +258,7 @@ def train_step(policy, reference, processor, optimizer, rows, cfg: Config, step:
                "r_eff": parts["r_eff"].mean().item(), "gate": parts["gate"].mean().item(), "tau": tau.mean().item(),
                "tau_by_keep_p": {k: sum(v) / len(v) for k, v in sorted(by_p.items())},
                "tau_by_layer": {str(j): t for j, t in enumerate(tau_by_layer(rollouts).tolist())},
-               "sparsity_coef": sparsity_coef_at(cfg, step), "learning_rate": optimizer.param_groups[0]["lr"],
+               "sparsity_coef": coef, "learning_rate": optimizer.param_groups[0]["lr"],
                "kl": kl if reference is not None else None,
                "zero_std_groups": (groups.amax(1) == groups.amin(1)).float().mean().item(),
                "completion_length": tokens / len(texts), **stats,

@@ -249,12 +249,12 @@ def test_the_relaxed_term_alone_lowers_the_token_ratio(sources, tmp_path):
 
 
 def test_sparsity_gates_and_warmup():
-    cfg = train.Config(sparsity_coef=0.4, sparsity_warmup_steps=4)
-    assert [train.sparsity_coef_at(cfg, s) for s in (0, 1, 3, 10)] == pytest.approx([0.1, 0.2, 0.4, 0.4])
+    assert [train.sparsity_coef_at(0.4, 4, s) for s in (0, 1, 3, 10)] == pytest.approx([0.1, 0.2, 0.4, 0.4])
+    assert train.sparsity_coef_at(0.4, 0, 0) == 0.4  # no warm-up: λ from the first step
     acc, parts = torch.tensor([1.0, 0.0, 0.0, 0.0]), {"gate": torch.tensor([1.0, 1.0, 0.0, 0.0])}
-    assert train.sparsity_gates(cfg, parts, acc).tolist() == [1, 1, 0, 0]
-    answer = dataclasses.replace(cfg, sparsity_gate="answer")
-    assert train.sparsity_gates(answer, parts, acc).tolist() == [1, 0, 0, 0]
+    assert train.sparsity_gates("group", parts, acc).tolist() == [1, 1, 0, 0]
+    assert train.sparsity_gates("answer", parts, acc).tolist() == [1, 0, 0, 0]
+    assert train.sparsity_gates("none", parts, acc).tolist() == [1, 1, 1, 1]
     tau, p = torch.tensor([[0.5], [0.3], [0.5], [0.9]]), torch.tensor([0.9, 0.9, 1.0, 0.9])  # (N, 1 layer)
     assert train.sparsity_term(tau, torch.ones(4), p, 0.4).tolist() == pytest.approx([0.1, 0.0, 0.0, 0.5])
 
