@@ -157,7 +157,7 @@ def dense_prefill(model, inputs):
 
 
 def sparse_record(state) -> dict:
-    """The Rollout fields a sparse prefill determines: thresholds, k_j, ℓ, τ (Eq. 2), KV bytes, selections."""
+    """The Rollout fields a sparse prefill determines: thresholds, k_j, ℓ, τ (§2.1), KV bytes, selections."""
     return dict(keep_p=state.keep_p, kept=state.kept(), lengths=state.lengths(), token_ratio=state.token_ratio(),
                 kv_bytes=state.cache.kv_bytes(), selection=state.selection_masks())
 

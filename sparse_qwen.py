@@ -111,7 +111,7 @@ class SparseState:
         return self.selections[min(self.selections)].length
 
     def token_ratio(self) -> torch.Tensor:
-        """τ per sample: mean over layers of k_j / ℓ (Eq. 2).  (B,)"""
+        """τ per sample: mean over layers of k_j / ℓ (§2.1).  (B,)"""
         return token_ratio(self.kept(), self.lengths())
 
     def relaxed_by_layer(self) -> torch.Tensor:
@@ -183,7 +183,7 @@ def zipr1_attention(module, query, key, value, attention_mask, scaling=None, dro
                                                  valid[:, :n_prompt], layer, scaling)  # (B,)
         response = torch.ones(bsz, seq - n_prompt, dtype=torch.bool, device=query.device)  # (B, L-P): all in
         mask = torch.cat([sel.mask, response], dim=1)  # (B, L): m_Q = m_K
-        out = zipr1_kernels.prefill_sparse_attention(query, key, value, mask, scale=scaling)  # Eq. 1, (B, H, L, D)
+        out = zipr1_kernels.prefill_sparse_attention(query, key, value, mask, scale=scaling)  # Eq. 2, (B, H, L, D)
         if state.mode == "prefill" and state.cache is not None:
             state.cache.prune(layer, sel.mask)  # keep only the selected K/V of this layer
     return out.transpose(1, 2).contiguous(), None  # (B, L, H, D); the Triton kernels write it so: no copy

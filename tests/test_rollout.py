@@ -87,7 +87,7 @@ def test_timings_and_the_clock(tiny, monkeypatch):
 
 
 def register_reference(selection):
-    """An independent pipeline: HF's full DynamicCache and generate loop; eager Eq. 1 with the recorded selection."""
+    """An independent pipeline: HF's full DynamicCache and generate loop; eager Eq. 2 with the recorded selection."""
     prompt_len = selection.shape[-1]
 
     def attention(module, q, k, v, mask, scaling=None, **kwargs):

@@ -78,7 +78,7 @@ def test_three_step_run_updates_the_policy_and_logs_tau(sources, tmp_path):
     rows = [table.rows[i] for i in data.question_indices(len(table), 0, 1, cfg.seed)]
     policy, processor = train.load_policy(sources[0], cfg, "cpu"), media.load_processor(sources[0])
     rollout, _ = train.sample_rollout(policy, processor, rows, cfg, 0, "cpu", train.contextlib.nullcontext())
-    tau = (rollout.kept.float() / rollout.lengths[:, None]).mean(1)  # Eq. 2 by hand: mean_j k_j / l
+    tau = (rollout.kept.float() / rollout.lengths[:, None]).mean(1)  # τ (§2.1) by hand: mean_j k_j / l
     assert torch.allclose(rollout.token_ratio, tau)
     assert metrics[0]["tau"] == pytest.approx(tau.mean().item(), rel=1e-5)
     assert rollout.keep_p.tolist() == pytest.approx(list(train.PAPER_KEEP_P_GRID[:4]))
