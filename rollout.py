@@ -15,7 +15,6 @@ to be confused with nucleus sampling's `top_p` in SamplingConfig.
 """
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass
 
@@ -25,7 +24,7 @@ from transformers import DynamicCache
 from zipr1_support.batching import MEDIA_KEYS, check_vision_tokens
 from grpo import completion_mask, token_logprobs
 from zipr1_support.mrope import continuation_positions, prompt_positions
-from sparse_qwen import (ATTN_NAME, PrunedKVCache, SparseState, make_state, sparse_forward, text_config,
+from sparse_qwen import (ATTN_NAME, PrunedKVCache, SparseState, make_state, sparse_kwargs, text_config,
                          token_kv_bytes)
 
 
@@ -133,9 +132,8 @@ def prefill(model, inputs, keep_p, seed: int = 0):
     cache = PrunedKVCache(text_config(model))
     state = make_state(model, keep_p, batch_size=inputs["input_ids"].shape[0], cache=cache, seed=seed)
     positions, next_pos = prompt_positions(model, inputs)  # (3, B, P), (B,)
-    with sparse_forward(state):
-        logits = model(**inputs, position_ids=positions, past_key_values=cache, use_cache=True,
-                       logits_to_keep=1).logits[:, -1]  # (B, V)
+    logits = model(**inputs, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1,
+                   **sparse_kwargs(state)).logits[:, -1]  # (B, V)
     return logits, state, next_pos
 
 
@@ -215,9 +213,9 @@ def generate(model, inputs, keep_p, sampling: SamplingConfig = SamplingConfig(),
             break
         if mask is not None:
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)  # (B, P+t+1)
-        with contextlib.nullcontext() if state is None else sparse_forward(state):
-            logits = model(input_ids=token[:, None], position_ids=continuation_positions(next_pos, 1, t),
-                           attention_mask=mask, past_key_values=cache, use_cache=True).logits[:, -1]  # (B, V)
+        logits = model(input_ids=token[:, None], position_ids=continuation_positions(next_pos, 1, t),
+                       attention_mask=mask, past_key_values=cache, use_cache=True,
+                       **sparse_kwargs(state)).logits[:, -1]  # (B, V)
     timing = Timing(prefill_s, clock(device) - start, bsz * (len(tokens) - 1)) if timed else None
     completion = torch.stack(tokens, 1)  # (B, T)
     valid = completion_mask(completion, eos.tolist(), None)  # (B, T)
@@ -243,9 +241,9 @@ def scoring_state(model, rollout: Rollout, keep_p=None, relaxed_temperature: flo
                   relaxed_grad: bool = True) -> SparseState:
     """The SparseState of a teacher-forced scoring of `rollout`: its keep_p (or `keep_p`), probe seed, prompt length.
 
-    Build it once and hand the same one to `score_completions` and to `sparse_forward` around `.backward()`: the
-    forward, the gradient-checkpoint recomputation and the relaxed τ̃ (`relaxed_temperature`: sparse_qwen) then all
-    read one state. After the forward it holds the selections and τ̃ per layer (`state.relaxed_token_ratio()`).
+    Build it once and hand it to `score_completions`: the forward, the gradient-checkpoint recomputation in
+    `.backward()` (which re-runs with the same call keywords) and the relaxed τ̃ (`relaxed_temperature`: sparse_qwen)
+    then all read one state. After the forward it holds the selections and τ̃ per layer (`state.relaxed_token_ratio()`).
     """
     return make_state(model, rollout.keep_p if keep_p is None else keep_p, mode="teacher",
                       batch_size=len(rollout.keep_p), prompt_len=rollout.inputs["input_ids"].shape[1],
@@ -262,10 +260,9 @@ def score_completions(model, rollout: Rollout, sparse: bool = True, keep_p=None,
     sparse=False: plain forward (the full-attention reference model). Gradients flow unless under no_grad.
     """
     batch, steps = full_sequence(model, rollout), rollout.completion_ids.shape[1]
-    context = contextlib.nullcontext()
     if sparse:
-        context = sparse_forward(scoring_state(model, rollout, keep_p) if state is None else state)
-    with context:
-        logits = model(**batch, use_cache=False, logits_to_keep=steps + 1).logits[:, :-1]  # (B, T, V): completion
+        state = scoring_state(model, rollout, keep_p) if state is None else state
+    logits = model(**batch, use_cache=False, logits_to_keep=steps + 1,
+                   **sparse_kwargs(state if sparse else None)).logits[:, :-1]  # (B, T, V): completion
     logits = without_placeholders(model, logits)
     return token_logprobs(logits, rollout.completion_ids, rollout.temperature) * rollout.completion_mask

@@ -42,7 +42,7 @@ from learned_sparsity import sparsity_coef_at, sparsity_gates, sparsity_term
 from zipr1_support import run_dir
 from zipr1_support.run_dir import checkpoints, plot_metrics, prepare_output_dir, save_checkpoint, start_output_dir
 from rollout import SamplingConfig, generate, score_completions, scoring_state
-from sparse_qwen import make_sparse, sparse_forward
+from sparse_qwen import make_sparse
 from toy import TOY_CACHE, TOY_TRAIN_ROWS
 from zipr1_support.train_config import (LR_SCHEDULES, PAPER_KEEP_P_GRID, Config, ConfigError, check_config,  # noqa: F401
                           check_sources, parse_config)
@@ -81,7 +81,7 @@ def load_policy(path, cfg: Config, device, dist=multi_gpu.SINGLE):
     if cfg.freeze_vision:
         policy.model.visual.requires_grad_(False)
     if cfg.gradient_checkpointing:
-        policy.activation_checkpointing_enable()  # non-reentrant; the backward runs inside sparse_forward
+        policy.activation_checkpointing_enable()  # non-reentrant; recomputes with the same zipr1_state
     frozen = policy.model.visual if cfg.freeze_vision else None  # whole on every rank: called once per group
     return multi_gpu.shard_model(policy, dist, torch.bfloat16 if cfg.bf16 else None, replicate=frozen)
 
@@ -196,25 +196,24 @@ def policy_update(policy, reference, optimizer, rollouts, advantages, cfg: Confi
         parts = []
         for rollout, adv, ref_logp, state, count, mask, gate in zip(rollouts, advantages, ref_logps, states, counts,
                                                                     masks, gates):
-            with sparse_forward(state):
-                with autocast:
-                    logp = score_completions(policy, rollout, state=state)  # (N, T) under the rollout's sparsity
-                old_logp = rollout.logprobs if cfg.num_iterations > 1 else None  # mu = 1: logp.detach()
-                loss, stats = grpo.grpo_loss(logp, old_logp, ref_logp, adv, mask, cfg.epsilon, cfg.epsilon_high,
-                                             beta=cfg.beta, loss_type=cfg.loss_type,
-                                             max_completion_length=cfg.max_completion_length)  # Eq. 5
-                weight = multi_gpu.loss_weight(count, total, dist)
-                objective, relaxed = weight * loss, {}
-                if state.relaxed:  # τ̃ (N,), relaxed Eq. 3 from this same forward
-                    tau_layers = state.relaxed_by_layer()  # (N, n_layers)
-                    tau_soft = tau_layers.mean(-1)  # (N,) τ̃, logged
-                    term = sparsity_term(tau_layers, gate.to(tau_soft), rollout.keep_p, cfg.sparsity_target,
-                                         cfg.sparsity_per_layer, cfg.sparsity_skip_layers).mean()
-                    relaxed = {"tau_relaxed": tau_soft.mean().item(), "sparsity_loss": coef * term.item()}
-                    if coef > 0:  # λ = 0 backpropagates exactly the GRPO loss
-                        objective = objective + coef * multi_gpu.loss_weight(len(rollout.keep_p), total_rows,
-                                                                             dist) * term
-                objective.backward()
+            with autocast:
+                logp = score_completions(policy, rollout, state=state)  # (N, T) under the rollout's sparsity
+            old_logp = rollout.logprobs if cfg.num_iterations > 1 else None  # mu = 1: logp.detach()
+            loss, stats = grpo.grpo_loss(logp, old_logp, ref_logp, adv, mask, cfg.epsilon, cfg.epsilon_high,
+                                         beta=cfg.beta, loss_type=cfg.loss_type,
+                                         max_completion_length=cfg.max_completion_length)  # Eq. 5
+            weight = multi_gpu.loss_weight(count, total, dist)
+            objective, relaxed = weight * loss, {}
+            if state.relaxed:  # τ̃ (N,), relaxed Eq. 3 from this same forward
+                tau_layers = state.relaxed_by_layer()  # (N, n_layers)
+                tau_soft = tau_layers.mean(-1)  # (N,) τ̃, logged
+                term = sparsity_term(tau_layers, gate.to(tau_soft), rollout.keep_p, cfg.sparsity_target,
+                                     cfg.sparsity_per_layer, cfg.sparsity_skip_layers).mean()
+                relaxed = {"tau_relaxed": tau_soft.mean().item(), "sparsity_loss": coef * term.item()}
+                if coef > 0:  # λ = 0 backpropagates exactly the GRPO loss
+                    objective = objective + coef * multi_gpu.loss_weight(len(rollout.keep_p), total_rows,
+                                                                         dist) * term
+            objective.backward()
             parts.append({**stats, **relaxed, "loss": weight * loss.item()})  # mean over ranks of Σ: the global loss
         grad_norm = multi_gpu.clip_grad_norm(policy.parameters(), cfg.max_grad_norm)
         optimizer.step()

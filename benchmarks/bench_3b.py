@@ -36,7 +36,7 @@ from transformers import DynamicCache, Qwen2_5_VLConfig, Qwen2_5_VLForConditiona
 
 from rollout import prefill  # noqa: E402
 from zipr1_support.mrope import continuation_positions  # noqa: E402
-from sparse_qwen import make_sparse, sparse_forward  # noqa: E402
+from sparse_qwen import make_sparse, sparse_kwargs  # noqa: E402
 
 QWEN_TOKEN_IDS = dict(bos_token_id=151643, eos_token_id=151645, vision_start_token_id=151652,
                       vision_end_token_id=151653, image_token_id=151655, video_token_id=151656)
@@ -179,9 +179,8 @@ def decode_tokens_per_s(model, inputs, steps, keep_p, device):
         state.mode = "decode"
 
         def step(tok, t):
-            with sparse_forward(state):
-                return model(input_ids=tok[:, None], position_ids=continuation_positions(next_pos, 1, t),
-                             past_key_values=state.cache, use_cache=True).logits[:, -1]
+            return model(input_ids=tok[:, None], position_ids=continuation_positions(next_pos, 1, t),
+                         past_key_values=state.cache, use_cache=True, **sparse_kwargs(state)).logits[:, -1]
     sync(device)
     start = time.perf_counter()
     for t in range(steps):

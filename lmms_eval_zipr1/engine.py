@@ -25,7 +25,7 @@ from transformers import AutoModelForImageTextToText
 from zipr1_support import media
 from rollout import SamplingConfig, full_sequence, generate
 from sparse_attention import check_keep_p
-from sparse_qwen import make_sparse, make_state, sparse_forward
+from sparse_qwen import make_sparse, make_state, sparse_kwargs
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".npy")
 
@@ -127,8 +127,8 @@ class SparseQwen:
             batch = full_sequence(self.model, SimpleNamespace(inputs=inputs, completion_ids=ids.to(self.device)))
             state = make_state(self.model, self.keep_p, mode="teacher", batch_size=1,
                                prompt_len=inputs["input_ids"].shape[1], seed=self.seed)
-            with sparse_forward(state):
-                logits = self.model(**batch, logits_to_keep=ids.shape[1] + 1).logits[0, :-1].float()  # (T, V)
+            logits = self.model(**batch, logits_to_keep=ids.shape[1] + 1,
+                                **sparse_kwargs(state)).logits[0, :-1].float()  # (T, V)
             target_ids = ids[0].to(logits.device)  # (T,)
             logp = torch.log_softmax(logits, -1).gather(-1, target_ids[:, None]).sum()
             results.append((float(logp), bool((logits.argmax(-1) == target_ids).all())))
