@@ -6,7 +6,7 @@
     state = scoring_state(policy, rollout, relaxed_temperature=0.01)  # + the relaxed τ̃ per layer, with gradient
     logp = score_completions(policy, rollout, state=state); tau_soft = state.relaxed_token_ratio()   # (B,)
     ref_logp = score_completions(reference, rollout, sparse=False)   # frozen model, full attention
-    groups = batching.split_groups(policy, rollout, n)       # one Rollout per question, e.g. as micro-batches
+    groups = split_groups(policy, rollout, n)                 # one Rollout per question, e.g. as micro-batches
 
 `inputs` is the processor's left-padded batch (input_ids, attention_mask, mm_token_type_ids, pixel_values,
 image_grid_thw, pixel_values_videos, video_grid_thw, second_per_grid_ts), or batching.repeat_prompts' form, where
@@ -16,12 +16,13 @@ to be confused with nucleus sampling's `top_p` in SamplingConfig.
 from __future__ import annotations
 
 import time
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
 
-from zipr1_support.batching import MEDIA_KEYS, check_vision_tokens
+from zipr1_support.batching import MEDIA_KEYS, VISION, check_vision_tokens, media_per_sample, take_rows
 from grpo import completion_mask, token_logprobs
 from zipr1_support.mrope import continuation_positions, prompt_positions
 from sparse_qwen import (ATTN_NAME, PrunedKVCache, SparseState, make_state, sparse_kwargs, text_config,
@@ -266,3 +267,24 @@ def score_completions(model, rollout: Rollout, sparse: bool = True, keep_p=None,
                    **sparse_kwargs(state if sparse else None)).logits[:, :-1]  # (B, T, V): completion
     logits = without_placeholders(model, logits)
     return token_logprobs(logits, rollout.completion_ids, rollout.temperature) * rollout.completion_mask
+
+
+def split_groups(model, rollout: Rollout, n: int) -> list[Rollout]:
+    """A rollout of G·n rows as G rollouts of n rows (one question's group each), e.g. as training micro-batches.
+    Each keeps only its own media, prompt columns and completion steps; scoring one equals its part of the whole."""
+    parts, prompt_len = [], rollout.inputs["input_ids"].shape[1]
+    counts = {kind: media_per_sample(model, rollout.inputs, kind) for kind in VISION}  # once, not per group
+    for start in range(0, len(rollout.keep_p), n):
+        rows = slice(start, start + n)
+        inputs = take_rows(rollout.inputs, counts, start, start + n)
+        first = prompt_len - inputs["input_ids"].shape[1]  # dropped padding columns
+        steps = max(int(rollout.completion_mask[rows].sum(-1).max()), 1)  # the group's longest completion
+        logits = rollout.step_logits[rows, :steps] if rollout.step_logits is not None else None
+        parts.append(dataclasses.replace(
+            rollout, inputs=inputs, completion_ids=rollout.completion_ids[rows, :steps],
+            completion_mask=rollout.completion_mask[rows, :steps], logprobs=rollout.logprobs[rows, :steps],
+            keep_p=rollout.keep_p[rows], kept=rollout.kept[rows], lengths=rollout.lengths[rows],
+            token_ratio=rollout.token_ratio[rows], kv_bytes=rollout.kv_bytes[rows],
+            selection=rollout.selection[rows, :, first:], step_logits=logits,
+            truncated=rollout.truncated[rows] if rollout.truncated is not None else None))
+    return parts

@@ -37,11 +37,11 @@ from zipr1_support import multi_gpu
 import grpo
 from zipr1_support import media
 import rewards
-from zipr1_support.batching import repeat_prompts, split_groups
+from zipr1_support.batching import repeat_prompts
 from learned_sparsity import sparsity_coef_at, sparsity_gates, sparsity_term
 from zipr1_support import run_dir
 from zipr1_support.run_dir import checkpoints, plot_metrics, prepare_output_dir, save_checkpoint, start_output_dir
-from rollout import SamplingConfig, generate, score_completions, scoring_state
+from rollout import SamplingConfig, generate, score_completions, scoring_state, split_groups
 from sparse_qwen import make_sparse
 from toy import TOY_CACHE, TOY_TRAIN_ROWS
 from zipr1_support.train_config import (LR_SCHEDULES, PAPER_KEEP_P_GRID, Config, ConfigError, check_config,  # noqa: F401

@@ -11,7 +11,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from zipr1_support import media
 import rollout
 import toy
-from zipr1_support.batching import repeat_prompts, split_groups
+from zipr1_support.batching import repeat_prompts
 from rollout import SamplingConfig, generate, prefill, score_completions, scoring_state
 from sparse_attention import sparse_attention
 from sparse_qwen import make_sparse
@@ -222,7 +222,7 @@ def test_a_batch_of_groups_splits_into_the_rollouts_of_each_group_alone(tiny, me
     keep_p, row_seeds = torch.tensor([0.5, 0.975, 0.7, 0.9, 0.6, 1.0]), [11, 12, 21, 22, 31, 32]
     sampling = SamplingConfig(max_new_tokens=5, temperature=0.8)
     whole = generate(model, batch(prompts), keep_p, sampling, seed=5, row_seeds=row_seeds)
-    parts = split_groups(model, whole, n)
+    parts = rollout.split_groups(model, whole, n)
     assert len(parts) == len(prompts)
     for g, (part, question) in enumerate(zip(parts, prompts)):
         rows = slice(g * n, (g + 1) * n)
