@@ -12,10 +12,8 @@ squares aligned to the 28 px visual-token grid, so they give the same token patt
 import contextlib
 import json
 import math
-import os
 import platform
 import random
-import shutil
 import time
 from pathlib import Path
 
@@ -29,6 +27,8 @@ from transformers import (AutoModelForImageTextToText, PreTrainedTokenizerFast, 
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from zipr1_support import media
+from zipr1_support.data import prompt_item
+from zipr1_support.run_dir import move_into_place, private_build_folder
 import rewards
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
@@ -227,13 +227,6 @@ def toy_examples(n, seed=0, kinds=KINDS):
     return [toy_example(kinds[i % len(kinds)], rng, index=i) for i in range(n)]
 
 
-def prompt_item(row):
-    """media.prompt_item of an in-memory toy row (its image or video frames held in the row)."""
-    images, videos = ([row["image"]] if "image" in row else []), ([row["video"]] if "video" in row else [])
-    return media.prompt_item(media.question_text(row["problem"], row["options"], row["problem_type"]), images, videos,
-                             [row.get("fps", VIDEO_FPS)] * len(videos))
-
-
 def write_toy_dataset(out_dir, n, seed=0, kinds=KINDS):
     """Video-R1 layout: out_dir/toy.jsonl + images/*.png, videos/*.webp (lossless, fps 2); "path" relative."""
     out_dir = Path(out_dir)
@@ -269,26 +262,6 @@ def rl_dataset(n: int = TOY_TRAIN_ROWS, cache: Path = TOY_CACHE) -> Path:
     """toy.jsonl of the n RL training questions (seed TOY_DATA_SEED), written once under cache; a task version, a
     folder. train.py's --dataset toy is n = TOY_TRAIN_ROWS."""
     return ensure_toy_dataset(Path(cache) / f"toy-data-v{TASK_VERSION}-{n}", n, seed=TOY_DATA_SEED)
-
-
-def private_build_folder(folder: Path) -> Path:
-    """An empty folder beside `folder`, private to this process: concurrent builders never share one."""
-    work = folder.with_name(f"{folder.name}.building-{os.getpid()}")
-    shutil.rmtree(work, ignore_errors=True)
-    return work
-
-
-def move_into_place(work: Path, folder: Path, complete) -> Path:
-    """Rename the finished build `work` to `folder`. If another process finished the same build first (complete(folder)
-    holds), its folder is kept and ours dropped; a stale folder, or one built with other settings, is replaced."""
-    try:
-        work.rename(folder)
-    except OSError:  # folder exists and is not empty
-        if not complete(folder):
-            shutil.rmtree(folder)
-            work.rename(folder)
-    shutil.rmtree(work, ignore_errors=True)
-    return folder
 
 
 # ----------------------------------------------------------------------------------------------- warm-up

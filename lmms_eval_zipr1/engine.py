@@ -48,8 +48,8 @@ def split_visuals(visuals, max_frames: int):
 
 
 def request_item(context: str, visuals, max_frames: int = 16) -> dict:
-    """media.prompt_item of a request: its media first, then the context without "<image>" placeholders."""
-    return media.prompt_item(context.replace("<image>", ""), *split_visuals(visuals, max_frames))
+    """media.chat_item of a request: its media first, then the context without "<image>" placeholders."""
+    return media.chat_item(context.replace("<image>", ""), *split_visuals(visuals, max_frames))
 
 
 def sampling_config(gen_kwargs: dict, default_max_new_tokens: int) -> SamplingConfig:

@@ -8,6 +8,7 @@ import torch
 from transformers import AttentionInterface, AutoModelForImageTextToText
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from zipr1_support import data
 from zipr1_support import media
 import rollout
 import toy
@@ -37,9 +38,9 @@ def tiny(request, tmp_path_factory):
 def items(kind):
     """Prompt batches for the cases of the issue: one image, a video, two images, a left-padded mixed batch."""
     rows = {r["kind"]: r for r in toy.toy_examples(8, seed=3)}
-    image, video = toy.prompt_item(rows["color"]), toy.prompt_item(rows["video"])
+    image, video = data.prompt_item(rows["color"]), data.prompt_item(rows["video"])
     extra = rows["shape"]["image"]
-    two = media.prompt_item(media.question_text("Which picture has more red? " * 2, ["A. first", "B. second"]),
+    two = media.chat_item(media.question_text("Which picture has more red? " * 2, ["A. first", "B. second"]),
                             [image["images"][0], extra])
     return {"image": [image], "video": [video], "two_images": [two], "padded_batch": [image, two, video]}[kind]
 
@@ -263,7 +264,7 @@ def test_the_pipeline_on_the_triton_kernels_equals_the_torch_reference(tmp_path,
     path = toy.build_tiny_model_dir(tmp_path / "model", seed=1, num_hidden_layers=2)
     model = make_sparse(AutoModelForImageTextToText.from_pretrained(path, attn_implementation="sdpa").eval())
     rows = {r["kind"]: r for r in toy.toy_examples(8, seed=3)}
-    inputs = media.encode_prompts(media.load_processor(path), [toy.prompt_item(rows[k]) for k in ("color", "shape")])
+    inputs = media.encode_prompts(media.load_processor(path), [data.prompt_item(rows[k]) for k in ("color", "shape")])
     assert not bool(inputs["attention_mask"].all())  # left padding
     keep_p, sampling = torch.tensor([0.5, 0.9]), SamplingConfig(3, do_sample=False)
     runs = {}

@@ -33,6 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from zipr1_support import media
+from zipr1_support.run_dir import write_text_atomically
 import rewards
 
 DATA_TYPES = ("image", "video")
@@ -150,11 +151,8 @@ def _read_json_cache(path: Path) -> dict:
 
 
 def _write_json_cache(path: Path, files: dict) -> None:
-    try:  # written aside, then renamed: a killed run never leaves a torn cache
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"version": 1, "files": files}))
-        os.replace(tmp, path)
+    try:  # a killed run never leaves a torn cache
+        write_text_atomically(path, json.dumps({"version": 1, "files": files}))
     except OSError:
         pass  # a read-only place: the checks are redone next time
 
@@ -237,8 +235,13 @@ def load_dataset_rows(dataset: str, media_root: str | None = None, on_bad_row: s
 
 
 def prompt_item(row: dict, max_frames: int = 16) -> dict:
-    """media.prompt_item of a row: its image or video read now (errors name the row), its question in Video-R1's
-    format."""
+    """The prompt of a row (media.chat_item): its question in Video-R1's format and its image or video, held in the
+    row (toy.toy_examples' in-memory rows: "image", or "video" frames + "fps") or read from media_path now (errors
+    name the row)."""
+    if "image" in row or "video" in row:
+        images, videos = ([row["image"]] if "image" in row else []), ([row["video"]] if "video" in row else [])
+        return media.chat_item(media.question_text(row["problem"], row["options"], row["problem_type"]), images,
+                               videos, [row["fps"]] * len(videos))
     images, videos, fps = [], [], []
     try:
         if row["data_type"] == "image":
@@ -249,8 +252,8 @@ def prompt_item(row: dict, max_frames: int = 16) -> dict:
             fps.append(rate)
     except (OSError, ValueError) as err:
         raise DatasetError(f"row {row['row']}: {err}", row=row["row"]) from None
-    return media.prompt_item(media.question_text(row["problem"], row["options"], row["problem_type"]), images,
-                             videos, fps)
+    return media.chat_item(media.question_text(row["problem"], row["options"], row["problem_type"]), images,
+                           videos, fps)
 
 
 def replace_bad_rows(indices: list[int], rows: list[dict], bad) -> list[int]:

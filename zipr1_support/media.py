@@ -251,12 +251,12 @@ def question_text(problem, options=None, problem_type=None) -> str:
     return f"{question}\n{TYPE_TEMPLATE[problem_type]}"
 
 
-def prompt_item(text, images=(), videos=(), fps=None, system=None) -> dict:
+def chat_item(text, images=(), videos=(), fps=None, system=None) -> dict:
     """One prompt for `encode_prompts`: {"messages", "images", "videos", "fps"}.
 
     messages: Qwen chat messages, one user turn of the media entries first (images, then videos) and then `text`
     (after an optional system turn). images: PIL images; videos: lists of PIL frames; fps: one per video
-    (default DEFAULT_FPS). data.py, toy.py and the lmms-eval engine gather their media and build prompts here.
+    (default DEFAULT_FPS). data.prompt_item (dataset and toy rows) and the lmms-eval engine build their prompts here.
     """
     images, videos = list(images), list(videos)
     content = [{"type": "image"} for _ in images] + [{"type": "video"} for _ in videos]

@@ -28,6 +28,39 @@ from zipr1_support import multi_gpu
 
 DEFAULT_OUTPUT_DIR = "outputs/zipr1"  # train.py's run folder (Config.output_dir); eval.py finds ZipR1 there
 
+
+# ----------------------------------------------------------------------------------------------- atomic writes
+# Every file or folder the code writes for later reuse is written aside, then renamed into place: a killed run
+# never leaves a torn one, and concurrent writers never write into each other's files.
+def write_text_atomically(path: Path, text: str) -> None:
+    """path's text replaced in one rename: written to a file private to this process beside it first."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def private_build_folder(folder: Path) -> Path:
+    """An empty folder beside `folder`, private to this process: concurrent builders never share one."""
+    work = folder.with_name(f"{folder.name}.building-{os.getpid()}")
+    shutil.rmtree(work, ignore_errors=True)
+    return work
+
+
+def move_into_place(work: Path, folder: Path, complete=lambda folder: False) -> Path:
+    """Rename the finished build `work` to `folder`. If another process finished the same build first (complete(folder)
+    holds), its folder is kept and ours dropped; a stale folder, or one built with other settings, is replaced."""
+    try:
+        work.rename(folder)
+    except OSError:  # folder exists and is not empty
+        if not complete(folder):
+            shutil.rmtree(folder)
+            work.rename(folder)
+    shutil.rmtree(work, ignore_errors=True)
+    return folder
+
+
 def checkpoints(output_dir: Path) -> list[Path]:
     """checkpoint-<step> folders of a run, oldest first."""
     found = [p for p in output_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
@@ -57,9 +90,7 @@ def save_checkpoint(policy, processor, optimizer, cfg, step: int, dist=multi_gpu
         processor.save_pretrained(tmp)
         torch.save({"step": step, "optimizer": optimizer_state, "config": dataclasses.asdict(cfg)},
                    tmp / "trainer_state.pt")
-        if path.exists():  # a step saved again (resumed before it): the new one replaces it
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+        move_into_place(tmp, path)  # a step saved again (resumed before it): the new one replaces it
         for old in checkpoints(output_dir)[:-cfg.save_total_limit]:
             shutil.rmtree(old)
     multi_gpu.barrier(dist)
@@ -203,9 +234,7 @@ def start_output_dir(cfg, resume_from: Path | None, kept: list[dict]) -> None:
     for stale in output_dir.glob("checkpoint-*.tmp"):  # a save that was killed
         shutil.rmtree(stale)
     if resume_from is not None and metrics_path.is_file():
-        tmp = metrics_path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(m) + "\n" for m in kept))
-        os.replace(tmp, metrics_path)
+        write_text_atomically(metrics_path, "".join(json.dumps(m) + "\n" for m in kept))
     if resume_from is None and cfg.overwrite_output_dir:
         for old in checkpoints(output_dir):
             shutil.rmtree(old)
