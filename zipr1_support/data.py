@@ -18,13 +18,15 @@ caches each result by the file's (size, mtime_ns) in a JSON file (`media_check_c
 the media root, or under ~/.cache/zipr1 when that is not writable), so a second load of 260k rows is a few stats.
 `on_bad_row="error"` raises one `DatasetError` naming the row; `"skip"` drops the row and records why:
 `Rows.skipped` always says how many were dropped. Media that passes the cheap check but fails when read in full is
-a DatasetError from `prompt_item` carrying `.row`; train.py records such rows (see `replace_bad_rows`).
+a DatasetError from `prompt_item` carrying `.row`; `step_on_readable_rows` records such rows for train.py (see
+`replace_bad_rows`).
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 from zipr1_support import media
+from zipr1_support import multi_gpu, run_dir
 from zipr1_support.run_dir import write_text_atomically
 import rewards
 
@@ -286,3 +289,30 @@ def question_indices(num_rows: int, step: int, per_step: int, seed: int) -> list
         picked += order[offset:offset + per_step - len(picked)].tolist()
     return picked
 
+
+def step_on_readable_rows(train_step, table: Rows, bad: dict, cfg, step: int, dist) -> dict:
+    """train_step(rows, first) on step `step`'s questions for this rank, rows in `bad` replaced (replace_bad_rows):
+    `first` is the place of the rank's first question in the step's global list. A row whose media fails now joins
+    `bad` and the step is redone without it (skip_bad_row; nothing was updated yet), or the run stops."""
+    while True:
+        indices = question_indices(len(table), step, cfg.per_step_questions, cfg.seed)
+        indices = replace_bad_rows(indices, table.rows, bad)
+        mine = multi_gpu.rank_questions(len(indices), dist)  # whole groups: this rank's block of questions
+        try:
+            return train_step([table.rows[indices[q]] for q in mine], mine.start)
+        except DatasetError as err:
+            if err.row is None or err.row in bad:
+                raise
+            bad[err.row] = str(err)
+            skip_bad_row(cfg, err, step, dist)
+
+
+def skip_bad_row(cfg, err: DatasetError, step: int, dist) -> None:
+    """A row whose media failed while sampling step `step`: recorded in output_dir/bad_rows.jsonl (a resume or a
+    rerun in that folder replaces it, see replace_bad_rows); then skipped with one line, or the run stops."""
+    where = run_dir.record_bad_row(Path(cfg.output_dir), err.row, str(err), step + 1)
+    if not cfg.skip_bad_rows or dist.enabled:  # ranks cannot agree on a replacement mid-step: stop them all
+        hint = "" if cfg.skip_bad_rows else "; --skip_bad_rows replaces such rows as they come"
+        raise DatasetError(f"step {step + 1}: {err}: recorded in {where}, --resume_from_checkpoint continues "
+                           f"without it{hint}", row=err.row) from None
+    tqdm.write(f"skipping {err} (step {step + 1}; recorded in {where})", file=sys.stderr)

@@ -239,3 +239,34 @@ def start_output_dir(cfg, resume_from: Path | None, kept: list[dict]) -> None:
         for old in checkpoints(output_dir):
             shutil.rmtree(old)
         metrics_path.unlink(missing_ok=True)
+
+
+def load_trainer_state(resume_from: Path, policy, optimizer, cfg, dist=multi_gpu.SINGLE) -> int:
+    """The optimizer state of checkpoint `resume_from` loaded into `optimizer` (each rank its shard); returns its step.
+    Says in one line when the settings changed since (not a replay) or when there is nothing left to do."""
+    state = torch.load(resume_from / "trainer_state.pt", map_location="cpu", weights_only=False,
+                       mmap=True)  # ranks share the file's pages; each keeps only its shard
+    multi_gpu.load_optimizer_state(policy, optimizer, state["optimizer"], dist)
+    changed = [k for k, v in dataclasses.asdict(cfg).items()
+               if k not in ("max_steps", "resume_from_checkpoint", "disable_tqdm") and state["config"].get(k) != v]
+    if changed and dist.is_main:
+        print(f"warning: resuming {resume_from} with changed settings {changed}: not a replay", file=sys.stderr)
+    if state["step"] == cfg.max_steps and dist.is_main:
+        print(f"nothing to do: {resume_from} is at --max_steps {cfg.max_steps}", file=sys.stderr)
+    return state["step"]
+
+
+def append_metrics(path: Path, metrics: dict) -> None:
+    """One line of metrics.jsonl, opened per step: a failed start leaves no empty log."""
+    with open(path, "a") as log:
+        log.write(json.dumps(metrics) + "\n")
+
+
+def interrupted(cfg) -> str:
+    """The one line printed on Ctrl-C: how to continue."""
+    found = [c for c in checkpoints(Path(cfg.output_dir)) if checkpoint_problem(c) is None] \
+        if cfg is not None else []
+    if not found:
+        return "interrupted before the first checkpoint: nothing to resume (rerun the command to start over)"
+    return (f"interrupted: the last checkpoint is {found[-1]}; run the same command with --resume_from_checkpoint "
+            f"to continue from it")

@@ -18,10 +18,11 @@ from typing import Literal
 import torch
 from transformers.hf_argparser import HfArg
 
-from zipr1_support import cli
+from zipr1_support import cli, media
 import grpo
 from zipr1_support.run_dir import DEFAULT_OUTPUT_DIR, checkpoints
-from toy import TOY_PRESET
+import toy
+from toy import TOY_CACHE, TOY_PRESET, TOY_TRAIN_ROWS
 
 SPARSITY_GATES = ("group", "answer", "none")
 LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")  # of transformers.get_scheduler
@@ -232,3 +233,24 @@ def check_same_vocabulary(model_dir: str, reference_dir: str) -> None:
     if sizes[0] != sizes[1]:
         raise ConfigError(f"--ref_model {reference_dir} has a vocabulary of {sizes[1]} tokens, the model "
                           f"{model_dir} {sizes[0]}: the KL term needs the same tokenizer")
+
+
+def resolve_sources(cfg: Config) -> tuple[str, str, str]:
+    """(model directory, dataset, reference directory) with "toy" replaced by the cached warmed-up tiny model and
+    written toy data; the reference is the model's directory unless --ref_model names another."""
+    model = resolve_model(cfg.model, cfg)
+    reference = model if cfg.ref_model in (None, cfg.model) else resolve_model(cfg.ref_model, cfg)
+    dataset = cfg.dataset
+    if dataset == "toy":
+        dataset = str(toy.rl_dataset(TOY_TRAIN_ROWS, TOY_CACHE))  # a new task version: new data
+    return model, dataset, reference
+
+
+def resolve_model(name: str, cfg: Config) -> str:
+    """A model folder on disk: "toy" is the shipped (or cached) warmed-up tiny model; otherwise a local directory or
+    a hub id in the local cache (ModelNotAvailable, one line, when not on disk offline)."""
+    if name == "toy":
+        return str(toy.ensure_toy_model(TOY_CACHE / "toy-model", progress=not cfg.disable_tqdm))
+    folder = str(media.resolve_model_dir(name))
+    media.check_model_dir(folder)  # empty folder, torn config.json, no weights: one line, before loading
+    return folder
