@@ -1,4 +1,4 @@
-"""Learned sparsity: the loss term that gives the efficiency reward a gradient (README "Learned sparsity").
+"""Learned sparsity: the loss term that gives the efficiency reward a gradient (docs/learned_sparsity.md).
 
 The literal ZipR1 reward C·(1 − τ_n) cannot move τ: τ_n does not depend on the sampled answer (no score-function
 gradient) and Eq. 3's hard count is piecewise constant (no pathwise gradient). train.py therefore adds

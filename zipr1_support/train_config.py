@@ -4,7 +4,7 @@
     cfg = check_config(Config(model="toy", max_steps=10))                                   # from Python
 
 One dataclass, one flag per field (transformers' HfArgumentParser, see cli.py), names as in TRL's GRPOConfig where
-TRL has the concept (README: "Settings and TRL"). `check_config` gives one clear error per setting that cannot work,
+TRL has the concept (docs/settings.md). `check_config` gives one clear error per setting that cannot work,
 before anything loads; `check_sources` what the loaded data and model folder allow.
 """
 from __future__ import annotations
@@ -39,7 +39,7 @@ OPTIONAL_BOOL = {"nargs": "?", "const": True}  # `--bf16` alone means true; unse
 @dataclass
 class Config:
     """Every setting of a run; the command line has one flag per field (`python train.py --help`). Names follow TRL's
-    GRPOConfig where TRL has the concept (README: "Settings and TRL")."""
+    GRPOConfig where TRL has the concept (docs/settings.md)."""
 
     # model and data
     model: str = HfArg(default="toy", help="HF hub id in the local cache, or a local directory; 'toy': the offline "
@@ -59,7 +59,7 @@ class Config:
     keep_p_uniform: bool = HfArg(default=False, help="instead draw p = 1 - u (1 - keep_p_low), u ~ U[0, 1)")
     keep_p_low: float = HfArg(default=0.0, help="lower end of the uniform p; 0 is the method text's U(0, 1)")
     gate_efficiency: bool = HfArg(default=True, help="C: no efficiency reward for an all-wrong group")
-    # learned sparsity: λ·C·max(τ̃ − target, 0) joins the loss, τ̃ the relaxed Eq. 3 count (README); λ = 0 is the
+    # learned sparsity: λ·C·max(τ̃ − target, 0) joins the loss, τ̃ the relaxed Eq. 3 count (docs/learned_sparsity.md); λ = 0 is the
     # paper's literal objective (τ̃ is still logged)
     sparsity_coef: float = HfArg(default=0.0, help="λ of the learned-sparsity term; 0: the paper's literal recipe")
     sparsity_temperature: float = HfArg(default=0.01, help="T of the smooth count σ((p − c_{i−1}) / T)")
@@ -83,7 +83,7 @@ class Config:
                                                                  "without EOS out of the loss")
     num_iterations: int = HfArg(default=1, help="mu: updates per rollout batch; > 1 uses the rollout's log-probs "
                                                 "as pi_old")
-    # batches: TRL counts completions, we count questions (README: "Settings and TRL")
+    # batches: TRL counts completions, we count questions (docs/settings.md)
     per_step_questions: int = HfArg(default=1, help="G questions per optimizer step (G * N completions)")
     generation_batch_size: int = HfArg(default=0, help="TRL's name: completions per step, G * N; sets "
                                                        "per_step_questions when given")
