@@ -244,7 +244,8 @@ def scoring_state(model, rollout: Rollout, keep_p=None, relaxed_temperature: flo
 
     Build it once and hand it to `score_completions`: the forward, the gradient-checkpoint recomputation in
     `.backward()` (which re-runs with the same call keywords) and the relaxed τ̃ (`relaxed_temperature`: sparse_qwen)
-    then all read one state. After the forward it holds the selections and τ̃ per layer (`state.relaxed_token_ratio()`).
+    then all read one state. After the forward it holds the selections and τ̃ per layer
+    (`state.relaxed_token_ratio()`).
     """
     return make_state(model, rollout.keep_p if keep_p is None else keep_p, mode="teacher",
                       batch_size=len(rollout.keep_p), prompt_len=rollout.inputs["input_ids"].shape[1],

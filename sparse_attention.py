@@ -3,9 +3,10 @@
 Notation (paper): a layer sees ℓ tokens with queries Q, keys K, values V. Binary indicators m_Q, m_K ∈ {0,1}^ℓ pick
 the query and key tokens that take part in attention:
 
-    M_Q = m_Q·1ᵀ,   M_K = m_K·1ᵀ                                                    (Eq. 1)
-    Ô = σ((Q⊙M_Q)(K⊙M_K)ᵀ/√d) V,  read as  Ô[m_Q] = softmax(Q[m_Q] K[m_K]ᵀ/√d + causal) V[m_K]   (Eq. 2)
-    b = ‖M_Q‖₀/d + ‖M_K‖₀/d = |m_Q| + |m_K|,   τ = b / (2ℓ)  (= k/ℓ when m_Q = m_K)    (§2.1; τ is ours)
+    M_Q = m_Q·1ᵀ,   M_K = m_K·1ᵀ                                                         (Eq. 1)
+    Ô = σ((Q⊙M_Q)(K⊙M_K)ᵀ/√d) V,
+      read as  Ô[m_Q] = softmax(Q[m_Q] K[m_K]ᵀ/√d + causal) V[m_K]                       (Eq. 2)
+    b = ‖M_Q‖₀/d + ‖M_K‖₀/d = |m_Q| + |m_K|,   τ = b/(2ℓ)  (= k/ℓ when m_Q = m_K)      (§2.1; τ is ours)
 
 Semantics the paper leaves open, fixed here:
   * an unselected key is excluded from every softmax (it is not in K[m_K]);
@@ -54,7 +55,7 @@ def check_keep_p(keep_p, batch_size: int, device=None) -> torch.Tensor:
 
 
 def causal_key_mask(m_q: torch.Tensor, m_k: torch.Tensor) -> torch.Tensor:
-    """Which (query, key) pairs Eq. 1's masks let attend: query i selected, key j selected, j ≤ i.  (B, 1, Lq, Lk) bool."""
+    """Which (query, key) pairs Eq. 1's masks let attend: query i and key j selected, j ≤ i.  (B, 1, Lq, Lk) bool"""
     lq, lk = m_q.shape[-1], m_k.shape[-1]
     causal = torch.ones(lq, lk, dtype=torch.bool, device=m_q.device).tril(lk - lq)  # (Lq, Lk)
     return causal & m_q[:, None, :, None] & m_k[:, None, None, :]  # (B, 1, Lq, Lk)

@@ -9,7 +9,7 @@ group-contiguous, reads as the paper's algorithm:
   1. sample a threshold p_n per answer: the paper's grid, cycled, or p ~ U(keep_p_low, 1]
   2. sparse rollout: Top-p selection per layer (Eq. 1-3), record the token ratio τ_n = b/(2ℓ) (§2.1)
   3. rewards r = r_acc + C·(1 − τ), C = 1 iff some answer of the group is right              (rewards.py)
-  4. advantages A = (r − mean) / std within each group                                            (Eq. 4)
+  4. advantages A = (r − mean) / std within each group                                          (Eq. 4)
   5. loss: the clipped surrogate − β·KL(π_θ ‖ π_ref), the policy scored under the rollout's sparsity, the frozen
      reference under dense attention (Eq. 5); + λ·C·max(τ̃ − τ*, 0), τ̃ the relaxed Eq. 3 count of the same
      forward (learned_sparsity.py; λ = 0 is the paper's literal objective)
@@ -35,8 +35,8 @@ from rollout import SamplingConfig, generate, score_completions, scoring_state, 
 from sparse_qwen import make_sparse
 from zipr1_support import data, media, multi_gpu, run_dir
 from zipr1_support.batching import repeat_prompts
-from zipr1_support.train_config import (LR_SCHEDULES, PAPER_KEEP_P_GRID, Config, ConfigError, check_config,  # noqa: F401
-                                        check_sources, parse_config, resolve_sources)
+from zipr1_support.train_config import (  # noqa: F401 (LR_SCHEDULES, PAPER_KEEP_P_GRID, check_config: train.X)
+    LR_SCHEDULES, PAPER_KEEP_P_GRID, Config, ConfigError, check_config, check_sources, parse_config, resolve_sources)
 
 
 # ----------------------------------------------------------------------------------------------- setup

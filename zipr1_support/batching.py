@@ -1,5 +1,6 @@
 """The images and videos of a prompt batch: how many each row holds, every prompt n times with its media encoded
-once (a GRPO group), and rows cut out with their own media (rollout.split_groups cuts a rollout into one part per question with them).
+once (a GRPO group), and rows cut out with their own media (with which rollout.split_groups cuts a rollout into
+one part per question).
 
 A batch is the processor's left-padded dict (media.encode_prompts): input_ids, attention_mask, mm_token_type_ids
 (B, P), and per kind the pixels of every item in order (pixel_values / pixel_values_videos, rows = patches) with one

@@ -59,8 +59,8 @@ class Config:
     keep_p_uniform: bool = HfArg(default=False, help="instead draw p = 1 - u (1 - keep_p_low), u ~ U[0, 1)")
     keep_p_low: float = HfArg(default=0.0, help="lower end of the uniform p; 0 is the method text's U(0, 1)")
     gate_efficiency: bool = HfArg(default=True, help="C: no efficiency reward for an all-wrong group")
-    # learned sparsity: λ·C·max(τ̃ − target, 0) joins the loss, τ̃ the relaxed Eq. 3 count (docs/learned_sparsity.md); λ = 0 is the
-    # paper's literal objective (τ̃ is still logged)
+    # learned sparsity: λ·C·max(τ̃ − target, 0) joins the loss, τ̃ the relaxed Eq. 3 count (docs/learned_sparsity.md);
+    # λ = 0 is the paper's literal objective (τ̃ is still logged)
     sparsity_coef: float = HfArg(default=0.0, help="λ of the learned-sparsity term; 0: the paper's literal recipe")
     sparsity_temperature: float = HfArg(default=0.01, help="T of the smooth count σ((p − c_{i−1}) / T)")
     sparsity_gate: Literal["group", "answer", "none"] = HfArg(
