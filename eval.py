@@ -7,7 +7,7 @@
 Methods, on the same encoded questions: Full = the base model with stock "sdpa" attention (τ = 1); ZipVL = the same
 weights with Top-p sparse attention at keep_p (Eq. 1-3) and a pruned KV cache; ZipR1 = the RL-trained checkpoint
 (--zipr1, else the newest train.py wrote) with the same sparse attention. Per method: accuracy (rewards.py, greedy
-answers), τ = mean_j k_j / ℓ (Eq. 2), KV bytes per question after prefill (Σ_j k_j·2·Hkv·d·bytes, k_j = ℓ for Full,
+answers), τ = mean_j k_j / ℓ (§2.1), KV bytes per question after prefill (Σ_j k_j·2·Hkv·d·bytes, k_j = ℓ for Full,
 read from the caches), prefill ms per batch and decode tokens/s (medians over batches), also as ratios to Full.
 Timing is HF-`generate`-free and one loop for all methods, rollout.generate's (timed=True): a prefill forward over
 the batch, timed alone, then greedy one-token forwards against the cache, timed alone; ZipVL and ZipR1 decode from
@@ -30,15 +30,15 @@ import torch
 from transformers import AutoConfig, AutoModelForImageTextToText
 from transformers.hf_argparser import HfArg
 
-import cli
-import data
-import media
+from zipr1_support import cli
+from zipr1_support import data
+from zipr1_support import media
 import rewards
-import run_dir  # checkpoint-<step> folders of a training run, train.py's default folder
+from zipr1_support import run_dir  # checkpoint-<step> folders of a training run, train.py's default folder
 import toy  # the offline default: toy model, questions, train.py's toy run folder
-from media_files import (FPS, FPS_MAX_FRAMES, FPS_MIN_FRAMES, MAX_PIXELS, MIN_PIXELS, VIDEO_MAX_PIXELS,
-                         VIDEO_MIN_PIXELS, input_sizes)
-from pictures import kept_token_picture, pareto_plot
+from zipr1_support.media_files import (FPS, FPS_MAX_FRAMES, FPS_MIN_FRAMES, MAX_PIXELS, MIN_PIXELS,
+                                       VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS, input_sizes)
+from zipr1_support.pictures import kept_token_picture, pareto_plot
 from rollout import SamplingConfig, generate
 from sparse_attention import check_keep_p
 from sparse_qwen import check_transformers, make_sparse

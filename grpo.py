@@ -146,9 +146,7 @@ def grpo_loss(
     Returns (loss, stats): stats has kl (masked mean k3, nan without ref_logp), clip_fraction (masked tokens whose
     clip was active: rho < 1-eps with A < 0, or rho > 1+eps_high with A > 0), its _low/_high parts, ratio_mean.
     """
-    epsilon_high = epsilon if epsilon_high is None else epsilon_high
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {LOSS_TYPES}")
+    epsilon_high = epsilon if epsilon_high is None else epsilon_high  # loss_type is checked by loss_normalizer
     if not (0 <= epsilon < 1 and epsilon_high >= 0 and beta >= 0):
         raise ValueError(f"need 0 <= epsilon < 1, epsilon_high >= 0, beta >= 0; got {epsilon}, {epsilon_high}, {beta}")
     for name, t in (("old_logp", old_logp), ("ref_logp", ref_logp), ("mask", mask)):

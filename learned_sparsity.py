@@ -1,4 +1,4 @@
-"""Learned sparsity: the loss term that gives the efficiency reward a gradient (README "Learned sparsity").
+"""Learned sparsity: the loss term that gives the efficiency reward a gradient (docs/learned_sparsity.md).
 
 The literal ZipR1 reward C·(1 − τ_n) cannot move τ: τ_n does not depend on the sampled answer (no score-function
 gradient) and Eq. 3's hard count is piecewise constant (no pathwise gradient). train.py therefore adds
@@ -12,20 +12,19 @@ from __future__ import annotations
 
 import torch
 
-from train_config import Config
+
+def sparsity_coef_at(coef: float, warmup_steps: int, step: int) -> float:
+    """λ at this step: coef, ramped linearly over the first warmup_steps (0: no ramp)."""
+    ramp = 1.0 if warmup_steps == 0 else min(1.0, (step + 1) / warmup_steps)
+    return coef * ramp
 
 
-def sparsity_coef_at(cfg: Config, step: int) -> float:
-    """λ at this step: cfg.sparsity_coef, ramped linearly over the first sparsity_warmup_steps."""
-    ramp = 1.0 if cfg.sparsity_warmup_steps == 0 else min(1.0, (step + 1) / cfg.sparsity_warmup_steps)
-    return cfg.sparsity_coef * ramp
-
-
-def sparsity_gates(cfg: Config, parts: dict, acc: torch.Tensor) -> torch.Tensor:
-    """C per rollout row for the sparsity term: the reward's group gate, the row's own correctness, or 1.  (G*N,)"""
-    correct = (acc >= cfg.gate_threshold).float()  # binary acc: acc itself; graded: scored at least the threshold
-    return {"group": parts["gate"], "answer": correct, "none": torch.ones_like(acc, dtype=torch.float32)}[
-        cfg.sparsity_gate]
+def sparsity_gates(kind: str, parts: dict, acc: torch.Tensor, threshold: float = 1.0) -> torch.Tensor:
+    """C per rollout row for the sparsity term: the reward's group gate ("group"), the row's own correctness
+    ("answer": acc >= threshold, so binary acc is acc itself and a graded one counts from the threshold), or 1
+    ("none").  (G*N,)"""
+    correct = (acc >= threshold).float()
+    return {"group": parts["gate"], "answer": correct, "none": torch.ones_like(acc, dtype=torch.float32)}[kind]
 
 
 def sparsity_term(tau_layers: torch.Tensor, gate: torch.Tensor, keep_p: torch.Tensor, target: float,

@@ -6,7 +6,7 @@
     state = scoring_state(policy, rollout, relaxed_temperature=0.01)  # + the relaxed τ̃ per layer, with gradient
     logp = score_completions(policy, rollout, state=state); tau_soft = state.relaxed_token_ratio()   # (B,)
     ref_logp = score_completions(reference, rollout, sparse=False)   # frozen model, full attention
-    groups = batching.split_groups(policy, rollout, n)       # one Rollout per question, e.g. as micro-batches
+    groups = split_groups(policy, rollout, n)                 # one Rollout per question, e.g. as micro-batches
 
 `inputs` is the processor's left-padded batch (input_ids, attention_mask, mm_token_type_ids, pixel_values,
 image_grid_thw, pixel_values_videos, video_grid_thw, second_per_grid_ts), or batching.repeat_prompts' form, where
@@ -15,17 +15,17 @@ to be confused with nucleus sampling's `top_p` in SamplingConfig.
 """
 from __future__ import annotations
 
-import contextlib
 import time
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
 
-from batching import MEDIA_KEYS, check_vision_tokens
+from zipr1_support.batching import MEDIA_KEYS, VISION, check_vision_tokens, media_per_sample, take_rows
 from grpo import completion_mask, token_logprobs
-from mrope import continuation_positions, prompt_positions
-from sparse_qwen import (ATTN_NAME, PrunedKVCache, SparseState, make_state, sparse_forward, text_config,
+from zipr1_support.mrope import continuation_positions, prompt_positions
+from sparse_qwen import (ATTN_NAME, PrunedKVCache, SparseState, make_state, sparse_kwargs, text_config,
                          token_kv_bytes)
 
 
@@ -133,9 +133,8 @@ def prefill(model, inputs, keep_p, seed: int = 0):
     cache = PrunedKVCache(text_config(model))
     state = make_state(model, keep_p, batch_size=inputs["input_ids"].shape[0], cache=cache, seed=seed)
     positions, next_pos = prompt_positions(model, inputs)  # (3, B, P), (B,)
-    with sparse_forward(state):
-        logits = model(**inputs, position_ids=positions, past_key_values=cache, use_cache=True,
-                       logits_to_keep=1).logits[:, -1]  # (B, V)
+    logits = model(**inputs, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1,
+                   **sparse_kwargs(state)).logits[:, -1]  # (B, V)
     return logits, state, next_pos
 
 
@@ -157,7 +156,7 @@ def dense_prefill(model, inputs):
 
 
 def sparse_record(state) -> dict:
-    """The Rollout fields a sparse prefill determines: thresholds, k_j, ℓ, τ (Eq. 2), KV bytes, selections."""
+    """The Rollout fields a sparse prefill determines: thresholds, k_j, ℓ, τ (§2.1), KV bytes, selections."""
     return dict(keep_p=state.keep_p, kept=state.kept(), lengths=state.lengths(), token_ratio=state.token_ratio(),
                 kv_bytes=state.cache.kv_bytes(), selection=state.selection_masks())
 
@@ -215,9 +214,9 @@ def generate(model, inputs, keep_p, sampling: SamplingConfig = SamplingConfig(),
             break
         if mask is not None:
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)  # (B, P+t+1)
-        with contextlib.nullcontext() if state is None else sparse_forward(state):
-            logits = model(input_ids=token[:, None], position_ids=continuation_positions(next_pos, 1, t),
-                           attention_mask=mask, past_key_values=cache, use_cache=True).logits[:, -1]  # (B, V)
+        logits = model(input_ids=token[:, None], position_ids=continuation_positions(next_pos, 1, t),
+                       attention_mask=mask, past_key_values=cache, use_cache=True,
+                       **sparse_kwargs(state)).logits[:, -1]  # (B, V)
     timing = Timing(prefill_s, clock(device) - start, bsz * (len(tokens) - 1)) if timed else None
     completion = torch.stack(tokens, 1)  # (B, T)
     valid = completion_mask(completion, eos.tolist(), None)  # (B, T)
@@ -243,9 +242,10 @@ def scoring_state(model, rollout: Rollout, keep_p=None, relaxed_temperature: flo
                   relaxed_grad: bool = True) -> SparseState:
     """The SparseState of a teacher-forced scoring of `rollout`: its keep_p (or `keep_p`), probe seed, prompt length.
 
-    Build it once and hand the same one to `score_completions` and to `sparse_forward` around `.backward()`: the
-    forward, the gradient-checkpoint recomputation and the relaxed τ̃ (`relaxed_temperature`: sparse_qwen) then all
-    read one state. After the forward it holds the selections and τ̃ per layer (`state.relaxed_token_ratio()`).
+    Build it once and hand it to `score_completions`: the forward, the gradient-checkpoint recomputation in
+    `.backward()` (which re-runs with the same call keywords) and the relaxed τ̃ (`relaxed_temperature`: sparse_qwen)
+    then all read one state. After the forward it holds the selections and τ̃ per layer
+    (`state.relaxed_token_ratio()`).
     """
     return make_state(model, rollout.keep_p if keep_p is None else keep_p, mode="teacher",
                       batch_size=len(rollout.keep_p), prompt_len=rollout.inputs["input_ids"].shape[1],
@@ -262,10 +262,30 @@ def score_completions(model, rollout: Rollout, sparse: bool = True, keep_p=None,
     sparse=False: plain forward (the full-attention reference model). Gradients flow unless under no_grad.
     """
     batch, steps = full_sequence(model, rollout), rollout.completion_ids.shape[1]
-    context = contextlib.nullcontext()
     if sparse:
-        context = sparse_forward(scoring_state(model, rollout, keep_p) if state is None else state)
-    with context:
-        logits = model(**batch, use_cache=False, logits_to_keep=steps + 1).logits[:, :-1]  # (B, T, V): completion
+        state = scoring_state(model, rollout, keep_p) if state is None else state
+    logits = model(**batch, use_cache=False, logits_to_keep=steps + 1,
+                   **sparse_kwargs(state if sparse else None)).logits[:, :-1]  # (B, T, V): completion
     logits = without_placeholders(model, logits)
     return token_logprobs(logits, rollout.completion_ids, rollout.temperature) * rollout.completion_mask
+
+
+def split_groups(model, rollout: Rollout, n: int) -> list[Rollout]:
+    """A rollout of G·n rows as G rollouts of n rows (one question's group each), e.g. as training micro-batches.
+    Each keeps only its own media, prompt columns and completion steps; scoring one equals its part of the whole."""
+    parts, prompt_len = [], rollout.inputs["input_ids"].shape[1]
+    counts = {kind: media_per_sample(model, rollout.inputs, kind) for kind in VISION}  # once, not per group
+    for start in range(0, len(rollout.keep_p), n):
+        rows = slice(start, start + n)
+        inputs = take_rows(rollout.inputs, counts, start, start + n)
+        first = prompt_len - inputs["input_ids"].shape[1]  # dropped padding columns
+        steps = max(int(rollout.completion_mask[rows].sum(-1).max()), 1)  # the group's longest completion
+        logits = rollout.step_logits[rows, :steps] if rollout.step_logits is not None else None
+        parts.append(dataclasses.replace(
+            rollout, inputs=inputs, completion_ids=rollout.completion_ids[rows, :steps],
+            completion_mask=rollout.completion_mask[rows, :steps], logprobs=rollout.logprobs[rows, :steps],
+            keep_p=rollout.keep_p[rows], kept=rollout.kept[rows], lengths=rollout.lengths[rows],
+            token_ratio=rollout.token_ratio[rows], kv_bytes=rollout.kv_bytes[rows],
+            selection=rollout.selection[rows, :, first:], step_logits=logits,
+            truncated=rollout.truncated[rows] if rollout.truncated is not None else None))
+    return parts

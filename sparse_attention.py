@@ -1,10 +1,12 @@
-"""Token-level sparse attention (ZipR1 Eq. 1-2) and the ZipVL Top-p mask solve (Eq. 3).
+"""Token-level sparse attention (ZipR1 Eq. 1-2), its token budget (§2.1) and the ZipVL Top-p mask solve (Eq. 3).
 
 Notation (paper): a layer sees ℓ tokens with queries Q, keys K, values V. Binary indicators m_Q, m_K ∈ {0,1}^ℓ pick
 the query and key tokens that take part in attention:
 
-    O[m_Q] = softmax(Q[m_Q] K[m_K]^T / sqrt(d) + causal) V[m_K]          (Eq. 1)
-    b = |m_Q| + |m_K|,   per-layer ratio b / (2ℓ)  (= k/ℓ when m_Q = m_K)   (Eq. 2)
+    M_Q = m_Q·1ᵀ,   M_K = m_K·1ᵀ                                                         (Eq. 1)
+    Ô = σ((Q⊙M_Q)(K⊙M_K)ᵀ/√d) V,
+      read as  Ô[m_Q] = softmax(Q[m_Q] K[m_K]ᵀ/√d + causal) V[m_K]                       (Eq. 2)
+    b = ‖M_Q‖₀/d + ‖M_K‖₀/d = |m_Q| + |m_K|,   τ = b/(2ℓ)  (= k/ℓ when m_Q = m_K)      (§2.1; τ is ours)
 
 Semantics the paper leaves open, fixed here:
   * an unselected key is excluded from every softmax (it is not in K[m_K]);
@@ -26,10 +28,6 @@ queries, so raw sums favour them). One token set per layer and sample, shared by
 Eq. 3, relaxed (smooth count), the learned-sparsity term of train.py: with c the cumulative sum of the normalised
 column mass sorted descending (c_0 = 0), k̃ = Σ_{i ≤ ℓ} σ((p − c_{i−1}) / T) → k as T → 0, differentiable in the probe
 scores; τ̃ = mean_j k̃_j / ℓ. The selection keeps the no-grad hard count; τ̃ is computed beside it.
-
-Error bound: for a query row whose kept keys hold mass P of its attention, renormalising over the kept keys moves its
-output by at most 2(1 − P)·max_j ‖v_j‖ (dropped mass (1−P) plus the rescale of the kept part); with P ≥ p this is the
-(1 − p)·‖V‖-type bound of the paper (its constant depends on the norm used).
 """
 from __future__ import annotations
 
@@ -57,14 +55,14 @@ def check_keep_p(keep_p, batch_size: int, device=None) -> torch.Tensor:
 
 
 def causal_key_mask(m_q: torch.Tensor, m_k: torch.Tensor) -> torch.Tensor:
-    """Which (query, key) pairs Eq. 1 lets attend: query i selected, key j selected, j ≤ i.  (B, 1, Lq, Lk) bool."""
+    """Which (query, key) pairs Eq. 1's masks let attend: query i and key j selected, j ≤ i.  (B, 1, Lq, Lk) bool"""
     lq, lk = m_q.shape[-1], m_k.shape[-1]
     causal = torch.ones(lq, lk, dtype=torch.bool, device=m_q.device).tril(lk - lq)  # (Lq, Lk)
     return causal & m_q[:, None, :, None] & m_k[:, None, None, :]  # (B, 1, Lq, Lk)
 
 
 def sparse_attention(q, k, v, m_q, m_k, scale: float | None = None) -> torch.Tensor:
-    """Eq. 1 in its literal reference form: dense causal attention with unselected tokens masked out.
+    """Eq. 2 in its literal reference form: dense causal attention with unselected tokens masked out.
 
     q: (B, H, L, D); k, v: (B, Hkv, L, D) with H a multiple of Hkv (GQA); m_q, m_k: (B, L) bool.
     Returns (B, H, L, D); rows of unselected queries (or queries with no visible key) are 0.
@@ -77,18 +75,18 @@ def sparse_attention(q, k, v, m_q, m_k, scale: float | None = None) -> torch.Ten
     acc = torch.promote_types(q.dtype, torch.float32)  # softmax in at least fp32
     logits = (q @ k.transpose(-1, -2)).to(acc) * scale  # (B, H, L, L)
     logits = logits.masked_fill(~allowed, float("-inf"))
-    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # Eq. 1: softmax over selected keys; empty rows -> 0
+    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # Eq. 2: softmax over selected keys; empty rows -> 0
     return (probs.to(v.dtype) @ v) * m_q[:, None, :, None]  # (B, H, L, D), unselected query rows -> 0
 
 
 def token_budget(m_q: torch.Tensor, m_k: torch.Tensor) -> torch.Tensor:
     """b = |m_Q| + |m_K| per sample.  (B,) long."""
-    return m_q.sum(-1) + m_k.sum(-1)  # Eq. 2
+    return m_q.sum(-1) + m_k.sum(-1)  # §2.1
 
 
 def token_ratio(kept: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """τ = mean over layers of b_j / (2ℓ) = mean_j k_j / ℓ (m_Q = m_K).  kept: (B, n_layers), lengths: (B,) -> (B,)."""
-    return (2 * kept.float() / (2 * lengths.float()[:, None])).mean(-1)  # Eq. 2, averaged over layers
+    return (2 * kept.float() / (2 * lengths.float()[:, None])).mean(-1)  # τ = b/(2ℓ) (§2.1), averaged over layers
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -192,7 +190,7 @@ def relaxed_layer_ratio(qp, k, valid, probe_idx, probe_ok, keep_p, temperature, 
     """One layer's relaxed token ratio τ̃_j = k̃_j / ℓ from probe queries qp (B, H, P, D), with gradient.  (B,)"""
     mass, _ = column_mass(qp, k, valid, probe_idx, probe_ok, scale)  # (B, L), differentiable
     length = valid.sum(-1)  # (B,)
-    return smooth_top_p_count(mass, keep_p, length, temperature) / length  # Eq. 2 with the relaxed count
+    return smooth_top_p_count(mass, keep_p, length, temperature) / length  # τ (§2.1) with the relaxed count
 
 
 def relaxed_token_ratio(q, k, keep_p, temperature: float, valid=None, num_recent=NUM_RECENT_PROBES,
@@ -248,7 +246,7 @@ def select_from_mass(mass, seen_by, valid, keep_p) -> Selection:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The same Eq. 1 computed on gathered tokens: cost ∝ k², not ℓ².
+# The same Eq. 2 computed on gathered tokens: cost ∝ k², not ℓ².
 # ----------------------------------------------------------------------------------------------------------------
 
 def mask_to_indices(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -266,7 +264,7 @@ def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 
 def gathered_sparse_attention(q, k, v, mask: torch.Tensor, scale: float | None = None) -> torch.Tensor:
-    """Eq. 1 with m_Q = m_K = mask, computed by gathering the selected tokens and running SDPA on them.
+    """Eq. 2 with m_Q = m_K = mask, computed by gathering the selected tokens and running SDPA on them.
 
     q: (B, H, L, D); k, v: (B, Hkv, L, D); mask (B, L) bool.  Returns (B, H, L, D), zero on unselected rows.
     Matches `sparse_attention(q, k, v, mask, mask)`; differentiable in q, k, v.
@@ -275,12 +273,12 @@ def gathered_sparse_attention(q, k, v, mask: torch.Tensor, scale: float | None =
     qs, ks, vs = gather_tokens(q, idx), gather_tokens(k, idx), gather_tokens(v, idx)  # (B, H|Hkv, K, D)
     kk, gqa = idx.shape[1], q.shape[1] != k.shape[1]
     if bool(ok.all()):  # same count in every row: plain causal attention on the gathered tokens (flash path)
-        out = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=gqa)  # Eq. 1
+        out = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=gqa)  # Eq. 2
     else:
         causal = torch.ones(kk, kk, dtype=torch.bool, device=q.device).tril()  # idx is increasing: order == position
         allowed = causal & ok[:, None, :] | torch.eye(kk, dtype=torch.bool, device=q.device)  # pads see themselves
         out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=allowed[:, None], scale=scale,
-                                             enable_gqa=gqa)  # Eq. 1: (B, H, K, D)
+                                             enable_gqa=gqa)  # Eq. 2: (B, H, K, D)
     out = out * ok[:, None, :, None]
     full = out.new_zeros(q.shape[0], q.shape[1], q.shape[2] + 1, q.shape[3])  # (B, H, L+1, D), last row = dump
     dump = torch.where(ok, idx, q.shape[2])  # padded slots scatter into the dump row
@@ -288,14 +286,8 @@ def gathered_sparse_attention(q, k, v, mask: torch.Tensor, scale: float | None =
     return full[:, :, :-1]  # (B, H, L, D)
 
 
-def attention_error_bound(kept_mass: torch.Tensor, v_norm_max: torch.Tensor) -> torch.Tensor:
-    """Per-row bound on ‖o − o_sparse‖ when the kept keys hold mass P of the row: 2(1 − P)·max‖v‖."""
-    return 2 * (1 - kept_mass) * v_norm_max
-
-
 __all__ = [
     "Selection", "check_keep_p", "sparse_attention", "token_budget", "token_ratio", "probe_indices",
     "probe_queries", "column_mass", "probe_column_mass", "top_p_count", "smooth_top_p_count", "relaxed_layer_ratio",
     "relaxed_token_ratio", "top_p_select", "select_from_mass", "mask_to_indices", "gathered_sparse_attention",
-    "attention_error_bound",
 ]

@@ -8,7 +8,10 @@ its own attention). We plug in through transformers' own extension points:
     implementation silently receives `attention_mask=None` and left padding breaks. Ours hands the attention the
     2-D padding mask (B, L) bool: O(L) memory, and exactly what the token selection needs.
 
-What a forward does is set per call by a `SparseState` made active with `with sparse_forward(state): model(...)`:
+What a forward does is set per call by a `SparseState` passed as the attention keyword `zipr1_state`:
+`model(..., **sparse_kwargs(state))`. transformers forwards extra keywords of the model call to every layer's
+attention function (its AttentionInterface), so the state reaches `zipr1_attention` as an argument, and a
+gradient-checkpointed layer re-runs in backward with the same keywords (the same state, the same selection).
 
   mode "prefill"  select tokens per layer (Eq. 3) among the prompt, attend among them (Eq. 1-2), record k_j, and
                   prune the layer's KV cache to the selected tokens (`PrunedKVCache.prune`).
@@ -26,7 +29,6 @@ sample: `keep_p` is a (B,) tensor, so one batch holds a group's N thresholds.
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -116,7 +118,7 @@ class SparseState:
         return self.selections[min(self.selections)].length
 
     def token_ratio(self) -> torch.Tensor:
-        """τ per sample: mean over layers of k_j / ℓ (Eq. 2).  (B,)"""
+        """τ per sample: mean over layers of k_j / ℓ (§2.1).  (B,)"""
         return token_ratio(self.kept(), self.lengths())
 
     def relaxed_by_layer(self) -> torch.Tensor:
@@ -128,21 +130,12 @@ class SparseState:
         return self.relaxed_by_layer().mean(-1)
 
 
-_ACTIVE: list[SparseState | None] = [None]  # a plain global, not a ContextVar: autograd's threads must see it
+STATE_KWARG = "zipr1_state"  # the model-call keyword transformers forwards to zipr1_attention
 
 
-@contextlib.contextmanager
-def sparse_forward(state: SparseState):
-    """Make `state` the one the sparse attention reads during the forwards inside the block.
-
-    With gradient checkpointing, layers re-run their forward during backward: call `.backward()` inside the block too,
-    so the recomputation sees the same state (selection is deterministic, so it re-selects the same tokens).
-    """
-    previous, _ACTIVE[0] = _ACTIVE[0], state
-    try:
-        yield state
-    finally:
-        _ACTIVE[0] = previous
+def sparse_kwargs(state: SparseState | None) -> dict:
+    """The model-call keywords that run the sparse decoder under `state` (none: plain attention)."""
+    return {} if state is None else {STATE_KWARG: state}
 
 
 def padding_mask(batch_size, q_length, kv_length, *args, attention_mask=None, **kwargs):
@@ -161,13 +154,15 @@ def autocast_dtype(*tensors):
     return tuple(t.to(torch.get_autocast_dtype(device)) for t in tensors)
 
 
-def zipr1_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+def zipr1_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                    zipr1_state: SparseState | None = None, **kwargs):
     """The attention function of every text-decoder layer.  query (B, H, Lq, D); key, value (B, Hkv, Lk, D).
 
-    Returns (B, Lq, H, D) as transformers expects. With no active SparseState it is plain causal attention over the
-    padding mask (handy for debugging; the full-attention reference model uses stock "sdpa").
+    `zipr1_state` is the SparseState of this model call (`sparse_kwargs`). Returns (B, Lq, H, D) as transformers
+    expects. Without a state it is plain causal attention over the padding mask (handy for debugging; the
+    full-attention reference model uses stock "sdpa").
     """
-    state, layer = _ACTIVE[0], module.layer_idx
+    state, layer = zipr1_state, module.layer_idx
     bsz, _, seq, _ = query.shape
     query, key, value = autocast_dtype(query, key, value)
     valid = torch.ones(bsz, key.shape[2], dtype=torch.bool, device=query.device) if attention_mask is None \
@@ -188,7 +183,7 @@ def zipr1_attention(module, query, key, value, attention_mask, scaling=None, dro
                                                  valid[:, :n_prompt], layer, scaling)  # (B,)
         response = torch.ones(bsz, seq - n_prompt, dtype=torch.bool, device=query.device)  # (B, L-P): all in
         mask = torch.cat([sel.mask, response], dim=1)  # (B, L): m_Q = m_K
-        out = zipr1_kernels.prefill_sparse_attention(query, key, value, mask, scale=scaling)  # Eq. 1, (B, H, L, D)
+        out = zipr1_kernels.prefill_sparse_attention(query, key, value, mask, scale=scaling)  # Eq. 2, (B, H, L, D)
         if state.mode == "prefill" and state.cache is not None:
             state.cache.prune(layer, sel.mask)  # keep only the selected K/V of this layer
     return out.transpose(1, 2).contiguous(), None  # (B, L, H, D); the Triton kernels write it so: no copy

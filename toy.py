@@ -12,10 +12,8 @@ squares aligned to the 28 px visual-token grid, so they give the same token patt
 import contextlib
 import json
 import math
-import os
 import platform
 import random
-import shutil
 import time
 from pathlib import Path
 
@@ -28,7 +26,9 @@ from transformers import (AutoModelForImageTextToText, PreTrainedTokenizerFast, 
                           Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig, Qwen2VLForConditionalGeneration)
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-import media
+from zipr1_support import media
+from zipr1_support.data import prompt_item
+from zipr1_support.run_dir import move_into_place, private_build_folder
 import rewards
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
@@ -233,13 +233,6 @@ def toy_examples(n, seed=0, kinds=KINDS):
     return [toy_example(kinds[i % len(kinds)], rng, index=i) for i in range(n)]
 
 
-def prompt_item(row):
-    """media.prompt_item of an in-memory toy row (its image or video frames held in the row)."""
-    images, videos = ([row["image"]] if "image" in row else []), ([row["video"]] if "video" in row else [])
-    text = media.question_text(row["problem"], row["options"], row["problem_type"], template="answer_only")
-    return media.prompt_item(text, images, videos, [row.get("fps", VIDEO_FPS)] * len(videos))
-
-
 def write_toy_dataset(out_dir, n, seed=0, kinds=KINDS):
     """Video-R1 layout: out_dir/toy.jsonl + images/*.png, videos/*.webp (lossless, fps 2); "path" relative."""
     out_dir = Path(out_dir)
@@ -277,31 +270,11 @@ def rl_dataset(n: int = TOY_TRAIN_ROWS, cache: Path = TOY_CACHE) -> Path:
     return ensure_toy_dataset(Path(cache) / f"toy-data-v{TASK_VERSION}-{n}", n, seed=TOY_DATA_SEED)
 
 
-def private_build_folder(folder: Path) -> Path:
-    """An empty folder beside `folder`, private to this process: concurrent builders never share one."""
-    work = folder.with_name(f"{folder.name}.building-{os.getpid()}")
-    shutil.rmtree(work, ignore_errors=True)
-    return work
-
-
-def move_into_place(work: Path, folder: Path, complete) -> Path:
-    """Rename the finished build `work` to `folder`. If another process finished the same build first (complete(folder)
-    holds), its folder is kept and ours dropped; a stale folder, or one built with other settings, is replaced."""
-    try:
-        work.rename(folder)
-    except OSError:  # folder exists and is not empty
-        if not complete(folder):
-            shutil.rmtree(folder)
-            work.rename(folder)
-    shutil.rmtree(work, ignore_errors=True)
-    return folder
-
-
 # ----------------------------------------------------------------------------------------------- warm-up
 def answer_batch(processor, rows):
     """Teacher-forced inputs for prompt + "<answer>X</answer><|im_end|>"; labels keep only the completion tokens."""
     completions = [row["solution"] + "<|im_end|>" for row in rows]
-    inputs = media.encode_prompts(processor, [prompt_item(r) for r in rows], completions=completions)
+    inputs = media.encode_prompts(processor, [prompt_item(r, template="answer_only") for r in rows], completions=completions)
     labels = torch.full_like(inputs["input_ids"], -100)  # (B, L)
     for i, text in enumerate(completions):
         n = len(processor.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -346,7 +319,7 @@ def toy_accuracy(model, processor, n_per_kind=40, seed=12345, kinds=KINDS, batch
         rows, correct = toy_examples(n_per_kind, seed=seed, kinds=(kind,)), 0
         for i in range(0, n_per_kind, batch_size):
             chunk = rows[i:i + batch_size]
-            inputs = media.encode_prompts(processor, [prompt_item(r) for r in chunk])
+            inputs = media.encode_prompts(processor, [prompt_item(r, template="answer_only") for r in chunk])
             out = model.generate(**inputs, max_new_tokens=6, do_sample=False)
             texts = processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
             correct += sum(rewards.accuracy_reward(t, r["solution"], r["problem_type"]) for t, r in zip(texts, chunk))

@@ -2,29 +2,25 @@
 
     python train.py                                            # offline default: tiny Qwen2.5-VL + toy task, CPU
     python train.py --model Qwen/Qwen2.5-VL-3B-Instruct --dataset ./Video-R1-data/Video-R1-260k.json
+    torchrun --nproc_per_node 8 train.py --model Qwen/Qwen2.5-VL-7B-Instruct ...   # FSDP2, docs/multi_gpu.md
 
-One step, for G = per_step_questions questions with N = num_generations answers each (rows group-contiguous):
-  1. rollout: the sparse policy samples answer n of every group under its own threshold p_n (the paper's grid,
-     cycled, or p ~ U(keep_p_low, 1]) and records its token ratio tau_n                (rollout.generate, Eq. 1-3)
-  2. rewards r = r_acc + C (1 - tau), C = 1 iff some answer of the group is right      (rewards.zipr1_rewards;
-     r_acc graded as Video-R1 scores it, or binary; + w_f r_format, w_f = 0 by default)
-  3. advantages A = (r - mean) / std within each group                                  (grpo.group_advantages, Eq. 4)
-  4. num_iterations (mu) AdamW updates of the clipped surrogate - beta KL(pi_theta || pi_ref): the policy's
-     log-probs under the rollout's sparsity, the frozen reference's under full attention   (grpo.grpo_loss, Eq. 5)
-     + lambda C max(tau~ - target, 0), tau~ the relaxed Eq. 3 count of the same forward (learned sparsity; lambda = 0
-     is the paper's literal objective)                                                   (learned_sparsity.py)
-Settings: train_config.py (`python train.py --help`). Everything random is seeded by (seed, step), so
---resume_from_checkpoint continues exactly where the last checkpoint left off.
-A rank's questions are rolled out in one batch (`rollout_questions` at a time), each answer sampled from its own
-stream seeded by its place in the step's global batch; each question's group is then one update micro-batch.
-
-    torchrun --nproc_per_node 8 train.py --model Qwen/Qwen2.5-VL-7B-Instruct ...   # FSDP2, see multi_gpu.py
+One step (`train_step`) for G = per_step_questions questions with N = num_generations answers each, rows
+group-contiguous, reads as the paper's algorithm:
+  1. sample a threshold p_n per answer: the paper's grid, cycled, or p ~ U(keep_p_low, 1]
+  2. sparse rollout: Top-p selection per layer (Eq. 1-3), record the token ratio τ_n = b/(2ℓ) (§2.1)
+  3. rewards r = r_acc + C·(1 − τ), C = 1 iff some answer of the group scores >= gate_threshold      (rewards.py;
+     r_acc graded as Video-R1 scores it, or binary; + w_f·r_format, w_f = 0 by default)
+  4. advantages A = (r − mean) / std within each group                                          (Eq. 4)
+  5. loss: the clipped surrogate − β·KL(π_θ ‖ π_ref), the policy scored under the rollout's sparsity, the frozen
+     reference under dense attention (Eq. 5); + λ·C·max(τ̃ − τ*, 0), τ̃ the relaxed Eq. 3 count of the same
+     forward (learned_sparsity.py; λ = 0 is the paper's literal objective)
+  6. num_iterations (μ) AdamW updates
+Settings: zipr1_support/train_config.py (`python train.py --help`, docs/settings.md). Everything random is seeded
+by (seed, step), so --resume_from_checkpoint continues exactly where the last checkpoint left off.
 """
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import json
 import math
 import sys
 import time
@@ -33,46 +29,19 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-import data
-import multi_gpu
 import grpo
-import media
 import rewards
-from batching import repeat_prompts, split_groups
 from learned_sparsity import sparsity_coef_at, sparsity_gates, sparsity_term
-import run_dir
-from run_dir import checkpoints, plot_metrics, prepare_output_dir, save_checkpoint, start_output_dir
-from rollout import SamplingConfig, generate, score_completions, scoring_state
-from sparse_qwen import check_transformers, enable_checkpointing, make_sparse, sparse_forward
-from toy import TOY_CACHE, TOY_TRAIN_ROWS
-from train_config import (LR_SCHEDULES, PAPER_KEEP_P_GRID, Config, ConfigError, check_config,  # noqa: F401
-                          check_sources, input_sizes, parse_config)
+from rollout import SamplingConfig, generate, score_completions, scoring_state, split_groups
+from sparse_qwen import check_transformers, enable_checkpointing, make_sparse
+from zipr1_support import data, media, multi_gpu, run_dir
+from zipr1_support.batching import repeat_prompts
+from zipr1_support.train_config import (  # noqa: F401 (LR_SCHEDULES, PAPER_KEEP_P_GRID, check_config: train.X)
+    LR_SCHEDULES, PAPER_KEEP_P_GRID, Config, ConfigError, check_config, check_sources, input_sizes, parse_config,
+    resolve_sources)
 
 
 # ----------------------------------------------------------------------------------------------- setup
-def resolve_sources(cfg: Config) -> tuple[str, str, str]:
-    """(model directory, dataset, reference directory) with "toy" replaced by the cached warmed-up tiny model and
-    written toy data; the reference is the model's directory unless --ref_model names another."""
-    model = resolve_model(cfg.model, cfg)
-    reference = model if cfg.ref_model in (None, cfg.model) else resolve_model(cfg.ref_model, cfg)
-    dataset = cfg.dataset
-    if dataset == "toy":
-        import toy
-        dataset = str(toy.rl_dataset(TOY_TRAIN_ROWS, TOY_CACHE))  # a new task version: new data
-    return model, dataset, reference
-
-
-def resolve_model(name: str, cfg: Config) -> str:
-    """A model folder on disk: "toy" is the shipped (or cached) warmed-up tiny model; otherwise a local directory or
-    a hub id in the local cache (ModelNotAvailable, one line, when not on disk offline)."""
-    if name == "toy":
-        import toy
-        return str(toy.ensure_toy_model(TOY_CACHE / "toy-model", progress=not cfg.disable_tqdm))
-    folder = str(media.resolve_model_dir(name))
-    media.check_model_dir(folder)  # empty folder, torn config.json, no weights: one line, before loading
-    return folder
-
-
 def load_policy(path, cfg: Config, device, dist=multi_gpu.SINGLE):
     """The trainable policy: fp32 weights (bf16 runs autocast), Top-p sparse attention in the text decoder;
     sharded over the ranks with FSDP2 under torchrun (bf16 runs gather and compute in bf16)."""
@@ -82,7 +51,7 @@ def load_policy(path, cfg: Config, device, dist=multi_gpu.SINGLE):
     if cfg.freeze_vision:
         policy.model.visual.requires_grad_(False)
     if cfg.gradient_checkpointing:
-        enable_checkpointing(policy)  # non-reentrant; the backward runs inside sparse_forward
+        enable_checkpointing(policy)  # non-reentrant; recomputes with the same zipr1_state
     frozen = policy.model.visual if cfg.freeze_vision else None  # whole on every rank: called once per group
     return multi_gpu.shard_model(policy, dist, torch.bfloat16 if cfg.bf16 else None, replicate=frozen)
 
@@ -200,25 +169,24 @@ def policy_update(policy, reference, optimizer, rollouts, advantages, cfg: Confi
         parts = []
         for rollout, adv, ref_logp, state, count, mask, gate in zip(rollouts, advantages, ref_logps, states, counts,
                                                                     masks, gates):
-            with sparse_forward(state):
-                with autocast:
-                    logp = score_completions(policy, rollout, state=state)  # (N, T) under the rollout's sparsity
-                old_logp = rollout.logprobs if cfg.num_iterations > 1 else None  # mu = 1: logp.detach()
-                loss, stats = grpo.grpo_loss(logp, old_logp, ref_logp, adv, mask, cfg.epsilon, cfg.epsilon_high,
-                                             beta=cfg.beta, loss_type=cfg.loss_type,
-                                             max_completion_length=cfg.max_completion_length)  # Eq. 5
-                weight = multi_gpu.loss_weight(count, total, dist)
-                objective, relaxed = weight * loss, {}
-                if state.relaxed:  # τ̃ (N,), relaxed Eq. 3 from this same forward
-                    tau_layers = state.relaxed_by_layer()  # (N, n_layers)
-                    tau_soft = tau_layers.mean(-1)  # (N,) τ̃, logged
-                    term = sparsity_term(tau_layers, gate.to(tau_soft), rollout.keep_p, cfg.sparsity_target,
-                                         cfg.sparsity_per_layer, cfg.sparsity_skip_layers).mean()
-                    relaxed = {"tau_relaxed": tau_soft.mean().item(), "sparsity_loss": coef * term.item()}
-                    if coef > 0:  # λ = 0 backpropagates exactly the GRPO loss
-                        objective = objective + coef * multi_gpu.loss_weight(len(rollout.keep_p), total_rows,
-                                                                             dist) * term
-                objective.backward()
+            with autocast:
+                logp = score_completions(policy, rollout, state=state)  # (N, T) under the rollout's sparsity
+            old_logp = rollout.logprobs if cfg.num_iterations > 1 else None  # mu = 1: logp.detach()
+            loss, stats = grpo.grpo_loss(logp, old_logp, ref_logp, adv, mask, cfg.epsilon, cfg.epsilon_high,
+                                         beta=cfg.beta, loss_type=cfg.loss_type,
+                                         max_completion_length=cfg.max_completion_length)  # Eq. 5
+            weight = multi_gpu.loss_weight(count, total, dist)
+            objective, relaxed = weight * loss, {}
+            if state.relaxed:  # τ̃ (N,), relaxed Eq. 3 from this same forward
+                tau_layers = state.relaxed_by_layer()  # (N, n_layers)
+                tau_soft = tau_layers.mean(-1)  # (N,) τ̃, logged
+                term = sparsity_term(tau_layers, gate.to(tau_soft), rollout.keep_p, cfg.sparsity_target,
+                                     cfg.sparsity_per_layer, cfg.sparsity_skip_layers).mean()
+                relaxed = {"tau_relaxed": tau_soft.mean().item(), "sparsity_loss": coef * term.item()}
+                if coef > 0:  # λ = 0 backpropagates exactly the GRPO loss
+                    objective = objective + coef * multi_gpu.loss_weight(len(rollout.keep_p), total_rows,
+                                                                         dist) * term
+            objective.backward()
             parts.append({**stats, **relaxed, "loss": weight * loss.item()})  # mean over ranks of Σ: the global loss
         grad_norm = multi_gpu.clip_grad_norm(policy.parameters(), cfg.max_grad_norm)
         optimizer.step()
@@ -227,49 +195,53 @@ def policy_update(policy, reference, optimizer, rollouts, advantages, cfg: Confi
     return {k: sum(h[k] for h in history) / len(history) for k in history[0]}
 
 
-def tau_by_layer(rollouts) -> torch.Tensor:
-    """Mean over the rollout rows of k_j / ℓ, per layer j.  (n_layers,)"""
-    return torch.cat([r.kept.float() / r.lengths[:, None].float() for r in rollouts]).mean(0).cpu()
-
-
 def train_step(policy, reference, processor, optimizer, rows, cfg: Config, step: int, device, autocast,
                dist=multi_gpu.SINGLE, first: int = 0) -> dict:
-    """Rollout -> gated rewards -> group advantages -> policy update; returns the step's metrics (over all ranks).
-
-    `rows` are this rank's questions, starting at position `first` of the step's global list; one rollout each.
-    """
-    start = time.perf_counter()
+    """One ZipR1 step on this rank's questions `rows` (from place `first` of the step's global list); returns the
+    step's metrics over all ranks."""
+    start, n = time.perf_counter(), cfg.num_generations
+    # 1-2. a threshold p_n per answer, and the sparse rollout under it: answers, log-probs, token ratios τ_n
     with multi_gpu.gathered_weights(policy, dist):  # ranks stop decoding at different lengths
         rollouts, texts = sample_groups(policy, processor, rows, cfg, step, device, autocast, first)
-    n = cfg.num_generations
+    tau = torch.cat([r.token_ratio for r in rollouts]).float().cpu()  # (G*N,)
+    # 3. rewards r = r_acc + C·(1 − τ), C the group's gate
     solutions = [row["solution"] for row in rows for _ in range(n)]
     types = [row["problem_type"] for row in rows for _ in range(n)]
     acc = rewards.accuracy_rewards(texts, solutions, types, cfg.accuracy_reward)  # (G*N,) binary or graded
-    tau = torch.cat([r.token_ratio for r in rollouts]).float().cpu()  # (G*N,)
     parts = rewards.zipr1_rewards(acc, tau, n, cfg.gate_efficiency, cfg.gate_threshold, rewards.format_rewards(texts),
                                   cfg.format_reward_weight)  # r = r_acc + w_f r_format + C (1 - tau), each (G*N,)
-    advantages = grpo.group_advantages(parts["reward"], n, scale=cfg.scale_rewards).to(device)  # Eq. 4, (G*N,)
-    gates = list(sparsity_gates(cfg, parts, acc).to(device).split(n))  # C of the sparsity term, per group
+    # 4. Eq. 4: advantages normalised within each group
+    advantages = grpo.group_advantages(parts["reward"], n, scale=cfg.scale_rewards).to(device)  # (G*N,)
+    # 5-6. Eq. 5 loss with KL to the dense reference (+ the learned-sparsity term), num_iterations updates
+    gates = list(sparsity_gates(cfg.sparsity_gate, parts, acc, cfg.gate_threshold).to(device).split(n))  # C, λ term
+    coef = sparsity_coef_at(cfg.sparsity_coef, cfg.sparsity_warmup_steps, step)  # λ
     stats = policy_update(policy, reference, optimizer, rollouts, list(advantages.split(n)), cfg, autocast, dist,
-                          gates, sparsity_coef_at(cfg, step))
+                          gates, coef)
+    metrics = step_metrics(cfg, step, rollouts, texts, acc, tau, parts, stats, coef, optimizer, reference, start)
+    return multi_gpu.reduce_metrics(metrics, dist)  # the same dict, over every rank's groups
+
+
+def step_metrics(cfg: Config, step: int, rollouts, texts, acc, tau, parts, stats, coef, optimizer, reference,
+                 start: float) -> dict:
+    """One line of metrics.jsonl: rewards, τ (per threshold and per layer), the update's statistics, throughput."""
     kl = stats.pop("kl")  # masked mean of k3; nan without a reference
     seconds = time.perf_counter() - start
     by_p: dict[str, list[float]] = {}
     for p, t in zip(torch.cat([r.keep_p for r in rollouts]).tolist(), tau.tolist()):
         by_p.setdefault(keep_p_bucket(cfg, p), []).append(t)
-    groups = parts["reward"].reshape(-1, n)  # (G, N)
+    groups = parts["reward"].reshape(-1, cfg.num_generations)  # (G, N)
     tokens = sum(int(r.completion_mask.sum()) for r in rollouts)
-    metrics = {"step": step + 1, "reward": parts["reward"].mean().item(), "accuracy": acc.mean().item(),
-               "r_eff": parts["r_eff"].mean().item(), "gate": parts["gate"].mean().item(), "tau": tau.mean().item(),
-               "tau_by_keep_p": {k: sum(v) / len(v) for k, v in sorted(by_p.items())},
-               "tau_by_layer": {str(j): t for j, t in enumerate(tau_by_layer(rollouts).tolist())},
-               "sparsity_coef": sparsity_coef_at(cfg, step), "learning_rate": optimizer.param_groups[0]["lr"],
-               "kl": kl if reference is not None else None,
-               "zero_std_groups": (groups.amax(1) == groups.amin(1)).float().mean().item(),
-               "completion_length": tokens / len(texts), **stats,
-               **({"r_format": parts["r_format"].mean().item()} if cfg.format_reward_weight else {}),
-               "tokens_per_s": tokens / seconds, "seconds": seconds}
-    return multi_gpu.reduce_metrics(metrics, dist)  # the same dict, over every rank's groups
+    by_layer = torch.cat([r.kept.float() / r.lengths[:, None].float() for r in rollouts]).mean(0).cpu()  # k_j / ℓ
+    return {"step": step + 1, "reward": parts["reward"].mean().item(), "accuracy": acc.mean().item(),
+            "r_eff": parts["r_eff"].mean().item(), "gate": parts["gate"].mean().item(), "tau": tau.mean().item(),
+            "tau_by_keep_p": {k: sum(v) / len(v) for k, v in sorted(by_p.items())},
+            "tau_by_layer": {str(j): t for j, t in enumerate(by_layer.tolist())},
+            "sparsity_coef": coef, "learning_rate": optimizer.param_groups[0]["lr"],
+            "kl": kl if reference is not None else None,
+            "zero_std_groups": (groups.amax(1) == groups.amin(1)).float().mean().item(),
+            "completion_length": tokens / len(texts), **stats,
+            **({"r_format": parts["r_format"].mean().item()} if cfg.format_reward_weight else {}),
+            "tokens_per_s": tokens / seconds, "seconds": seconds}
 
 
 # ----------------------------------------------------------------------------------------------- loop
@@ -304,25 +276,15 @@ def run_training(cfg: Config, stop: run_dir.StopOnSignal) -> list[dict]:
     if dist.is_main:  # before output_dir is read or the model loads; a failed start above leaves no folder
         run_dir.lock_output_dir(cfg.output_dir)  # a second run in the same output_dir stops here, one line
     resume_from, metrics, bad = multi_gpu.broadcast(
-        (*prepare_output_dir(cfg), run_dir.read_bad_rows(Path(cfg.output_dir))) if dist.is_main else None, dist)
+        (*run_dir.prepare_output_dir(cfg), run_dir.read_bad_rows(Path(cfg.output_dir))) if dist.is_main else None,
+        dist)
     policy = load_policy(resume_from or model_dir, cfg, device, dist)
     reference = load_reference(reference_dir, cfg, device, dist)  # pi_ref: --ref_model, default the start model
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    start = 0
-    if resume_from is not None:
-        state = torch.load(resume_from / "trainer_state.pt", map_location="cpu", weights_only=False,
-                           mmap=True)  # ranks share the file's pages; each keeps only its shard
-        multi_gpu.load_optimizer_state(policy, optimizer, state["optimizer"], dist)
-        start = state["step"]
-        changed = [k for k, v in dataclasses.asdict(cfg).items()
-                   if k not in ("max_steps", "resume_from_checkpoint", "disable_tqdm") and state["config"].get(k) != v]
-        if changed and dist.is_main:
-            print(f"warning: resuming {resume_from} with changed settings {changed}: not a replay", file=sys.stderr)
-        if start == cfg.max_steps and dist.is_main:
-            print(f"nothing to do: {resume_from} is at --max_steps {cfg.max_steps}", file=sys.stderr)
+    start = 0 if resume_from is None else run_dir.load_trainer_state(resume_from, policy, optimizer, cfg, dist)
     if dist.is_main:
-        start_output_dir(cfg, resume_from, metrics)  # only now: deletes an overwritten run, trims the metrics
+        run_dir.start_output_dir(cfg, resume_from, metrics)  # only now: deletes an overwritten run, trims metrics
     multi_gpu.barrier(dist)
     autocast = torch.autocast(device.type, torch.bfloat16) if cfg.bf16 else contextlib.nullcontext()
     metrics_path = Path(cfg.output_dir) / "metrics.jsonl"
@@ -334,69 +296,28 @@ def run_training(cfg: Config, stop: run_dir.StopOnSignal) -> list[dict]:
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate_at(step)
-        m = step_on_readable_rows(policy, reference, processor, optimizer, table, bad, cfg, step, device, autocast,
-                                  dist)
+        m = data.step_on_readable_rows(  # a row whose media fails is recorded and replaced, or stops the run
+            lambda rows, first: train_step(policy, reference, processor, optimizer, rows, cfg, step, device,
+                                           autocast, dist, first), table, bad, cfg, step, dist)
         metrics.append(m)
         if dist.is_main:
-            with open(metrics_path, "a") as log:  # opened per step: a failed start leaves no empty log
-                log.write(json.dumps(m) + "\n")
+            run_dir.append_metrics(metrics_path, m)
         kl = "off" if m["kl"] is None else f"{m['kl']:.4f}"
         bar.set_postfix(reward=f"{m['reward']:.3f}", acc=f"{m['accuracy']:.2f}", tau=f"{m['tau']:.3f}",
                         tau_relaxed=f"{m.get('tau_relaxed', math.nan):.3f}", kl=kl)
         stopping = stop.requested(dist)
         if (step + 1) % cfg.save_steps == 0 or step + 1 == cfg.max_steps or stopping:
-            saved = save_checkpoint(policy, processor, optimizer, cfg, step + 1, dist)
+            saved = run_dir.save_checkpoint(policy, processor, optimizer, cfg, step + 1, dist)
             if dist.is_main:
-                plot_metrics(metrics, Path(cfg.output_dir) / "metrics.png")
+                run_dir.plot_metrics(metrics, Path(cfg.output_dir) / "metrics.png")
             if stopping:
                 raise stop.stop(saved, step + 1)
     if dist.is_main:
         print(f"done: {len(table.skipped)} bad rows skipped at load, {len(bad) - known_bad} while training; "
-              f"checkpoint {checkpoints(Path(cfg.output_dir))[-1]}, metrics {metrics_path}, "
+              f"checkpoint {run_dir.checkpoints(Path(cfg.output_dir))[-1]}, metrics {metrics_path}, "
               f"plot {metrics_path.with_suffix('.png')}", file=sys.stderr)
     multi_gpu.shutdown(dist)
     return metrics
-
-
-def step_on_readable_rows(policy, reference, processor, optimizer, table, bad: dict, cfg: Config, step: int, device,
-                          autocast, dist) -> dict:
-    """train_step on step `step`'s questions, rows in `bad` replaced (data.replace_bad_rows). A row whose media fails
-    now joins `bad` and the step is redone without it (skip_bad_row; nothing was updated yet), or the run stops."""
-    while True:
-        picked = data.step_rows(table, step, cfg.per_step_questions, cfg.seed, bad)  # replaced: see data.py
-        mine = multi_gpu.rank_questions(len(picked), dist)  # whole groups: this rank's block of questions
-        rows = [picked[q] for q in mine]
-        try:
-            return train_step(policy, reference, processor, optimizer, rows, cfg, step, device, autocast, dist,
-                              mine.start)
-        except data.DatasetError as err:
-            if err.row is None or err.row in bad:
-                raise
-            bad[err.row] = str(err)
-            skip_bad_row(cfg, err, step, dist)
-
-
-def skip_bad_row(cfg: Config, err: data.DatasetError, step: int, dist) -> None:
-    """A row whose media failed while sampling step `step`: recorded in output_dir/bad_rows.jsonl (a resume or a
-    rerun in that folder replaces it, see data.replace_bad_rows); then skipped with one line, or the run stops."""
-    where = run_dir.record_bad_row(Path(cfg.output_dir), err.row, str(err), step + 1)
-    if not cfg.skip_bad_rows or dist.enabled:  # ranks cannot agree on a replacement mid-step: stop them all
-        hint = "" if cfg.skip_bad_rows else "; --skip_bad_rows replaces such rows as they come"
-        raise data.DatasetError(f"step {step + 1}: {err}: recorded in {where}, --resume_from_checkpoint continues "
-                                f"without it{hint}",
-                                row=err.row) from None
-    tqdm.write(f"skipping {err} (step {step + 1}; recorded in {where})", file=sys.stderr)
-
-
-def interrupted(cfg: Config | None) -> str:
-    """The one line printed on Ctrl-C: how to continue."""
-    found = [c for c in run_dir.checkpoints(Path(cfg.output_dir)) if run_dir.checkpoint_problem(c) is None] \
-        if cfg is not None else []
-    if not found:
-        return "interrupted before the first checkpoint: nothing to resume (rerun the command to start over)"
-    return (f"interrupted: the last checkpoint is {found[-1]}; run the same command with --resume_from_checkpoint "
-            f"to continue "
-            f"from it")
 
 
 def main(argv=None) -> None:
@@ -409,10 +330,10 @@ def main(argv=None) -> None:
             run_dir.SaveError) as err:
         raise SystemExit(f"error: {err}") from None
     except run_dir.Stopped as err:  # SIGTERM / SIGINT: exit as the signal would, after one line
-        print(err.message or interrupted(cfg), file=sys.stderr)
+        print(err.message or run_dir.interrupted(cfg), file=sys.stderr)
         raise SystemExit(128 + err.signum) from None
     except KeyboardInterrupt:
-        raise SystemExit(interrupted(cfg)) from None
+        raise SystemExit(run_dir.interrupted(cfg)) from None
 
 
 if __name__ == "__main__":

@@ -35,8 +35,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from transformers import DynamicCache, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration  # noqa: E402
 
 from rollout import prefill  # noqa: E402
-from mrope import continuation_positions  # noqa: E402
-from sparse_qwen import check_transformers, make_sparse, sparse_forward  # noqa: E402
+from zipr1_support.mrope import continuation_positions  # noqa: E402
+from sparse_qwen import check_transformers, make_sparse, sparse_kwargs  # noqa: E402
 
 QWEN_TOKEN_IDS = dict(bos_token_id=151643, eos_token_id=151645, vision_start_token_id=151652,
                       vision_end_token_id=151653, image_token_id=151655, video_token_id=151656)
@@ -179,9 +179,8 @@ def decode_tokens_per_s(model, inputs, steps, keep_p, device):
         state.mode = "decode"
 
         def step(tok, t):
-            with sparse_forward(state):
-                return model(input_ids=tok[:, None], position_ids=continuation_positions(next_pos, 1, t),
-                             past_key_values=state.cache, use_cache=True).logits[:, -1]
+            return model(input_ids=tok[:, None], position_ids=continuation_positions(next_pos, 1, t),
+                         past_key_values=state.cache, use_cache=True, **sparse_kwargs(state)).logits[:, -1]
     sync(device)
     start = time.perf_counter()
     for t in range(steps):
@@ -237,7 +236,7 @@ def decode_rows(model, args, device, chosen):
 def write_step_sources(root: Path, size: str, device, frames: int, frame_size: int) -> tuple[Path, Path]:
     """A model folder train.py loads (random weights saved in bf16, the toy tokenizer, Qwen's default video sizes)
     and a one-row Video-R1 JSONL whose video is `frames` random frame_size² frames (.npy)."""
-    import media
+    from zipr1_support import media
     import toy
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
     tokenizer = toy.build_tokenizer()
@@ -263,8 +262,8 @@ def write_step_sources(root: Path, size: str, device, frames: int, frame_size: i
 def zipr1_step_rows(args, device, size):
     """Two train.train_step calls (the second is reported: kernels compiled, AdamW state allocated) with
     train.py's own loading: fp32 policy + bf16 autocast, bf16 reference, gradient checkpointing, N answers."""
-    import data
-    import media
+    from zipr1_support import data
+    from zipr1_support import media
     import train
     print(f"\n## One ZipR1 step (train.train_step): N={args.step_n}, {args.step_new_tokens} new tokens, "
           f"video {args.step_frames}x{args.step_frame_size}², paper keep_p grid, "

@@ -33,13 +33,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-import data  # noqa: E402
+from zipr1_support import data  # noqa: E402
 import eval as zipr1_eval  # noqa: E402
-import media  # noqa: E402
-import run_dir  # noqa: E402
+from zipr1_support import media  # noqa: E402
+from zipr1_support import run_dir  # noqa: E402
 import toy  # noqa: E402
 import train  # noqa: E402
-from pictures import pareto_plot  # noqa: E402
+from zipr1_support.pictures import pareto_plot  # noqa: E402
 from rollout import prefill  # noqa: E402
 from sparse_qwen import make_sparse  # noqa: E402
 

@@ -26,10 +26,10 @@ import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText
 
-import media
+from zipr1_support import media
 from rollout import SamplingConfig, full_sequence, generate
 from sparse_attention import check_keep_p
-from sparse_qwen import make_sparse, make_state, sparse_forward
+from sparse_qwen import make_sparse, make_state, sparse_kwargs
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".npy")
 SIZE_DEFAULTS = dataclasses.asdict(media.InputSizes())  # model_args min_pixels, ..., max_frames: Video-R1's values
@@ -54,8 +54,8 @@ def split_visuals(visuals, sizes: media.InputSizes):
 
 
 def request_item(context: str, visuals, sizes: media.InputSizes = media.InputSizes()) -> dict:
-    """media.prompt_item of a request: its media first, then the context without "<image>" placeholders."""
-    return media.prompt_item(context.replace("<image>", ""), *split_visuals(visuals, sizes), sizes=sizes)
+    """media.chat_item of a request: its media first, then the context without "<image>" placeholders."""
+    return media.chat_item(context.replace("<image>", ""), *split_visuals(visuals, sizes), sizes=sizes)
 
 
 def sampling_config(gen_kwargs: dict, default_max_new_tokens: int) -> SamplingConfig:
@@ -182,6 +182,5 @@ class SparseQwen:
         if not self.sparse:
             return self.model(**batch, logits_to_keep=n_target + 1).logits[0, :-1].float(), 1.0
         state = make_state(self.model, self.keep_p, mode="teacher", batch_size=1, prompt_len=prompt_len, seed=self.seed)
-        with sparse_forward(state):
-            logits = self.model(**batch, logits_to_keep=n_target + 1).logits[0, :-1].float()  # (T, V)
+        logits = self.model(**batch, logits_to_keep=n_target + 1, **sparse_kwargs(state)).logits[0, :-1].float()  # (T, V)
         return logits, float(state.token_ratio()[0])

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import data
+from zipr1_support import data
 
 IMAGE_COLOURS = {"red.png": (255, 0, 0), "blue.png": (0, 0, 255)}
 

@@ -25,14 +25,14 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText
 from transformers.vision_utils import get_vision_position_ids
 
-import data
+from zipr1_support import data
 import eval as ev
-import media
-import run_dir
+from zipr1_support import media
+from zipr1_support import run_dir
 import toy
 import train
 from lmms_eval_zipr1 import engine
-from pictures import dim_dropped, kept_token_picture, visual_token_grid
+from zipr1_support.pictures import dim_dropped, kept_token_picture, visual_token_grid
 from rollout import SamplingConfig, generate
 from sparse_qwen import make_sparse
 
@@ -169,7 +169,8 @@ def test_eval_does_not_import_train():
     tree = ast.parse(Path(ev.__file__).read_text())
     imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
-    assert "train" not in imported and {"toy", "run_dir"} <= imported
+    imported |= {f"{n.module}.{a.name}" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}
+    assert "train" not in imported and {"toy", "zipr1_support.run_dir"} <= imported
     assert train.Config.output_dir == run_dir.DEFAULT_OUTPUT_DIR and train.parse_config([]).max_steps == toy.TOY_PRESET["max_steps"]
 
 

@@ -1,7 +1,7 @@
 """zipr1_kernels/ against the torch reference of sparse_attention.py: through the Triton interpreter on CPU (conftest sets
 TRITON_INTERPRET=1 there), natively when a GPU is present.
 
-References are the literal masked form `sparse_attention` (Eq. 1) and `probe_column_mass` / `top_p_select` (Eq. 3),
+References are the literal masked form `sparse_attention` (Eq. 2) and `probe_column_mass` / `top_p_select` (Eq. 3),
 evaluated in float64; fp32 kernels must match them to fp32 rounding, fp16 / bf16 kernels must be no less accurate
 than the torch reference run in the same dtype.
 """
@@ -119,7 +119,7 @@ def test_prefill_low_precision_is_as_accurate_as_torch_in_the_same_dtype(dtype):
 
 
 def decode_reference(q, k, v, key_valid):
-    """The newest query sees every valid key: Eq. 1 with m_Q = [1] against m_K = key_valid."""
+    """The newest query sees every valid key: Eq. 2 with m_Q = [1] against m_K = key_valid."""
     return sparse_attention(q, k, v, torch.ones(q.shape[0], 1, dtype=torch.bool), key_valid)
 
 
@@ -301,7 +301,7 @@ def test_a_kernel_that_fails_to_compile_warns_once_and_runs_the_torch_reference(
     reference = gathered_sparse_attention(q, k, v, mask)
     assert all(torch.equal(out, reference) for out in outs)  # the torch path ran
     torch.testing.assert_close(outs[0].double(), sparse_attention(q.double(), k.double(), v.double(), mask, mask),
-                               atol=2e-5, rtol=2e-5)  # and it is Eq. 1
+                               atol=2e-5, rtol=2e-5)  # and it is Eq. 2
     from triton.compiler.errors import CompilationError
     with pytest.raises(CompilationError):  # a forced backend still raises
         zipr1_kernels.prefill_sparse_attention(q, k, v, mask, backend="triton")

@@ -10,8 +10,8 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText
 from transformers.models.qwen2_5_vl.processing_qwen2_5_vl import Qwen2_5_VLProcessor
 
-import media
-import media_files
+from zipr1_support import media
+from zipr1_support import media_files
 import toy
 
 
@@ -43,7 +43,7 @@ def noise_image(h, w, seed):
 
 
 def item(problem, images=(), videos=(), fps=None):
-    return media.prompt_item(media.question_text(problem, ["A. yes", "B. no"]), images, videos, fps)
+    return media.chat_item(media.question_text(problem, ["A. yes", "B. no"]), images, videos, fps)
 
 
 def test_fallback_processor_is_used_without_torchvision(processor):
@@ -155,11 +155,11 @@ def test_encode_prompts_names_the_mismatched_sample(processor):
         media.encode_prompts(processor, [good, bad])
 
 
-def test_prompt_item_puts_media_first_then_the_question(processor):
+def test_chat_item_puts_media_first_then_the_question(processor):
     """The answer_only text here; Video-R1's template is checked in test_video_r1_prompt_rewards.py."""
     image, frames = noise_image(56, 56, 0), [noise_image(56, 56, s) for s in (1, 2)]
     text = media.question_text("What color?", ["A. red", "B. blue"], template="answer_only")
-    item = media.prompt_item(text, [image], [frames], [4.0])
+    item = media.chat_item(text, [image], [frames], [4.0])
     content = item["messages"][0]["content"]
     assert [c["type"] for c in content] == ["image", "video", "text"]
     assert content[2]["text"] == ("What color? Options:\nA. red\nB. blue\nPlease provide only the single option "
@@ -167,10 +167,10 @@ def test_prompt_item_puts_media_first_then_the_question(processor):
     assert item["images"] == [image] and item["videos"] == [frames] and item["fps"] == [4.0]
     text = processor.apply_chat_template(item["messages"])
     assert text.count("<|vision_start|><|image_pad|><|vision_end|>") == 1 and text.endswith("<|im_start|>assistant\n")
-    with_system = media.prompt_item(media.question_text("2+2?", problem_type="numerical"), system="Be brief.")
+    with_system = media.chat_item(media.question_text("2+2?", problem_type="numerical"), system="Be brief.")
     assert with_system["messages"][0]["role"] == "system" and with_system["fps"] == []
     assert "numerical value" in with_system["messages"][1]["content"][-1]["text"]
-    assert media.prompt_item("q", videos=[frames])["fps"] == [media.DEFAULT_FPS]
+    assert media.chat_item("q", videos=[frames])["fps"] == [media.DEFAULT_FPS]
     with pytest.raises(ValueError, match="problem_type"):
         media.question_text("x", problem_type="essay")
 

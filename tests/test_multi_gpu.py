@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import multi_gpu
+from zipr1_support import multi_gpu
 import grpo
-from multi_gpu import Dist
+from zipr1_support.multi_gpu import Dist
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -32,7 +32,7 @@ def test_no_top_level_module_is_named_like_a_widely_installed_package():
 def test_model_code_imports_from_the_repo_root_with_the_shadowed_packages_installed(tmp_path):
     code = ("import importlib.metadata as m; assert m.version('kernels') == '0.18.5'\n"
             "from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl\n"
-            "import sparse_qwen, train, eval, multi_gpu, zipr1_kernels\n")
+            "import sparse_qwen, train, eval, zipr1_support.multi_gpu, zipr1_kernels\n")
     env = {**os.environ, "PYTHONPATH": str(fake_site(tmp_path))}
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]

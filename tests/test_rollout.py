@@ -8,10 +8,11 @@ import torch
 from transformers import AttentionInterface, AutoModelForImageTextToText
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-import media
+from zipr1_support import data
+from zipr1_support import media
 import rollout
 import toy
-from batching import repeat_prompts, split_groups
+from zipr1_support.batching import repeat_prompts
 from rollout import SamplingConfig, generate, prefill, score_completions, scoring_state
 from sparse_attention import sparse_attention
 from sparse_qwen import make_sparse
@@ -37,9 +38,9 @@ def tiny(request, tmp_path_factory):
 def items(kind):
     """Prompt batches for the cases of the issue: one image, a video, two images, a left-padded mixed batch."""
     rows = {r["kind"]: r for r in toy.toy_examples(8, seed=3)}
-    image, video = toy.prompt_item(rows["color"]), toy.prompt_item(rows["video"])
+    image, video = data.prompt_item(rows["color"]), data.prompt_item(rows["video"])
     extra = rows["shape"]["image"]
-    two = media.prompt_item(media.question_text("Which picture has more red? " * 2, ["A. first", "B. second"]),
+    two = media.chat_item(media.question_text("Which picture has more red? " * 2, ["A. first", "B. second"]),
                             [image["images"][0], extra])
     return {"image": [image], "video": [video], "two_images": [two], "padded_batch": [image, two, video]}[kind]
 
@@ -87,7 +88,7 @@ def test_timings_and_the_clock(tiny, monkeypatch):
 
 
 def register_reference(selection):
-    """An independent pipeline: HF's full DynamicCache and generate loop; eager Eq. 1 with the recorded selection."""
+    """An independent pipeline: HF's full DynamicCache and generate loop; eager Eq. 2 with the recorded selection."""
     prompt_len = selection.shape[-1]
 
     def attention(module, q, k, v, mask, scaling=None, **kwargs):
@@ -222,7 +223,7 @@ def test_a_batch_of_groups_splits_into_the_rollouts_of_each_group_alone(tiny, me
     keep_p, row_seeds = torch.tensor([0.5, 0.975, 0.7, 0.9, 0.6, 1.0]), [11, 12, 21, 22, 31, 32]
     sampling = SamplingConfig(max_new_tokens=5, temperature=0.8)
     whole = generate(model, batch(prompts), keep_p, sampling, seed=5, row_seeds=row_seeds)
-    parts = split_groups(model, whole, n)
+    parts = rollout.split_groups(model, whole, n)
     assert len(parts) == len(prompts)
     for g, (part, question) in enumerate(zip(parts, prompts)):
         rows = slice(g * n, (g + 1) * n)
@@ -263,7 +264,7 @@ def test_the_pipeline_on_the_triton_kernels_equals_the_torch_reference(tmp_path,
     path = toy.build_tiny_model_dir(tmp_path / "model", seed=1, num_hidden_layers=2)
     model = make_sparse(AutoModelForImageTextToText.from_pretrained(path, attn_implementation="sdpa").eval())
     rows = {r["kind"]: r for r in toy.toy_examples(8, seed=3)}
-    inputs = media.encode_prompts(media.load_processor(path), [toy.prompt_item(rows[k]) for k in ("color", "shape")])
+    inputs = media.encode_prompts(media.load_processor(path), [data.prompt_item(rows[k]) for k in ("color", "shape")])
     assert not bool(inputs["attention_mask"].all())  # left padding
     keep_p, sampling = torch.tensor([0.5, 0.9]), SamplingConfig(3, do_sample=False)
     runs = {}

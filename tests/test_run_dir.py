@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-import run_dir
+from zipr1_support import run_dir
 import toy
 import train
 

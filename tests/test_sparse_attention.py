@@ -17,7 +17,7 @@ def qkv(b=2, h=4, hkv=2, seq=12, d=8, seed=0, dtype=torch.float64):
 
 
 def loop_attention(q, k, v, m_q, m_k):
-    """Eq. 1 by hand: for every selected query, softmax over selected causal keys of its KV head."""
+    """Eq. 2 by hand: for every selected query, softmax over selected causal keys of its KV head."""
     out = torch.zeros_like(q)
     groups = q.shape[1] // k.shape[1]
     for b, h, i in itertools.product(range(q.shape[0]), range(q.shape[1]), range(q.shape[2])):

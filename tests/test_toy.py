@@ -10,7 +10,8 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText, AutoTokenizer
 
-import media
+from zipr1_support import data
+from zipr1_support import media
 import rewards
 import toy
 
@@ -47,7 +48,7 @@ def test_config_sizes_and_visual_tokens(model_dir):
     assert 3e5 < sum(p.numel() for p in model.parameters()) < 2e6
     processor = media.load_processor(model_dir)
     row = toy.toy_examples(1, kinds=("color",))[0]
-    inputs = media.encode_prompts(processor, [toy.prompt_item(row)])
+    inputs = media.encode_prompts(processor, [data.prompt_item(row)])
     assert inputs["image_grid_thw"].tolist() == [[1, 16, 16]] and int((inputs["mm_token_type_ids"] == 1).sum()) == 64
 
 
@@ -57,7 +58,7 @@ def test_saved_model_gives_identical_logits(model_dir):
     loaded = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
     processor = media.load_processor(model_dir)
     rows = toy.toy_examples(2, seed=3, kinds=("shape", "video"))
-    inputs = media.encode_prompts(processor, [toy.prompt_item(r) for r in rows])
+    inputs = media.encode_prompts(processor, [data.prompt_item(r) for r in rows])
     with torch.no_grad():
         assert torch.equal(fresh(**inputs).logits, loaded(**inputs).logits)
 
@@ -66,7 +67,7 @@ def test_qwen2_vl_variant_runs(tmp_path):
     path = toy.build_tiny_model_dir(tmp_path, arch="qwen2_vl", **SMALL)
     model, processor = AutoModelForImageTextToText.from_pretrained(path), media.load_processor(path)
     assert model.config.model_type == "qwen2_vl"
-    inputs = media.encode_prompts(processor, [toy.prompt_item(r) for r in toy.toy_examples(2, kinds=("video",))])
+    inputs = media.encode_prompts(processor, [data.prompt_item(r) for r in toy.toy_examples(2, kinds=("video",))])
     assert "second_per_grid_ts" not in inputs  # Qwen2-VL's processor has no temporal spacing
     with torch.no_grad():
         assert torch.isfinite(model(**inputs).logits).all()

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-import run_dir
+from zipr1_support import run_dir
 import toy
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "toy_reproduction.py"

@@ -2,7 +2,7 @@
 
 All tensors use HF's (batch, heads, tokens, head_dim) layout:
 
-    prefill_sparse_attention(q, k, v, mask, scale=None)                  -> (B, H, L, D)   Eq. 1 with m_Q = m_K = mask
+    prefill_sparse_attention(q, k, v, mask, scale=None)                  -> (B, H, L, D)   Eq. 2 with m_Q = m_K = mask
     decode_attention(q, k, v, key_valid, scale=None)                      -> (B, H, 1, D)   newest query, pruned cache
     probe_column_mass(q, k, valid, probe_idx, probe_ok, scale=None)       -> s (B, L), n (B, L)   Eq. 3 probe scores
     top_p_select(q, k, keep_p, valid=None, num_recent, num_random, seed)  -> Selection      Eq. 3 token set
@@ -127,7 +127,7 @@ def check_attention_shapes(q, k, v, mask, name: str = "mask") -> None:
 
 
 def prefill_sparse_attention(q, k, v, mask, scale: float | None = None, backend: str = "auto") -> torch.Tensor:
-    """Eq. 1 among the selected tokens (m_Q = m_K = mask), causal by original position, GQA.
+    """Eq. 2 among the selected tokens (m_Q = m_K = mask), causal by original position, GQA.
 
     q: (B, H, L, D); k, v: (B, Hkv, L, D); mask: (B, L) bool.  Returns (B, H, L, D), zero on unselected rows.
     Differentiable in q, k, v on both backends."""

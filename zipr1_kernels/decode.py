@@ -3,7 +3,7 @@
 After a sparse prefill each layer's cache holds only the selected keys, padded per sample to a common length K and
 marked by key_valid (B, K).  One new query per sample attends to every valid key (all are earlier positions):
 
-    o = Σ_j softmax_j(q · k_j / sqrt(d)) v_j      over j with key_valid[j]      (Eq. 1 for the newest query)
+    o = Σ_j softmax_j(q · k_j / sqrt(d)) v_j      over j with key_valid[j]      (Eq. 2 for the newest query)
 
 Decode is bound by reading K and V, so the kernel reads each KV row once for all H / Hkv query heads of its group
 (GQA) and splits the K keys across programs when B · Hkv alone would leave the GPU idle.  Split s returns its running

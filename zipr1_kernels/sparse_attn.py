@@ -1,13 +1,13 @@
-"""Sparse prefill attention in Triton: Eq. 1 with m_Q = m_K = m, reading the selected rows by index.
+"""Sparse prefill attention in Triton: Eq. 2 with m_Q = m_K = m (Eq. 1), reading the selected rows by index.
 
 Read beside sparse_attention.py (the torch reference) and Triton's fused-attention tutorial, which this follows.
 
 The k selected positions of a sample, in increasing order, are idx[0] < idx[1] < ... < idx[k-1].  Because idx is
 sorted, "key position ≤ query position" (causality by original positions) is the same as "key rank ≤ query rank",
-so Eq. 1 is ordinary causal attention over the k×k grid of ranks:
+so Eq. 2 is ordinary causal attention over the k×k grid of ranks:
 
-    S[r, c] = q[idx[r]] · k[idx[c]] / sqrt(d)                 c ≤ r < k          (Eq. 1, logits)
-    O[idx[r]] = Σ_c softmax_c(S[r, :]) v[idx[c]],   other rows of O are 0        (Eq. 1)
+    S[r, c] = q[idx[r]] · k[idx[c]] / sqrt(d)                 c ≤ r < k          (Eq. 2, logits)
+    O[idx[r]] = Σ_c softmax_c(S[r, :]) v[idx[c]],   other rows of O are 0        (Eq. 2)
 
 Each program owns BLOCK_M query ranks of one (sample, head) and streams BLOCK_N key ranks at a time with the online
 softmax of FlashAttention. Rows are loaded straight from q, k, v in HF's (B, H, L, D) layout through idx — no
@@ -82,7 +82,7 @@ def _fwd_inner(acc, l_i, m_i, q, ranks_m, K, V, idx, count, stride_kl, stride_vl
         ranks_n = start_n + tl.arange(0, BLOCK_N)
         pos_n = tl.load(idx + ranks_n, mask=ranks_n < count, other=0)  # original positions of these keys
         k = tl.load(K + pos_n[:, None] * stride_kl + offs_d[None, :])  # (BLOCK_N, D)
-        s = _dot(q, tl.trans(k), UPCAST, PREC) * qk_scale  # Eq. 1 logits, base-2 units  (BLOCK_M, BLOCK_N)
+        s = _dot(q, tl.trans(k), UPCAST, PREC) * qk_scale  # Eq. 2 logits, base-2 units  (BLOCK_M, BLOCK_N)
         if DIAGONAL:
             s = tl.where(ranks_m[:, None] >= ranks_n[None, :], s, float("-inf"))  # causal by position
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -125,7 +125,7 @@ def _sparse_attn_fwd(Q, K, V, Out, Lse, Idx, Count, qk_scale, H, GROUPS,
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, ranks_m, K, V, idx, count, skl, svl, offs_d, lo, lo + BLOCK_M,
                                qk_scale, True, BLOCK_N, UPCAST, PREC)
     keep = ranks_m < count
-    out = acc / l_i[:, None]  # Eq. 1: softmax-weighted sum of the selected values  (BLOCK_M, D)
+    out = acc / l_i[:, None]  # Eq. 2: softmax-weighted sum of the selected values  (BLOCK_M, D)
     tl.store(Out + b64 * sob + h64 * soh + pos_m[:, None] * sol + offs_d[None, :], out.to(Out.dtype.element_ty),
              mask=keep[:, None])
     tl.store(Lse + bh.to(tl.int64) * s_lse + ranks_m, m_i + tl.math.log2(l_i), mask=keep)  # base-2 log-sum-exp
@@ -305,7 +305,7 @@ def reference_grads(q, k, v, out, lse, idx, count, sm_scale, dout):
 
 
 class SparseAttention(torch.autograd.Function):
-    """Eq. 1 (m_Q = m_K) forward and backward in Triton; idx, count from `selected_positions`.
+    """Eq. 2 (m_Q = m_K) forward and backward in Triton; idx, count from `selected_positions`.
 
     `guard_backward(triton_grads, torch_grads)`, if given, picks what runs when the Triton backward fails
     (zipr1_kernels.run_kernel).  Only the saved tensors are kept, so activation checkpointing still frees them."""
@@ -329,7 +329,7 @@ class SparseAttention(torch.autograd.Function):
 
 
 def sparse_attention_triton(q, k, v, mask, scale: float | None = None, guard_backward=None) -> torch.Tensor:
-    """Eq. 1 with m_Q = m_K = mask.  q: (B, H, L, D); k, v: (B, Hkv, L, D); mask: (B, L) bool -> (B, H, L, D)."""
+    """Eq. 2 with m_Q = m_K = mask.  q: (B, H, L, D); k, v: (B, Hkv, L, D); mask: (B, L) bool -> (B, H, L, D)."""
     idx, count = selected_positions(mask)  # (B, L), (B,)
     sm_scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     return SparseAttention.apply(q, k, v, idx, count, sm_scale, guard_backward)

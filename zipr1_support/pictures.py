@@ -1,7 +1,7 @@
 """The kept-token picture and the Pareto plot of eval.py.
 
 kept_token_picture: one question's visual tokens, darkened where a layer's Top-p selection (Eq. 1-3) drops them.
-pareto_plot: accuracy against the token ratio τ = mean_j k_j / ℓ (Eq. 2) over a keep_p sweep, Full as a star.
+pareto_plot: accuracy against the token ratio τ = mean_j k_j / ℓ (§2.1) over a keep_p sweep, Full as a star.
 Figures are pyplot-free (matplotlib's Figure renders with Agg), so no display is needed.
 """
 from __future__ import annotations
@@ -11,8 +11,8 @@ import math
 import numpy as np
 from matplotlib.figure import Figure
 
-import data
-import media
+from zipr1_support import data
+from zipr1_support import media
 from rollout import prefill
 from sparse_qwen import make_sparse
 
@@ -64,7 +64,7 @@ def kept_token_picture(model, processor, row, keep_p, path, title, max_frames=16
         ax.imshow(dim_dropped(slots[s].astype(np.uint8), kept[j, s], cell))
         ax.set_title((f"L{j} frames {s * tp}-{s * tp + tp - 1}" if video else f"layer {j}") +
                      f": {kept[j, s].mean():.0%} kept", fontsize=7)
-    tau = float(state.token_ratio()[0])  # Eq. 2
+    tau = float(state.token_ratio()[0])  # τ (§2.1)
     fig.suptitle(f"{title}: keep_p={keep_p}, τ={tau:.2f} (dark = visual token dropped)", fontsize=9)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     return kept

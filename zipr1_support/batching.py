@@ -1,5 +1,6 @@
 """The images and videos of a prompt batch: how many each row holds, every prompt n times with its media encoded
-once (a GRPO group), rows cut out with their own media, and a rollout split into one part per question.
+once (a GRPO group), and rows cut out with their own media (with which rollout.split_groups cuts a rollout into
+one part per question).
 
 A batch is the processor's left-padded dict (media.encode_prompts): input_ids, attention_mask, mm_token_type_ids
 (B, P), and per kind the pixels of every item in order (pixel_values / pixel_values_videos, rows = patches) with one
@@ -9,14 +10,8 @@ follows from each row's placeholder tokens and the grids (`media_per_sample`).
 """
 from __future__ import annotations
 
-import dataclasses
-from typing import TYPE_CHECKING
-
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
-
-if TYPE_CHECKING:
-    from rollout import Rollout
 
 MEDIA_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts",
               "mm_encoder_outputs")
@@ -100,24 +95,3 @@ def take_rows(inputs: dict, media_counts: dict, start: int, stop: int) -> dict:
             features = BaseModelOutputWithPooling(pooler_output=list(encoded.pooler_output[a:b]))
             out.setdefault("mm_encoder_outputs", {})[kind] = features
     return out
-
-
-def split_groups(model, rollout: Rollout, n: int) -> list[Rollout]:
-    """A rollout of G·n rows as G rollouts of n rows (one question's group each), e.g. as training micro-batches.
-    Each keeps only its own media, prompt columns and completion steps; scoring one equals its part of the whole."""
-    parts, prompt_len = [], rollout.inputs["input_ids"].shape[1]
-    counts = {kind: media_per_sample(model, rollout.inputs, kind) for kind in VISION}  # once, not per group
-    for start in range(0, len(rollout.keep_p), n):
-        rows = slice(start, start + n)
-        inputs = take_rows(rollout.inputs, counts, start, start + n)
-        first = prompt_len - inputs["input_ids"].shape[1]  # dropped padding columns
-        steps = max(int(rollout.completion_mask[rows].sum(-1).max()), 1)  # the group's longest completion
-        logits = rollout.step_logits[rows, :steps] if rollout.step_logits is not None else None
-        parts.append(dataclasses.replace(
-            rollout, inputs=inputs, completion_ids=rollout.completion_ids[rows, :steps],
-            completion_mask=rollout.completion_mask[rows, :steps], logprobs=rollout.logprobs[rows, :steps],
-            keep_p=rollout.keep_p[rows], kept=rollout.kept[rows], lengths=rollout.lengths[rows],
-            token_ratio=rollout.token_ratio[rows], kv_bytes=rollout.kv_bytes[rows],
-            selection=rollout.selection[rows, :, first:], step_logits=logits,
-            truncated=rollout.truncated[rows] if rollout.truncated is not None else None))
-    return parts

@@ -4,7 +4,7 @@
     cfg = check_config(Config(model="toy", max_steps=10))                                   # from Python
 
 One dataclass, one flag per field (transformers' HfArgumentParser, see cli.py), names as in TRL's GRPOConfig where
-TRL has the concept (README: "Settings and TRL"). `check_config` gives one clear error per setting that cannot work,
+TRL has the concept (docs/settings.md). `check_config` gives one clear error per setting that cannot work,
 before anything loads; `check_sources` what the loaded data and model folder allow.
 """
 from __future__ import annotations
@@ -19,14 +19,14 @@ from typing import Literal
 import torch
 from transformers.hf_argparser import HfArg
 
-import cli
+from zipr1_support import cli, media
 import grpo
-import media
 import rewards
-from media_files import (FPS, FPS_MAX_FRAMES, FPS_MIN_FRAMES, MAX_PIXELS, MIN_PIXELS, VIDEO_MAX_PIXELS,
-                         VIDEO_MIN_PIXELS, InputSizes, input_sizes)  # noqa: F401 (input_sizes: train.py)
-from run_dir import DEFAULT_OUTPUT_DIR, checkpoints
-from toy import TOY_PRESET
+from zipr1_support.media_files import (FPS, FPS_MAX_FRAMES, FPS_MIN_FRAMES, MAX_PIXELS, MIN_PIXELS, VIDEO_MAX_PIXELS,
+                                       VIDEO_MIN_PIXELS, InputSizes, input_sizes)  # noqa: F401 (input_sizes: train.py)
+from zipr1_support.run_dir import DEFAULT_OUTPUT_DIR, checkpoints
+import toy
+from toy import TOY_CACHE, TOY_PRESET, TOY_TRAIN_ROWS
 
 SPARSITY_GATES = ("group", "answer", "none")
 LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")  # of transformers.get_scheduler
@@ -43,7 +43,7 @@ OPTIONAL_BOOL = {"nargs": "?", "const": True}  # `--bf16` alone means true; unse
 @dataclass
 class Config:
     """Every setting of a run; the command line has one flag per field (`python train.py --help`). Names follow TRL's
-    GRPOConfig where TRL has the concept (README: "Settings and TRL")."""
+    GRPOConfig where TRL has the concept (docs/settings.md)."""
 
     # model and data
     model: str = HfArg(default="toy", help="HF hub id in the local cache, or a local directory; 'toy': the offline "
@@ -81,8 +81,8 @@ class Config:
                                "relative error), or 1 / 0 for a correct answer (rewards.py)")
     format_reward_weight: float = HfArg(default=0.0, help="weight of Video-R1's format reward (<think>...</think>"
                                                           "<answer>...</answer>) in r; 0 as in the paper")
-    # learned sparsity: λ·C·max(τ̃ − target, 0) joins the loss, τ̃ the relaxed Eq. 3 count (README); λ = 0 is the
-    # paper's literal objective (τ̃ is still logged)
+    # learned sparsity: λ·C·max(τ̃ − target, 0) joins the loss, τ̃ the relaxed Eq. 3 count (docs/learned_sparsity.md);
+    # λ = 0 is the paper's literal objective (τ̃ is still logged)
     sparsity_coef: float = HfArg(default=0.0, help="λ of the learned-sparsity term; 0: the paper's literal recipe")
     sparsity_temperature: float = HfArg(default=0.01, help="T of the smooth count σ((p − c_{i−1}) / T)")
     sparsity_gate: Literal["group", "answer", "none"] = HfArg(
@@ -105,7 +105,7 @@ class Config:
                                                                  "without EOS out of the loss")
     num_iterations: int = HfArg(default=1, help="mu: updates per rollout batch; > 1 uses the rollout's log-probs "
                                                 "as pi_old")
-    # batches: TRL counts completions, we count questions (README: "Settings and TRL")
+    # batches: TRL counts completions, we count questions (docs/settings.md)
     per_step_questions: int = HfArg(default=1, help="G questions per optimizer step (G * N completions)")
     generation_batch_size: int = HfArg(default=0, help="TRL's name: completions per step, G * N; sets "
                                                        "per_step_questions when given")
@@ -294,3 +294,24 @@ def check_same_vocabulary(model_dir: str, reference_dir: str) -> None:
     if sizes[0] != sizes[1]:
         raise ConfigError(f"--ref_model {reference_dir} has a vocabulary of {sizes[1]} tokens, the model "
                           f"{model_dir} {sizes[0]}: the KL term needs the same tokenizer")
+
+
+def resolve_sources(cfg: Config) -> tuple[str, str, str]:
+    """(model directory, dataset, reference directory) with "toy" replaced by the cached warmed-up tiny model and
+    written toy data; the reference is the model's directory unless --ref_model names another."""
+    model = resolve_model(cfg.model, cfg)
+    reference = model if cfg.ref_model in (None, cfg.model) else resolve_model(cfg.ref_model, cfg)
+    dataset = cfg.dataset
+    if dataset == "toy":
+        dataset = str(toy.rl_dataset(TOY_TRAIN_ROWS, TOY_CACHE))  # a new task version: new data
+    return model, dataset, reference
+
+
+def resolve_model(name: str, cfg: Config) -> str:
+    """A model folder on disk: "toy" is the shipped (or cached) warmed-up tiny model; otherwise a local directory or
+    a hub id in the local cache (ModelNotAvailable, one line, when not on disk offline)."""
+    if name == "toy":
+        return str(toy.ensure_toy_model(TOY_CACHE / "toy-model", progress=not cfg.disable_tqdm))
+    folder = str(media.resolve_model_dir(name))
+    media.check_model_dir(folder)  # empty folder, torn config.json, no weights: one line, before loading
+    return folder

@@ -20,13 +20,15 @@ caches each result by the file's (size, mtime_ns) in a JSON file (`media_check_c
 the media root, or under ~/.cache/zipr1 when that is not writable), so a second load of 260k rows is a few stats.
 `on_bad_row="error"` raises one `DatasetError` naming the row; `"skip"` drops the row and records why:
 `Rows.skipped` always says how many were dropped. Media that passes the cheap check but fails when read in full is
-a DatasetError from `prompt_item` carrying `.row`; train.py records such rows (see `replace_bad_rows`).
+a DatasetError from `prompt_item` carrying `.row`; `step_on_readable_rows` records such rows for train.py (see
+`replace_bad_rows`).
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +36,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-import media
+from zipr1_support import media
+from zipr1_support import multi_gpu, run_dir
+from zipr1_support.run_dir import write_text_atomically
 import rewards
 
 DATA_TYPES = ("image", "video")
@@ -184,11 +188,8 @@ def _read_json_cache(path: Path) -> dict:
 
 
 def _write_json_cache(path: Path, files: dict) -> None:
-    try:  # written aside, then renamed: a killed run never leaves a torn cache
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"version": MEDIA_CHECK_VERSION, "files": files}))
-        os.replace(tmp, path)
+    try:  # a killed run never leaves a torn cache
+        write_text_atomically(path, json.dumps({"version": MEDIA_CHECK_VERSION, "files": files}))
     except OSError:
         pass  # a read-only place: the checks are redone next time
 
@@ -275,9 +276,15 @@ def load_dataset_rows(dataset: str, media_root: str | None = None, on_bad_row: s
 
 
 def prompt_item(row: dict, max_frames: int = 16, template: str = "video_r1", sizes=None) -> dict:
-    """media.prompt_item of a row: its image or video read now (errors name the row), its question in `template`
-    (media.question_text: Video-R1's prompt, or "answer_only"). sizes (media.InputSizes): Video-R1's frame sampling
-    and the pixel limits the processor applies; None: min(max_frames, total) frames at the processor's own sizes."""
+    """The prompt of a row (media.chat_item): its question in `template` (media.question_text: Video-R1's prompt, or
+    "answer_only") and its image or video, held in the row (toy.toy_examples' in-memory rows: "image", or "video"
+    frames + "fps") or read from media_path now (errors name the row). sizes (media.InputSizes): Video-R1's frame
+    sampling and the pixel limits the processor applies; None: min(max_frames, total) frames at the processor's own
+    sizes."""
+    text = media.question_text(row["problem"], row["options"], row["problem_type"], template)
+    if "image" in row or "video" in row:
+        images, videos = ([row["image"]] if "image" in row else []), ([row["video"]] if "video" in row else [])
+        return media.chat_item(text, images, videos, [row["fps"]] * len(videos), sizes=sizes)
     images, videos, fps = [], [], []
     try:
         if row["data_type"] == "image":
@@ -288,8 +295,7 @@ def prompt_item(row: dict, max_frames: int = 16, template: str = "video_r1", siz
             fps.append(rate)
     except (OSError, ValueError) as err:
         raise DatasetError(f"row {row['row']}: {err}", row=row["row"]) from None
-    text = media.question_text(row["problem"], row["options"], row["problem_type"], template)
-    return media.prompt_item(text, images, videos, fps, sizes=sizes)
+    return media.chat_item(text, images, videos, fps, sizes=sizes)
 
 
 def checked_prompts(inputs, rows: list[dict], max_prompt_length: int | None, repeats: int = 1):
@@ -345,3 +351,29 @@ def question_indices(num_rows: int, step: int, per_step: int, seed: int) -> list
         picked += order[offset:offset + per_step - len(picked)].tolist()
     return picked
 
+
+def step_on_readable_rows(train_step, table: Rows, bad: dict, cfg, step: int, dist) -> dict:
+    """train_step(rows, first) on step `step`'s questions for this rank, rows in `bad` replaced (step_rows):
+    `first` is the place of the rank's first question in the step's global list. A row whose media fails now joins
+    `bad` and the step is redone without it (skip_bad_row; nothing was updated yet), or the run stops."""
+    while True:
+        picked = step_rows(table, step, cfg.per_step_questions, cfg.seed, bad)  # over the source's rows
+        mine = multi_gpu.rank_questions(len(picked), dist)  # whole groups: this rank's block of questions
+        try:
+            return train_step([picked[q] for q in mine], mine.start)
+        except DatasetError as err:
+            if err.row is None or err.row in bad:
+                raise
+            bad[err.row] = str(err)
+            skip_bad_row(cfg, err, step, dist)
+
+
+def skip_bad_row(cfg, err: DatasetError, step: int, dist) -> None:
+    """A row whose media failed while sampling step `step`: recorded in output_dir/bad_rows.jsonl (a resume or a
+    rerun in that folder replaces it, see replace_bad_rows); then skipped with one line, or the run stops."""
+    where = run_dir.record_bad_row(Path(cfg.output_dir), err.row, str(err), step + 1)
+    if not cfg.skip_bad_rows or dist.enabled:  # ranks cannot agree on a replacement mid-step: stop them all
+        hint = "" if cfg.skip_bad_rows else "; --skip_bad_rows replaces such rows as they come"
+        raise DatasetError(f"step {step + 1}: {err}: recorded in {where}, --resume_from_checkpoint continues "
+                           f"without it{hint}", row=err.row) from None
+    tqdm.write(f"skipping {err} (step {step + 1}; recorded in {where})", file=sys.stderr)

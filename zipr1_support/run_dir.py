@@ -28,9 +28,42 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
-import multi_gpu
+from zipr1_support import multi_gpu
 
 DEFAULT_OUTPUT_DIR = "outputs/zipr1"  # train.py's run folder (Config.output_dir); eval.py finds ZipR1 there
+
+
+# ----------------------------------------------------------------------------------------------- atomic writes
+# Every file or folder the code writes for later reuse is written aside, then renamed into place: a killed run
+# never leaves a torn one, and concurrent writers never write into each other's files.
+def write_text_atomically(path: Path, text: str) -> None:
+    """path's text replaced in one rename: written to a file private to this process beside it first."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def private_build_folder(folder: Path) -> Path:
+    """An empty folder beside `folder`, private to this process: concurrent builders never share one."""
+    work = folder.with_name(f"{folder.name}.building-{os.getpid()}")
+    shutil.rmtree(work, ignore_errors=True)
+    return work
+
+
+def move_into_place(work: Path, folder: Path, complete=lambda folder: False) -> Path:
+    """Rename the finished build `work` to `folder`. If another process finished the same build first (complete(folder)
+    holds), its folder is kept and ours dropped; a stale folder, or one built with other settings, is replaced."""
+    try:
+        work.rename(folder)
+    except OSError:  # folder exists and is not empty
+        if not complete(folder):
+            shutil.rmtree(folder)
+            work.rename(folder)
+    shutil.rmtree(work, ignore_errors=True)
+    return folder
+
 
 def checkpoints(output_dir: Path) -> list[Path]:
     """checkpoint-<step> folders of a run, oldest first."""
@@ -132,9 +165,7 @@ def save_checkpoint(policy, processor, optimizer, cfg, step: int, dist=multi_gpu
                         f"free, about {needed:,} needed: free some space, then run the same command with "
                         f"--resume_from_checkpoint (it continues from the last complete checkpoint)") from None
     if dist.is_main:
-        if path.exists():  # a step saved again (resumed before it): the new one replaces it
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+        move_into_place(tmp, path)  # a step saved again (resumed before it): the new one replaces it
         for old in checkpoints(output_dir)[:-cfg.save_total_limit]:
             shutil.rmtree(old)
     multi_gpu.barrier(dist)
@@ -281,9 +312,7 @@ def start_output_dir(cfg, resume_from: Path | None, kept: list[dict]) -> None:
     for stale in output_dir.glob("checkpoint-*.tmp"):  # a save that was killed
         shutil.rmtree(stale)
     if resume_from is not None and metrics_path.is_file():
-        tmp = metrics_path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(m) + "\n" for m in kept))
-        os.replace(tmp, metrics_path)
+        write_text_atomically(metrics_path, "".join(json.dumps(m) + "\n" for m in kept))
     if resume_from is None and cfg.overwrite_output_dir:
         for old in checkpoints(output_dir):
             shutil.rmtree(old)
@@ -338,3 +367,34 @@ class StopOnSignal:
         name = signal.Signals(self.signum or signal.SIGTERM).name
         return Stopped(self.signum or signal.SIGTERM, f"stopped by {name} after step {step}: saved {saved}; run the "
                        f"same command with --resume_from_checkpoint to continue from it")
+
+
+def load_trainer_state(resume_from: Path, policy, optimizer, cfg, dist=multi_gpu.SINGLE) -> int:
+    """The optimizer state of checkpoint `resume_from` loaded into `optimizer` (each rank its shard); returns its step.
+    Says in one line when the settings changed since (not a replay) or when there is nothing left to do."""
+    state = torch.load(resume_from / "trainer_state.pt", map_location="cpu", weights_only=False,
+                       mmap=True)  # ranks share the file's pages; each keeps only its shard
+    multi_gpu.load_optimizer_state(policy, optimizer, state["optimizer"], dist)
+    changed = [k for k, v in dataclasses.asdict(cfg).items()
+               if k not in ("max_steps", "resume_from_checkpoint", "disable_tqdm") and state["config"].get(k) != v]
+    if changed and dist.is_main:
+        print(f"warning: resuming {resume_from} with changed settings {changed}: not a replay", file=sys.stderr)
+    if state["step"] == cfg.max_steps and dist.is_main:
+        print(f"nothing to do: {resume_from} is at --max_steps {cfg.max_steps}", file=sys.stderr)
+    return state["step"]
+
+
+def append_metrics(path: Path, metrics: dict) -> None:
+    """One line of metrics.jsonl, opened per step: a failed start leaves no empty log."""
+    with open(path, "a") as log:
+        log.write(json.dumps(metrics) + "\n")
+
+
+def interrupted(cfg) -> str:
+    """The one line printed on Ctrl-C: how to continue."""
+    found = [c for c in checkpoints(Path(cfg.output_dir)) if checkpoint_problem(c) is None] \
+        if cfg is not None else []
+    if not found:
+        return "interrupted before the first checkpoint: nothing to resume (rerun the command to start over)"
+    return (f"interrupted: the last checkpoint is {found[-1]}; run the same command with --resume_from_checkpoint "
+            f"to continue from it")

@@ -17,7 +17,7 @@ from transformers import AutoProcessor, AutoTokenizer, BatchFeature
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 # reading images and videos, and the load-time check: media_files.py (load_video is the entry point, here too)
-from media_files import DEFAULT_FPS, InputSizes, check_media, load_image, load_video  # noqa: F401
+from zipr1_support.media_files import DEFAULT_FPS, InputSizes, check_media, load_image, load_video  # noqa: F401
 
 logger = logging.getLogger(__name__)
 IMAGE_TOKEN, VIDEO_TOKEN = "<|image_pad|>", "<|video_pad|>"
@@ -288,13 +288,14 @@ def question_text(problem, options=None, problem_type=None, template="video_r1")
     return f"{problem}\n{REASONING_INSTRUCTION} {TYPE_TEMPLATE[problem_type]}"
 
 
-def prompt_item(text, images=(), videos=(), fps=None, system=None, sizes=None) -> dict:
+def chat_item(text, images=(), videos=(), fps=None, system=None, sizes=None) -> dict:
     """One prompt for `encode_prompts`: {"messages", "images", "videos", "fps", "sizes"}.
 
     messages: Qwen chat messages, one user turn of the media entries first (images, then videos) and then `text`
     (after an optional system turn). images: PIL images; videos: lists of PIL frames; fps: one per video
     (default DEFAULT_FPS); sizes: the InputSizes the processor resizes images and frames to (None: the processor's
-    own defaults, the toy's). data.py, toy.py and the lmms-eval engine gather their media and build prompts here.
+    own defaults, the toy's). data.prompt_item (dataset and toy rows) and the lmms-eval engine build their prompts
+    here.
     """
     images, videos = list(images), list(videos)
     content = [{"type": "image"} for _ in images] + [{"type": "video"} for _ in videos]
