@@ -253,7 +253,7 @@ def mm_encoder_outputs_reach_vision_path() -> bool:
 
 
 def enable_checkpointing(model) -> None:
-    """Non-reentrant activation checkpointing of the decoder layers (the backward runs inside sparse_forward).
+    """Non-reentrant activation checkpointing of the decoder layers (the recomputation gets the same zipr1_state).
     transformers >= 5.23 calls it `activation_checkpointing_enable`; before, `gradient_checkpointing_enable` with
     use_reentrant=False sets the same per-layer checkpoint function (same gradients: tests/test_train.py)."""
     if hasattr(model, ACTIVATION_CHECKPOINTING):

@@ -24,7 +24,7 @@ import numpy as np
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from media_files import InputSizes, smart_nframes  # noqa: E402
+from zipr1_support.media_files import InputSizes, smart_nframes  # noqa: E402
 
 OLD_MAX_PIXELS, OLD_MIN_PIXELS, OLD_MAX_FRAMES = 12_845_056, 56 * 56, 16  # Qwen2.5-VL preprocessor_config.json
 PHOTOS = [(4000, 3000), (4032, 3024), (3024, 4032), (6000, 4000), (4608, 3456), (1600, 1200), (1024, 768), (800, 600),

@@ -11,7 +11,7 @@ import json
 import random
 from pathlib import Path
 
-import media
+from zipr1_support import media
 import toy
 
 KINDS = ("color", "shape", "position")  # the toy's image questions with options

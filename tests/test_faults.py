@@ -18,10 +18,10 @@ import pytest
 import torch
 from PIL import Image
 
-import data
-import media
-import media_files
-import run_dir
+from zipr1_support import data
+from zipr1_support import media
+from zipr1_support import media_files
+from zipr1_support import run_dir
 import toy
 import train
 from sparse_attention import probe_indices
@@ -103,7 +103,8 @@ def test_signal_saves_a_checkpoint_and_a_second_run_is_refused_meanwhile(sources
 
 
 def test_lock_is_released_when_its_holder_is_killed(tmp_path):
-    code = "import sys, time, run_dir; run_dir.lock_output_dir(sys.argv[1]); print('locked', flush=True); time.sleep(99)"
+    code = ("import sys, time; from zipr1_support import run_dir; run_dir.lock_output_dir(sys.argv[1]); "
+            "print('locked', flush=True); time.sleep(99)")
     holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline() == "locked\n"
     with pytest.raises(run_dir.ResumeError) as err:

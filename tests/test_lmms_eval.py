@@ -21,7 +21,7 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText
 
-import media
+from zipr1_support import media
 from lmms_eval_zipr1.toy_tasks import toy_docs, write_toy_tasks
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,7 +69,7 @@ def reference_scores(doc) -> tuple[list[float], bool]:
     """(log P of each choice, greedy writes the right one) under a stock dense forward of the same prompt."""
     model = reference_scores.model
     processor = reference_scores.processor
-    inputs = media.encode_prompts(processor, [media.prompt_item(doc["question"], [doc["image"]])])
+    inputs = media.encode_prompts(processor, [media.chat_item(doc["question"], [doc["image"]])])
     prompt_len = inputs["input_ids"].shape[1]
     logps, greedy = [], None
     for choice in doc["choices"]:

@@ -14,11 +14,11 @@ from transformers.models.qwen2_5_vl.processing_qwen2_5_vl import Qwen2_5_VLProce
 from transformers.processing_utils import ImagesKwargs, VideosKwargs
 
 import eval as evaluate
-import media
-import media_files
+from zipr1_support import media
+from zipr1_support import media_files
 import toy
 from lmms_eval_zipr1 import engine
-from train_config import ConfigError, parse_config
+from zipr1_support.train_config import ConfigError, parse_config
 
 # Video-R1's constants (vision_process.py, module top), typed in again
 REF_MIN, REF_MAX, REF_VIDEO_MIN, REF_VIDEO_MAX = 4 * 784, 256 * 784, 128 * 784, 128 * 784
@@ -73,7 +73,7 @@ def test_defaults_are_video_r1s():
 def test_image_size_and_tokens_equal_qwen_vl_utils_smart_resize(processor, height, width):
     """End to end through the fallback processor: pixels of the resized image and its <|image_pad|> count."""
     image = Image.new("RGB", (width, height), (200, 30, 30))
-    out = media.encode_prompts(processor, [media.prompt_item("q", [image], sizes=media.InputSizes())])
+    out = media.encode_prompts(processor, [media.chat_item("q", [image], sizes=media.InputSizes())])
     h, w = ref_smart_resize(height, width)
     grid = out["image_grid_thw"][0].tolist()
     assert [grid[1] * 14, grid[2] * 14] == [h, w]
@@ -92,7 +92,7 @@ def test_transformers_processor_takes_the_sizes_as_images_kwargs(processor, heig
     real = ImageOnly(image_processor=processor.image_processor, tokenizer=processor.tokenizer,
                      chat_template=processor.tokenizer.chat_template)
     image = Image.new("RGB", (width, height), (0, 90, 200))
-    out = media.encode_prompts(real, [media.prompt_item("q", [image], sizes=media.InputSizes())])
+    out = media.encode_prompts(real, [media.chat_item("q", [image], sizes=media.InputSizes())])
     h, w = ref_smart_resize(height, width)
     assert out["image_grid_thw"][0].tolist() == [1, h // 14, w // 14]
     for modality, typed in (("images_kwargs", ImagesKwargs), ("videos_kwargs", VideosKwargs)):  # what
@@ -119,16 +119,16 @@ def test_real_path_receives_the_settings_as_processor_kwargs(processor):
                              video_max_pixels=32 * 784, fps=1.0, min_frames=2, max_frames=8)
     frames = [Image.new("RGB", (64, 48), (i, 0, 0)) for i in range(4)]
     recording = Recording(processor)
-    media.encode_prompts(recording, [media.prompt_item("q", [frames[0]], [frames], [0.5], sizes=sizes)])
+    media.encode_prompts(recording, [media.chat_item("q", [frames[0]], [frames], [0.5], sizes=sizes)])
     call = recording.calls[0]
     assert call["images_kwargs"] == {"size": {"shortest_edge": 8 * 784, "longest_edge": 64 * 784}}
     assert call["videos_kwargs"] == {"size": {"shortest_edge": 16 * 784, "longest_edge": 32 * 784}}
     assert call["do_sample_frames"] is False and call["video_metadata"][0]["fps"] == 0.5
     recording.calls.clear()
-    media.encode_prompts(recording, [media.prompt_item("q", [frames[0]])])  # no sizes: the processor's own
+    media.encode_prompts(recording, [media.chat_item("q", [frames[0]])])  # no sizes: the processor's own
     assert "images_kwargs" not in recording.calls[0] and "videos_kwargs" not in recording.calls[0]
     with pytest.raises(ValueError, match="mixes input sizes"):
-        media.encode_prompts(recording, [media.prompt_item("q", sizes=sizes), media.prompt_item("q")])
+        media.encode_prompts(recording, [media.chat_item("q", sizes=sizes), media.chat_item("q")])
 
 
 FRAME_CASES = [  # (total frames, video fps): short clips, 1 fps, 24/25/30/60 fps, long videos
@@ -172,7 +172,7 @@ def test_video_grid_and_second_per_grid_equal_video_r1s(processor, tmp_path, n, 
     keep = ref_frame_indices(n, video_fps)
     assert [f.getpixel((0, 0))[0] for f in frames] == [i * 7 % 256 for i in keep]
     assert rate == pytest.approx(len(keep) / n * video_fps, rel=1e-12)  # qwen-vl-utils' sample_fps
-    out = media.encode_prompts(processor, [media.prompt_item("q", videos=[frames], fps=[rate], sizes=sizes)])
+    out = media.encode_prompts(processor, [media.chat_item("q", videos=[frames], fps=[rate], sizes=sizes)])
     h, w = ref_smart_resize(size[1], size[0], REF_VIDEO_MIN, ref_video_max_pixels(n_frames=len(keep)))
     assert out["video_grid_thw"][0].tolist() == [len(keep) // 2, h // 14, w // 14]
     assert out["second_per_grid_ts"][0] == pytest.approx(2 / (len(keep) / n * video_fps), rel=1e-6)
@@ -229,7 +229,7 @@ def test_the_toy_keeps_its_sizes_and_frames(tmp_path):
     cfg = parse_config([])
     assert media_files.input_sizes(cfg) == sizes
     toy.write_toy_dataset(tmp_path / "q", 6, seed=1)
-    import data
+    from zipr1_support import data
     for row in data.load_dataset_rows(str(tmp_path / "q")).rows:
         new, old = data.prompt_item(row, sizes=sizes), data.prompt_item(row, 8)
         assert [len(v) for v in new["videos"]] == [len(v) for v in old["videos"]] and new["fps"] == old["fps"]

@@ -19,11 +19,11 @@ from PIL import Image
 from rouge_score import rouge_scorer  # a pinned requirement: a missing package fails here, it is not skipped
 from transformers import AutoTokenizer
 
-import data
+from zipr1_support import data
 import eval as zipr1_eval
 import rewards
 import toy
-from train_config import Config, ConfigError, check_config, parse_config
+from zipr1_support.train_config import Config, ConfigError, check_config, parse_config
 
 # ------------------------------------------------------------------------------------------ Video-R1's prompt
 # Quoted from Video-R1 src/r1-v/src/open_r1/grpo.py, main(): QUESTION_TEMPLATE and TYPE_TEMPLATE, verbatim.
@@ -88,12 +88,13 @@ def test_prompt_equals_video_r1s(media_files, problem_type, data_type, options):
 
 def test_answer_only_prompt_is_the_toys_short_prompt():
     """answer_only: no reasoning instruction; it is the toy's prompt, unchanged (so `python train.py` is too)."""
-    import media
+    from zipr1_support import media
     text = media.question_text("What color?", ["A. red", "B. blue"], "multiple choice", template="answer_only")
     assert text == ("What color? Options:\nA. red\nB. blue\nPlease provide only the single option letter (e.g., A, B, "
                     "C, D, etc.) within the <answer> </answer> tags.")
     row = toy.toy_examples(1)[0]
-    assert toy.prompt_item(row)["messages"][0]["content"][-1]["text"] == media.question_text(
+    item = data.prompt_item(row, template=toy.TOY_PRESET["prompt_template"])  # how train.py prompts the toy
+    assert item["messages"][0]["content"][-1]["text"] == media.question_text(
         row["problem"], row["options"], row["problem_type"], template="answer_only")
     with pytest.raises(ValueError, match="prompt_template"):
         media.question_text("x", problem_type="OCR", template="chatty")

@@ -284,7 +284,8 @@ def prompt_item(row: dict, max_frames: int = 16, template: str = "video_r1", siz
     text = media.question_text(row["problem"], row["options"], row["problem_type"], template)
     if "image" in row or "video" in row:
         images, videos = ([row["image"]] if "image" in row else []), ([row["video"]] if "video" in row else [])
-        return media.chat_item(text, images, videos, [row["fps"]] * len(videos), sizes=sizes)
+        fps = [row.get("fps", media.DEFAULT_FPS)] * len(videos)
+        return media.chat_item(text, images, videos, fps, sizes=sizes)
     images, videos, fps = [], [], []
     try:
         if row["data_type"] == "image":
