@@ -241,10 +241,10 @@ def prompt_item(row: dict, max_frames: int = 16) -> dict:
     """The prompt of a row (media.chat_item): its question in Video-R1's format and its image or video, held in the
     row (toy.toy_examples' in-memory rows: "image", or "video" frames + "fps") or read from media_path now (errors
     name the row)."""
-    if "image" in row or "video" in row:
+    if "media_path" not in row:  # an in-memory toy row (toy.toy_examples), not one load_dataset_rows read
         images, videos = ([row["image"]] if "image" in row else []), ([row["video"]] if "video" in row else [])
         return media.chat_item(media.question_text(row["problem"], row["options"], row["problem_type"]), images,
-                               videos, [row["fps"]] * len(videos))
+                               videos, [row["fps"] for _ in videos])
     images, videos, fps = [], [], []
     try:
         if row["data_type"] == "image":
