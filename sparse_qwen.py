@@ -133,9 +133,19 @@ class SparseState:
 STATE_KWARG = "zipr1_state"  # the model-call keyword transformers forwards to zipr1_attention
 
 
+class StateRef:
+    """`state` handed through the model call. Not a dataclass on purpose: FSDP2 rebuilds dataclasses (and lists,
+    dicts) found in a call's keywords when it moves their tensors, so the attention would record its selections and
+    τ̃ into a copy; an opaque holder passes the caller's own SparseState."""
+    __slots__ = ("state",)
+
+    def __init__(self, state: SparseState):
+        self.state = state
+
+
 def sparse_kwargs(state: SparseState | None) -> dict:
     """The model-call keywords that run the sparse decoder under `state` (none: plain attention)."""
-    return {} if state is None else {STATE_KWARG: state}
+    return {} if state is None else {STATE_KWARG: StateRef(state)}
 
 
 def padding_mask(batch_size, q_length, kv_length, *args, attention_mask=None, **kwargs):
@@ -155,14 +165,14 @@ def autocast_dtype(*tensors):
 
 
 def zipr1_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
-                    zipr1_state: SparseState | None = None, **kwargs):
+                    zipr1_state: StateRef | None = None, **kwargs):
     """The attention function of every text-decoder layer.  query (B, H, Lq, D); key, value (B, Hkv, Lk, D).
 
     `zipr1_state` is the SparseState of this model call (`sparse_kwargs`). Returns (B, Lq, H, D) as transformers
     expects. Without a state it is plain causal attention over the padding mask (handy for debugging; the
     full-attention reference model uses stock "sdpa").
     """
-    state, layer = zipr1_state, module.layer_idx
+    state, layer = (zipr1_state.state if zipr1_state is not None else None), module.layer_idx
     bsz, _, seq, _ = query.shape
     query, key, value = autocast_dtype(query, key, value)
     valid = torch.ones(bsz, key.shape[2], dtype=torch.bool, device=query.device) if attention_mask is None \

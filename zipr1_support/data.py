@@ -282,9 +282,9 @@ def prompt_item(row: dict, max_frames: int = 16, template: str = "video_r1", siz
     sampling and the pixel limits the processor applies; None: min(max_frames, total) frames at the processor's own
     sizes."""
     text = media.question_text(row["problem"], row["options"], row["problem_type"], template)
-    if "image" in row or "video" in row:
+    if "media_path" not in row:  # an in-memory toy row (toy.toy_examples), not one load_dataset_rows read
         images, videos = ([row["image"]] if "image" in row else []), ([row["video"]] if "video" in row else [])
-        fps = [row.get("fps", media.DEFAULT_FPS)] * len(videos)
+        fps = [row["fps"] for _ in videos]
         return media.chat_item(text, images, videos, fps, sizes=sizes)
     images, videos, fps = [], [], []
     try:
