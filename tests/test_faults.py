@@ -214,12 +214,13 @@ def test_disk_full_while_writing_leaves_no_checkpoint(sources, tmp_path):
     fail, in safetensors' Rust writer as in torch.save's."""
     out = tmp_path / "run"
     code = ("import resource, signal, sys, train\n"
-            "real = train.save_checkpoint\n"
+            "from zipr1_support import run_dir\n"
+            "real = run_dir.save_checkpoint\n"
             "def limited(*args, **kwargs):\n"
             "    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
             "    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))\n"
             "    return real(*args, **kwargs)\n"
-            "train.save_checkpoint = limited\n"
+            "run_dir.save_checkpoint = limited\n"
             "train.main(sys.argv[1:])\n")
     proc = subprocess.run([sys.executable, "-c", code, *argv(sources, out, "--max_steps", "1")], cwd=REPO, env=ENV,
                           capture_output=True, text=True, timeout=300)
