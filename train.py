@@ -80,11 +80,6 @@ def keep_p_for_rows(cfg: Config, groups: int, step: int) -> torch.Tensor:
     return torch.tensor(grid * groups, dtype=torch.float32)  # (G*N,)
 
 
-def keep_p_bucket(cfg: Config, p: float) -> str:
-    """Key for per-threshold tau metrics: the grid value, or its tenth (e.g. "0.9") with uniform sampling."""
-    return f"{math.floor(p * 10) / 10:.1f}" if cfg.keep_p_uniform else f"{p:.3f}"
-
-
 def sample_rollout(policy, processor, rows, cfg: Config, step: int, device, autocast, position: int = 0):
     """Rollout of N answers per question with the sparse policy, all `rows` in one batch; (rollout, texts).
 
@@ -217,31 +212,9 @@ def train_step(policy, reference, processor, optimizer, rows, cfg: Config, step:
     coef = sparsity_coef_at(cfg.sparsity_coef, cfg.sparsity_warmup_steps, step)  # λ
     stats = policy_update(policy, reference, optimizer, rollouts, list(advantages.split(n)), cfg, autocast, dist,
                           gates, coef)
-    metrics = step_metrics(cfg, step, rollouts, texts, acc, tau, parts, stats, coef, optimizer, reference, start)
+    metrics = run_dir.step_metrics(cfg, step, rollouts, texts, acc, tau, parts, stats, coef, optimizer, reference,
+                                   start)
     return multi_gpu.reduce_metrics(metrics, dist)  # the same dict, over every rank's groups
-
-
-def step_metrics(cfg: Config, step: int, rollouts, texts, acc, tau, parts, stats, coef, optimizer, reference,
-                 start: float) -> dict:
-    """One line of metrics.jsonl: rewards, τ (per threshold and per layer), the update's statistics, throughput."""
-    kl = stats.pop("kl")  # masked mean of k3; nan without a reference
-    seconds = time.perf_counter() - start
-    by_p: dict[str, list[float]] = {}
-    for p, t in zip(torch.cat([r.keep_p for r in rollouts]).tolist(), tau.tolist()):
-        by_p.setdefault(keep_p_bucket(cfg, p), []).append(t)
-    groups = parts["reward"].reshape(-1, cfg.num_generations)  # (G, N)
-    tokens = sum(int(r.completion_mask.sum()) for r in rollouts)
-    by_layer = torch.cat([r.kept.float() / r.lengths[:, None].float() for r in rollouts]).mean(0).cpu()  # k_j / ℓ
-    return {"step": step + 1, "reward": parts["reward"].mean().item(), "accuracy": acc.mean().item(),
-            "r_eff": parts["r_eff"].mean().item(), "gate": parts["gate"].mean().item(), "tau": tau.mean().item(),
-            "tau_by_keep_p": {k: sum(v) / len(v) for k, v in sorted(by_p.items())},
-            "tau_by_layer": {str(j): t for j, t in enumerate(by_layer.tolist())},
-            "sparsity_coef": coef, "learning_rate": optimizer.param_groups[0]["lr"],
-            "kl": kl if reference is not None else None,
-            "zero_std_groups": (groups.amax(1) == groups.amin(1)).float().mean().item(),
-            "completion_length": tokens / len(texts), **stats,
-            **({"r_format": parts["r_format"].mean().item()} if cfg.format_reward_weight else {}),
-            "tokens_per_s": tokens / seconds, "seconds": seconds}
 
 
 # ----------------------------------------------------------------------------------------------- loop

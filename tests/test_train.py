@@ -420,7 +420,7 @@ def test_keep_p_per_row():
     assert bool(((p > 0.6) & (p <= 1)).all()) and p.std() > 0.1
     assert torch.equal(p, train.keep_p_for_rows(uniform, 200, 5))  # seeded by (seed, step)
     assert not torch.equal(p, train.keep_p_for_rows(uniform, 200, 6))
-    assert train.keep_p_bucket(uniform, 0.934) == "0.9" and train.keep_p_bucket(cfg, 0.95) == "0.950"
+    assert run_dir.keep_p_bucket(uniform, 0.934) == "0.9" and run_dir.keep_p_bucket(cfg, 0.95) == "0.950"
 
 
 def test_model_missing_offline_is_one_line(tmp_path):

@@ -18,10 +18,12 @@ import dataclasses
 import errno
 import fcntl
 import json
+import math
 import os
 import signal
 import shutil
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -382,6 +384,34 @@ def load_trainer_state(resume_from: Path, policy, optimizer, cfg, dist=multi_gpu
     if state["step"] == cfg.max_steps and dist.is_main:
         print(f"nothing to do: {resume_from} is at --max_steps {cfg.max_steps}", file=sys.stderr)
     return state["step"]
+
+
+def keep_p_bucket(cfg, p: float) -> str:
+    """Key for per-threshold tau metrics: the grid value, or its tenth (e.g. "0.9") with uniform sampling."""
+    return f"{math.floor(p * 10) / 10:.1f}" if cfg.keep_p_uniform else f"{p:.3f}"
+
+
+def step_metrics(cfg, step: int, rollouts, texts, acc, tau, parts, stats, coef, optimizer, reference,
+                 start: float) -> dict:
+    """One line of metrics.jsonl: rewards, τ (per threshold and per layer), the update's statistics, throughput."""
+    kl = stats.pop("kl")  # masked mean of k3; nan without a reference
+    seconds = time.perf_counter() - start  # the step's wall time
+    by_p: dict[str, list[float]] = {}
+    for p, t in zip(torch.cat([r.keep_p for r in rollouts]).tolist(), tau.tolist()):
+        by_p.setdefault(keep_p_bucket(cfg, p), []).append(t)
+    groups = parts["reward"].reshape(-1, cfg.num_generations)  # (G, N)
+    tokens = sum(int(r.completion_mask.sum()) for r in rollouts)
+    by_layer = torch.cat([r.kept.float() / r.lengths[:, None].float() for r in rollouts]).mean(0).cpu()  # k_j / ℓ
+    return {"step": step + 1, "reward": parts["reward"].mean().item(), "accuracy": acc.mean().item(),
+            "r_eff": parts["r_eff"].mean().item(), "gate": parts["gate"].mean().item(), "tau": tau.mean().item(),
+            "tau_by_keep_p": {k: sum(v) / len(v) for k, v in sorted(by_p.items())},
+            "tau_by_layer": {str(j): t for j, t in enumerate(by_layer.tolist())},
+            "sparsity_coef": coef, "learning_rate": optimizer.param_groups[0]["lr"],
+            "kl": kl if reference is not None else None,
+            "zero_std_groups": (groups.amax(1) == groups.amin(1)).float().mean().item(),
+            "completion_length": tokens / len(texts), **stats,
+            **({"r_format": parts["r_format"].mean().item()} if cfg.format_reward_weight else {}),
+            "tokens_per_s": tokens / seconds, "seconds": seconds}
 
 
 def append_metrics(path: Path, metrics: dict) -> None:
