@@ -27,6 +27,7 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText
 
 from zipr1_support import media
+from zipr1_support.run_dir import write_text_atomically
 from rollout import SamplingConfig, full_sequence, generate
 from sparse_attention import check_keep_p
 from sparse_qwen import make_sparse, make_state, sparse_kwargs
@@ -125,11 +126,7 @@ class SparseQwen:
 
     def write_stats(self, path: str | os.PathLike) -> None:
         """The stats_summary as JSON at path (atomically replaced; the folder is created)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.stats_summary(), indent=1))
-        os.replace(tmp, path)
+        write_text_atomically(Path(path), json.dumps(self.stats_summary(), indent=1))
 
     def _encode(self, items, completions=None):
         return media.encode_prompts(self.processor, items, completions).to(self.device)
