@@ -97,7 +97,8 @@ def toy_docs(n: int, seed: int = 0) -> list[dict]:
         wrong = rng.choice([chr(65 + i) for i in range(len(row["options"])) if chr(65 + i) != letter])
         letters = [letter, wrong] if rng.random() < 0.5 else [wrong, letter]
         choices = [f"<answer>{x}</answer>" for x in letters]
-        docs.append({"image": row["image"], "question": media.question_text(row["problem"], row["options"]),
+        docs.append({"image": row["image"], "question": media.question_text(row["problem"], row["options"],
+                                                                                 template="answer_only"),
                      "answer": letter, "choices": choices, "gold": letters.index(letter), "truth": choices[
                          letters.index(letter)]})
     return docs

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import ImageFile
 from transformers import AutoModelForImageTextToText
 
 from zipr1_support import media
@@ -30,6 +31,15 @@ HAVE_LMMS = importlib.util.find_spec("lmms_eval") is not None
 if not HAVE_LMMS and os.environ.get("ZIPR1_REQUIRE_LMMS"):
     raise ImportError("ZIPR1_REQUIRE_LMMS is set but lmms-eval is not installed: run the install in docs/lmms_eval.md")
 pytestmark = pytest.mark.skipif(not HAVE_LMMS, reason="lmms-eval not installed (docs/lmms_eval.md)")
+TRUNCATED = ImageFile.LOAD_TRUNCATED_IMAGES
+
+
+@pytest.fixture(autouse=True)
+def keep_pil_truncation_setting():
+    """Importing lmms-eval (lmms_eval/api/task.py:53) sets PIL's LOAD_TRUNCATED_IMAGES for the whole process; the other
+    test files check that a truncated image fails to load, so the setting is restored after each test here."""
+    yield
+    ImageFile.LOAD_TRUNCATED_IMAGES = TRUNCATED
 N_DOCS = 10
 
 
