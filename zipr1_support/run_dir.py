@@ -15,7 +15,6 @@ metrics.jsonl (a run killed while logging) is dropped.
 from __future__ import annotations
 
 import dataclasses
-import errno
 import fcntl
 import json
 import math
