@@ -46,10 +46,6 @@ def item(problem, images=(), videos=(), fps=None):
     return media.chat_item(media.question_text(problem, ["A. yes", "B. no"]), images, videos, fps)
 
 
-def test_fallback_processor_is_used_without_torchvision(processor):
-    assert isinstance(processor, media.FallbackProcessor)
-
-
 def test_image_inputs_equal_transformers_processor(processor):
     reference = ImageOnlyQwenProcessor(image_processor=processor.image_processor, tokenizer=processor.tokenizer,
                                        chat_template=processor.tokenizer.chat_template)
@@ -93,9 +89,9 @@ def test_second_per_grid_ts_is_temporal_patch_over_fps(processor):
     frames = [noise_image(56, 56, s) for s in range(4)]
     out = media.encode_prompts(processor, [item("v?", videos=[frames, frames[:2]], fps=[2.0, 4.0])])
     assert torch.allclose(out["second_per_grid_ts"], torch.tensor([1.0, 0.5]))
-    text = processor.apply_chat_template(item("v?", videos=[frames])["messages"])
-    default = processor(text=[text], videos=[frames])
-    assert torch.allclose(default["second_per_grid_ts"], torch.tensor([2 / 24]))  # HF's default fps is 24
+    text = processor.apply_chat_template(item("v?", videos=[frames])["messages"], add_generation_prompt=True)
+    default = processor(text=[text], videos=[frames], return_tensors="pt")
+    assert torch.allclose(torch.as_tensor(default["second_per_grid_ts"]), torch.tensor([2 / 24]))  # HF's default fps
 
 
 def test_two_identical_frames_equal_the_image_patches(processor):
@@ -165,8 +161,9 @@ def test_chat_item_puts_media_first_then_the_question(processor):
     assert content[2]["text"] == ("What color? Options:\nA. red\nB. blue\nPlease provide only the single option "
                                   "letter (e.g., A, B, C, D, etc.) within the <answer> </answer> tags.")
     assert item["images"] == [image] and item["videos"] == [frames] and item["fps"] == [4.0]
-    text = processor.apply_chat_template(item["messages"])
+    text = processor.apply_chat_template(item["messages"], add_generation_prompt=True)
     assert text.count("<|vision_start|><|image_pad|><|vision_end|>") == 1 and text.endswith("<|im_start|>assistant\n")
+    assert processor.apply_chat_template(item["messages"]).endswith("<|im_end|>\n")  # HF's default: no prompt
     with_system = media.chat_item(media.question_text("2+2?", problem_type="numerical"), system="Be brief.")
     assert with_system["messages"][0]["role"] == "system" and with_system["fps"] == []
     assert "numerical value" in with_system["messages"][1]["content"][-1]["text"]

@@ -191,7 +191,7 @@ class FallbackProcessor:
     def chat_template(self):
         return self.tokenizer.chat_template
 
-    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True, **kwargs):
+    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=False, **kwargs):  # HF's defaults
         if tokenize:
             raise ValueError("FallbackProcessor.apply_chat_template renders text only: call it with tokenize=False")
         return self.tokenizer.apply_chat_template(messages, tokenize=False,
