@@ -1,6 +1,7 @@
 """Mini-reproduction of ZipR1 on the offline toy task, literal and learned recipes (a measurement, not a test).
 
     python benchmarks/toy_reproduction.py                       # literal, learned, two_stage: train, evaluate
+                                                                # (literal beside learned -> two_stage: --jobs 2)
     python benchmarks/toy_reproduction.py --recipes learned --sparsity_coef 0.3 --output_dir outputs/r1
     python benchmarks/toy_reproduction.py --resume              # continue interrupted runs, then evaluate
     python benchmarks/toy_reproduction.py --eval_only           # evaluate the newest checkpoints of --output_dir
@@ -25,11 +26,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # spawned workers import this file as toy_reproduction
 
 import torch  # noqa: E402
 
@@ -90,12 +94,17 @@ def parse_args(argv=None):
                         "about 1.1 points; 200: 2.6)")
     p.add_argument("--output_dir", default="outputs/toy-reproduction")
     p.add_argument("--seed", type=int, default=0, help="training seed, probe seed and held-out questions")
+    p.add_argument("--jobs", type=int, default=2,
+                   help="processes, one CPU thread each: recipes that do not wait for each other (literal beside "
+                        "learned → two_stage) train side by side; 1: one after another")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--eval_only", action="store_true")
     args = p.parse_args(argv)
     args.recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
     if not args.recipes or set(args.recipes) - set(RECIPES):
         p.error(f"--recipes: choose from {RECIPES}, got {args.recipes}")
+    if args.jobs < 1:
+        p.error(f"--jobs must be >= 1, got {args.jobs}")
     if args.literal_steps is None:  # the literal baseline trains as long as the headline recipe
         args.literal_steps = args.steps + (args.recover_steps if args.recipes[-1] == "two_stage" else 0)
     return args
@@ -290,14 +299,40 @@ def report(args, summaries: dict) -> dict:
     return {**headline, "recipes": recipes}
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
+def run_recipes(args, recipes: list) -> dict:
+    """Train (unless --eval_only) and evaluate these recipes one after another in this process: {recipe: summary}."""
     torch.set_num_threads(toy.TOY_PRESET["num_threads"])
     summaries = {}
-    for recipe in args.recipes:
+    for recipe in recipes:
         seconds = None if args.eval_only else train_recipe(args, recipe)
         summaries[recipe] = summarize(args, recipe, evaluate(args, recipe), seconds)
-    return report(args, summaries)
+    return summaries
+
+
+def chains(args) -> list[list[str]]:
+    """The recipes as chains that can run side by side: two_stage continues the learned run, and a learned run started
+    from the literal one (--learned_init literal) waits for it; everything else is independent."""
+    if args.learned_init == "literal":
+        return [args.recipes]
+    after_learned = [r for r in args.recipes if r in ("learned", "two_stage")]
+    return [group for group in (["literal"] if "literal" in args.recipes else [], after_learned) if group]
+
+
+def run_side_by_side(args, groups: list) -> dict:
+    """Each chain in its own process (spawned, one thread each); the summaries come back in --recipes order."""
+    toy.rl_dataset(args.train_questions)  # written once here, not by two processes at the same time
+    with ProcessPoolExecutor(len(groups), mp_context=multiprocessing.get_context("spawn")) as pool:
+        done = [pool.submit(run_recipes, args, group) for group in groups]
+        summaries = {k: v for future in done for k, v in future.result().items()}
+    return {recipe: summaries[recipe] for recipe in args.recipes}
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    groups = chains(args)  # at most two
+    if args.jobs > 1 and len(groups) > 1:
+        return report(args, run_side_by_side(args, groups))
+    return report(args, run_recipes(args, args.recipes))
 
 
 if __name__ == "__main__":

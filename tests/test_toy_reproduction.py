@@ -2,6 +2,7 @@
 checkpoint with the literal objective (λ = 0), and the report carries every recipe it ran."""
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -15,6 +16,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "toy_reproduction.
 def load_script():
     spec = importlib.util.spec_from_file_location("toy_reproduction", SCRIPT)
     module = importlib.util.module_from_spec(spec)
+    sys.modules["toy_reproduction"] = module  # --jobs 2 pickles its worker by module name
     spec.loader.exec_module(module)
     return module
 
@@ -91,3 +93,32 @@ def test_literal_steps_default_follows_the_headline_recipe():
     assert parse(["--steps", "5", "--recover_steps", "7"]).literal_steps == 12  # ... two_stage last: 5 + 7
     assert parse(["--recipes", "literal,learned", "--steps", "5"]).literal_steps == 5
     assert parse(["--literal_steps", "9"]).literal_steps == 9
+
+
+def test_chains_run_side_by_side_only_when_independent():
+    script = load_script()
+    chains = lambda argv: script.chains(script.parse_args(argv))  # noqa: E731
+    assert chains([]) == [["literal"], ["learned", "two_stage"]]
+    assert chains(["--recipes", "learned,two_stage"]) == [["learned", "two_stage"]]
+    assert chains(["--recipes", "literal,learned", "--learned_init", "literal"]) == [["literal", "learned"]]
+    assert chains(["--recipes", "two_stage,literal"]) == [["literal"], ["two_stage"]]
+
+
+def test_side_by_side_gives_the_same_report_as_one_after_another(tmp_path, monkeypatch):
+    """--jobs 2 trains literal in a second process beside learned → two_stage: every number but the wall time
+    equals --jobs 1's."""
+    monkeypatch.chdir(tmp_path)
+    script, threads = load_script(), torch.get_num_threads()
+    common = ["--steps", "2", "--recover_steps", "1", "--per_step_questions", "1", "--eval_questions", "4",
+              "--sweep", "0.975", "--train_questions", "16"]
+    try:
+        reports = [script.main(common + ["--jobs", jobs, "--output_dir", str(tmp_path / jobs)]) for jobs in "12"]
+    finally:
+        torch.set_num_threads(threads)
+
+    def numbers(report):
+        return json.loads(json.dumps(report).replace(str(tmp_path / "1"), "D").replace(str(tmp_path / "2"), "D"),
+                          object_hook=lambda d: {k: v for k, v in d.items() if k != "train_seconds"})
+    one, two = map(numbers, reports)
+    assert list(two["recipes"]) == ["literal", "learned", "two_stage"]
+    assert one == two and "accuracy_drop_vs_literal_points" in two
