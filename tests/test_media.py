@@ -12,7 +12,6 @@ from transformers.models.qwen2_5_vl.processing_qwen2_5_vl import Qwen2_5_VLProce
 
 from zipr1_support import media
 from zipr1_support import media_files
-import toy
 
 
 class ImageOnlyQwenProcessor(Qwen2_5_VLProcessor):
@@ -24,8 +23,8 @@ class ImageOnlyQwenProcessor(Qwen2_5_VLProcessor):
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return toy.build_tiny_model_dir(tmp_path_factory.mktemp("tiny"))
+def model_dir(tiny_model_dir):
+    return tiny_model_dir
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,6 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText
 
 from zipr1_support import media
-import toy
 
 HAS_TORCHVISION = importlib.util.find_spec("torchvision") is not None
 if os.environ.get("ZIPR1_REQUIRE_TORCHVISION") == "1" and not HAS_TORCHVISION:
@@ -24,18 +23,14 @@ needs_torchvision = pytest.mark.skipif(not HAS_TORCHVISION, reason="torchvision 
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return toy.build_tiny_model_dir(tmp_path_factory.mktemp("tiny"))
+def real(tiny_model_dir):
+    """media.load_processor's choice: transformers' own processor wherever torchvision imports."""
+    return media.load_processor(tiny_model_dir)
 
 
 @pytest.fixture(scope="module")
-def real(model_dir):
-    return media.load_processor(model_dir)
-
-
-@pytest.fixture(scope="module")
-def fallback(model_dir):
-    return media.FallbackProcessor.from_pretrained(model_dir)
+def fallback(tiny_model_dir):
+    return media.FallbackProcessor.from_pretrained(tiny_model_dir)
 
 
 def smooth_frames(n, height, width, seed):
@@ -141,8 +136,8 @@ def test_images_give_transformers_grid_and_close_pixels(real, fallback, height, 
 
 
 @needs_torchvision
-def test_model_logits_equal_on_both_paths_without_resize(model_dir, real, fallback):
-    model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
+def test_model_logits_equal_on_both_paths_without_resize(tiny_model_dir, real, fallback):
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir).eval()
     sizes = media.InputSizes(video_min_pixels=4 * 784, video_max_pixels=256 * 784)
     batch = [item(images=smooth_frames(1, 112, 140, 5), videos=[smooth_frames(4, 84, 112, 6)], fps=[2.0],
                   sizes=sizes)]
