@@ -23,18 +23,13 @@ class ImageOnlyQwenProcessor(Qwen2_5_VLProcessor):
 
 
 @pytest.fixture(scope="module")
-def model_dir(tiny_model_dir):
-    return tiny_model_dir
+def processor(tiny_model_dir):
+    return media.load_processor(tiny_model_dir)
 
 
 @pytest.fixture(scope="module")
-def processor(model_dir):
-    return media.load_processor(model_dir)
-
-
-@pytest.fixture(scope="module")
-def model(model_dir):
-    return AutoModelForImageTextToText.from_pretrained(model_dir).eval()
+def model(tiny_model_dir):
+    return AutoModelForImageTextToText.from_pretrained(tiny_model_dir).eval()
 
 
 def noise_image(h, w, seed):
@@ -171,10 +166,10 @@ def test_chat_item_puts_media_first_then_the_question(processor):
         media.question_text("x", problem_type="essay")
 
 
-def test_saved_processor_reloads_identically(processor, model_dir, tmp_path):
+def test_saved_processor_reloads_identically(processor, tiny_model_dir, tmp_path):
     processor.save_pretrained(tmp_path)
     for name in ("config.json", "model.safetensors"):
-        (tmp_path / name).write_bytes((model_dir / name).read_bytes())
+        (tmp_path / name).write_bytes((tiny_model_dir / name).read_bytes())
     again = media.load_processor(tmp_path)
     batch = [item("v?", [noise_image(224, 224, 0)], [[noise_image(224, 224, 1)] * 2])]
     a, b = media.encode_prompts(processor, batch), media.encode_prompts(again, batch)
