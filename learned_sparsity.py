@@ -19,11 +19,15 @@ def sparsity_coef_at(coef: float, warmup_steps: int, step: int) -> float:
     return coef * ramp
 
 
-def sparsity_gates(kind: str, parts: dict, acc: torch.Tensor, threshold: float = 1.0) -> torch.Tensor:
+def sparsity_gates(kind: str, parts: dict, acc: torch.Tensor, threshold: float = 1.0, group_size: int = 1
+                   ) -> torch.Tensor:
     """C per rollout row for the sparsity term: the reward's group gate ("group"), the row's own correctness
-    ("answer": acc >= threshold, so binary acc is acc itself and a graded one counts from the threshold), or 1
-    ("none").  (G*N,)"""
-    correct = (acc >= threshold).float()
+    ("answer": acc >= threshold, so binary acc is acc itself and a graded one counts from the threshold), every
+    answer of the row's group correct ("all": a question pushes only while it is solved at every p_n), or 1
+    ("none").  acc: (G*N,) in groups of group_size N.  Returns (G*N,)"""
+    correct = (acc >= threshold).float()  # (G*N,)
+    if kind == "all":
+        return correct.view(-1, group_size).amin(-1).repeat_interleave(group_size)  # (G*N,)
     return {"group": parts["gate"], "answer": correct, "none": torch.ones_like(acc, dtype=torch.float32)}[kind]
 
 

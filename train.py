@@ -208,7 +208,7 @@ def train_step(policy, reference, processor, optimizer, rows, cfg: Config, step:
     # 4. Eq. 4: advantages normalised within each group
     advantages = grpo.group_advantages(parts["reward"], n, scale=cfg.scale_rewards).to(device)  # (G*N,)
     # 5-6. Eq. 5 loss with KL to the dense reference (+ the learned-sparsity term), num_iterations updates
-    gates = list(sparsity_gates(cfg.sparsity_gate, parts, acc, cfg.gate_threshold).to(device).split(n))  # C, λ term
+    gates = list(sparsity_gates(cfg.sparsity_gate, parts, acc, cfg.gate_threshold, n).to(device).split(n))  # C, λ
     coef = sparsity_coef_at(cfg.sparsity_coef, cfg.sparsity_warmup_steps, step)  # λ
     stats = policy_update(policy, reference, optimizer, rollouts, list(advantages.split(n)), cfg, autocast, dist,
                           gates, coef)

@@ -62,6 +62,9 @@ def parse_args(argv=None):
     p.add_argument("--lr_scheduler_type", default="cosine", choices=train.LR_SCHEDULES)
     p.add_argument("--warmup_steps", type=int, default=0, help="learning-rate warm-up steps")
     p.add_argument("--beta", type=float, default=train.Config.beta)
+    p.add_argument("--learned_beta", type=float, default=None,
+                   help="β of the learned run only (default: --beta), e.g. a larger KL to the dense reference while "
+                        "the count shrinks")
     p.add_argument("--per_step_questions", type=int, default=8, help="questions per step (train.py's toy: 2)")
     p.add_argument("--keep_p_uniform", action="store_true", help="p ~ U(keep_p_low, 1] instead of the paper's grid")
     p.add_argument("--keep_p_low", type=float, default=train.Config.keep_p_low)
@@ -129,10 +132,15 @@ def recipe_config(args, recipe: str) -> train.Config:
         "dataset": str(toy.rl_dataset(args.train_questions)),
         "save_steps": 25,
         "learning_rate": args.learning_rate, "lr_scheduler_type": args.lr_scheduler_type,
-        "warmup_steps": args.warmup_steps, "beta": args.beta, "per_step_questions": args.per_step_questions,
+        "warmup_steps": args.warmup_steps, "beta": stage_beta(args, recipe), "per_step_questions": args.per_step_questions,
         "keep_p_uniform": args.keep_p_uniform, "keep_p_low": args.keep_p_low, "seed": args.seed,
         "output_dir": str(out), "resume_from_checkpoint": "last" if args.resume else None,
         "disable_tqdm": True}))
+
+
+def stage_beta(args, recipe: str) -> float:
+    """β of this recipe's run: --learned_beta for the learned run where given, else --beta."""
+    return args.learned_beta if recipe == "learned" and args.learned_beta is not None else args.beta
 
 
 def train_recipe(args, recipe: str) -> float:

@@ -263,6 +263,9 @@ def test_sparsity_gates_and_warmup():
     assert train.sparsity_gates("group", parts, acc).tolist() == [1, 1, 0, 0]
     assert train.sparsity_gates("answer", parts, acc).tolist() == [1, 0, 0, 0]
     assert train.sparsity_gates("none", parts, acc).tolist() == [1, 1, 1, 1]
+    acc6 = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 0.6, 0.9, 0.7])  # three groups of 3; graded from 0.5
+    assert train.sparsity_gates("all", {}, acc6, 1.0, 3).tolist() == [1, 1, 1, 0, 0, 0, 0, 0, 0]
+    assert train.sparsity_gates("all", {}, acc6, 0.5, 3).tolist() == [1, 1, 1, 0, 0, 0, 1, 1, 1]
     tau, p = torch.tensor([[0.5], [0.3], [0.5], [0.9]]), torch.tensor([0.9, 0.9, 1.0, 0.9])  # (N, 1 layer)
     assert train.sparsity_term(tau, torch.ones(4), p, 0.4).tolist() == pytest.approx([0.1, 0.0, 0.0, 0.5])
 

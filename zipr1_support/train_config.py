@@ -28,7 +28,7 @@ from zipr1_support.run_dir import DEFAULT_OUTPUT_DIR, checkpoints
 import toy
 from toy import TOY_CACHE, TOY_PRESET, TOY_TRAIN_ROWS
 
-SPARSITY_GATES = ("group", "answer", "none")
+SPARSITY_GATES = ("group", "answer", "all", "none")
 LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")  # of transformers.get_scheduler
 PAPER_KEEP_P_GRID = tuple(round(0.94 + 0.005 * i, 3) for i in range(8))  # 0.94, 0.945, ..., 0.975
 
@@ -85,8 +85,9 @@ class Config:
     # λ = 0 is the paper's literal objective (τ̃ is still logged)
     sparsity_coef: float = HfArg(default=0.0, help="λ of the learned-sparsity term; 0: the paper's literal recipe")
     sparsity_temperature: float = HfArg(default=0.01, help="T of the smooth count σ((p − c_{i−1}) / T)")
-    sparsity_gate: Literal["group", "answer", "none"] = HfArg(
-        default="group", help="C per answer: the reward's group gate, this answer correct, or always 1")
+    sparsity_gate: Literal["group", "answer", "all", "none"] = HfArg(
+        default="group", help="C per answer: the reward's group gate, this answer correct, every answer of its "
+                              "group correct, or always 1")
     sparsity_target: float = HfArg(default=0.0, help="hinge: τ̃ at or below it is not pushed further")
     sparsity_per_layer: bool = HfArg(default=False, help="hinge each layer's τ̃_j at the target and average the "
                                                           "hinges, instead of hinging the mean over layers")
