@@ -176,7 +176,8 @@ def policy_update(policy, reference, optimizer, rollouts, advantages, cfg: Confi
                 tau_layers = state.relaxed_by_layer()  # (N, n_layers)
                 tau_soft = tau_layers.mean(-1)  # (N,) τ̃, logged
                 term = sparsity_term(tau_layers, gate.to(tau_soft), rollout.keep_p, cfg.sparsity_target,
-                                     cfg.sparsity_per_layer, cfg.sparsity_skip_layers).mean()
+                                     cfg.sparsity_per_layer, cfg.sparsity_skip_layers,
+                                     cfg.sparsity_layer_targets).mean()
                 relaxed = {"tau_relaxed": tau_soft.mean().item(), "sparsity_loss": coef * term.item()}
                 if coef > 0:  # λ = 0 backpropagates exactly the GRPO loss
                     objective = objective + coef * multi_gpu.loss_weight(len(rollout.keep_p), total_rows,

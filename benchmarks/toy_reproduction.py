@@ -49,7 +49,7 @@ from sparse_qwen import make_sparse  # noqa: E402
 
 RECIPES = ("literal", "learned", "two_stage")  # two_stage: the learned run, then the literal recipe from its checkpoint
 SPARSITY = ("sparsity_coef", "sparsity_temperature", "sparsity_gate", "sparsity_target", "sparsity_warmup_steps",
-            "sparsity_per_layer", "sparsity_skip_layers")
+            "sparsity_per_layer", "sparsity_skip_layers", "sparsity_layer_targets")
 
 
 def parse_args(argv=None):
@@ -72,7 +72,8 @@ def parse_args(argv=None):
     for name in SPARSITY:  # the learned recipe's term (the literal recipe has sparsity_coef = 0)
         default = toy.TOY_LEARNED.get(name, getattr(defaults, name))
         kind = dict(action=argparse.BooleanOptionalAction) if isinstance(default, bool) else \
-            dict(type=int, nargs="*") if isinstance(default, list) else dict(type=type(default))
+            dict(type=float if name.endswith("targets") else int, nargs="*") if isinstance(default, list) else \
+            dict(type=type(default))
         p.add_argument(f"--{name}", default=default, help=f"learned recipe (default {default})", **kind)
     p.add_argument("--learned_init", default="toy",
                    help="the learned run's start (and KL reference, unless --ref_model): toy (the warmed-up model), "
@@ -250,7 +251,8 @@ def markdown(summary: dict) -> list[str]:
     s, layers = summary, lambda v: " / ".join(f"{t:.2f}" for t in v)  # noqa: E731
     term = "λ = 0" if s["recipe"] == "literal" else f"λ = 0, start {s['start']}" if s["recipe"] == "two_stage" else (
         f"λ = {s['sparsity_coef']}, T = {s['sparsity_temperature']}, gate {s['sparsity_gate']}, target "
-        f"{s['sparsity_target']}{' per layer' if s['sparsity_per_layer'] else ''}, skipped layers "
+        f"{s['sparsity_layer_targets'] or s['sparsity_target']}{' per layer' if s['sparsity_per_layer'] else ''}"
+        f", skipped layers "
         f"{s['sparsity_skip_layers'] or 'none'}, warm-up {s['sparsity_warmup_steps']}, start {s['start']}")
     if s.get("reference", s["start"]) != s["start"]:
         term += f", KL reference {s['reference']}"

@@ -100,6 +100,15 @@ def test_literal_steps_default_follows_the_headline_recipe():
     assert parse(["--literal_steps", "9"]).literal_steps == 9
 
 
+def test_per_layer_targets_reach_only_the_learned_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the config names the toy RL rows, written under ./.cache
+    script = load_script()
+    args = script.parse_args(["--sparsity_layer_targets", "0.6", "0.45", "0.15", "0.15", "--train_questions", "4",
+                              "--output_dir", str(tmp_path / "r")])
+    assert script.recipe_config(args, "learned").sparsity_layer_targets == [0.6, 0.45, 0.15, 0.15]
+    assert script.recipe_config(args, "literal").sparsity_coef == 0.0
+
+
 def test_chains_run_side_by_side_only_when_independent():
     script = load_script()
     chains = lambda argv: script.chains(script.parse_args(argv))  # noqa: E731

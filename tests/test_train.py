@@ -280,6 +280,11 @@ def test_sparsity_term_per_layer_hinge_and_skipped_layers():
     grad = torch.autograd.grad(train.sparsity_term(tau.requires_grad_(), gate, p, 0.25, per_layer=True,
                                                    skip_layers=[0]).sum(), tau)[0]
     assert grad.tolist() == [[0.0, 0.0, 0.5]]  # only the skipped-in layer above the target is pushed
+    # a target per layer (0.5, 0.2, 0.2): hinges (0.3, 0, 0.1) averaged; skipping layer 0 leaves (0 + 0.1) / 2
+    assert term(layer_targets=[0.5, 0.2, 0.2]) == pytest.approx(0.4 / 3)
+    assert term(layer_targets=[0.5, 0.2, 0.2], skip_layers=[0]) == pytest.approx(0.05)
+    grad = torch.autograd.grad(train.sparsity_term(tau, gate, p, 0.25, layer_targets=[0.5, 0.2, 0.2]).sum(), tau)[0]
+    assert grad[0].tolist() == pytest.approx([1 / 3, 0.0, 1 / 3])
 
 
 def test_sparsity_skip_layers_are_checked_against_the_model(sources, tmp_path):
@@ -287,6 +292,10 @@ def test_sparsity_skip_layers_are_checked_against_the_model(sources, tmp_path):
         train.train(config(sources, tmp_path, sparsity_coef=1.0, sparsity_skip_layers=[9]))
     with pytest.raises(train.ConfigError, match="layer indices >= 0"):
         train.check_config(train.Config(sparsity_skip_layers=[-1]))
+    with pytest.raises(train.ConfigError, match="sparsity_layer_targets has 3 values; the model has 2 decoder layers"):
+        train.train(config(sources, tmp_path, sparsity_coef=1.0, sparsity_layer_targets=[0.5, 0.2, 0.2]))
+    with pytest.raises(train.ConfigError, match="sparsity_layer_targets must each be in \\[0, 1\\)"):
+        train.check_config(train.Config(sparsity_layer_targets=[0.5, 1.0, 0.2, 0.2]))
 
 
 def test_questions_rolled_out_together_or_apart_make_the_same_step(sources, tmp_path):
@@ -615,6 +624,18 @@ def test_skipped_layers_leave_the_term_and_the_rest_average(sources, tmp_path):
         assert_close_to_scale(n * grads["all"][k], (n - 1) * grads["skip0"][k] + grads["only0"][k], atol=1e-5,
                               rtol=1e-4)
     assert any(not torch.allclose(grads["only0"][k], grads["all"][k]) for k in grads["all"])
+
+
+def test_layer_targets_reach_the_loss_per_layer(sources, tmp_path):
+    """Zero advantages, no KL: with targets (0, 0.99) layer 1 (τ̃_1 < 0.99 at p <= 0.9) is never pushed, so the
+    update is half the per-layer hinge at 0 over layer 0 alone (the mean runs over both layers)."""
+    cfg = config(sources, tmp_path, sparsity_coef=1.0, sparsity_temperature=0.05, beta=0.0, sparsity_gate="none")
+    policy, rollout = _rollout(sources, cfg, keep_p_grid=(0.6, 0.7, 0.8, 0.9))
+    grad = lambda **kw: _gradients(policy, None, rollout, torch.zeros(4), dataclasses.replace(cfg, **kw))  # noqa: E731
+    targets, only0 = grad(sparsity_layer_targets=[0.0, 0.99]), grad(sparsity_per_layer=True, sparsity_skip_layers=[1])
+    for k in only0:
+        assert_close_to_scale(2 * targets[k], only0[k], atol=1e-5, rtol=1e-4)
+    assert any(only0[k].abs().max() > 0 for k in only0)
 
 
 def transformers_5_17_forward(monkeypatch):

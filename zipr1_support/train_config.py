@@ -93,6 +93,8 @@ class Config:
                                                           "hinges, instead of hinging the mean over layers")
     sparsity_skip_layers: list[int] = HfArg(default_factory=list, help="layers the term leaves alone (e.g. 0, "
                                                                         "whose q and k come from the embeddings)")
+    sparsity_layer_targets: list[float] = HfArg(default_factory=list, help="a target τ*_j per decoder layer, each "
+                                                "layer hinged at its own (a per-layer budget; replaces the target)")
     sparsity_warmup_steps: int = HfArg(default=0, help="λ ramps linearly from 0 over these steps")
     # GRPO (Eq. 4-5)
     beta: float = HfArg(default=0.04, help="KL weight (paper 0.04; TRL's default 0.0); 0 skips the reference model")
@@ -191,6 +193,8 @@ def check_config(cfg: Config) -> Config:
                               ("sparsity_warmup_steps", cfg.sparsity_warmup_steps >= 0, ">= 0")):
         if not ok:
             raise ConfigError(f"{name} must be {allowed}, got {getattr(cfg, name)}")
+    if not all(0 <= t < 1 for t in cfg.sparsity_layer_targets):
+        raise ConfigError(f"sparsity_layer_targets must each be in [0, 1), got {cfg.sparsity_layer_targets}")
     if any(j < 0 for j in cfg.sparsity_skip_layers):
         raise ConfigError(f"sparsity_skip_layers must be layer indices >= 0, got {cfg.sparsity_skip_layers}")
     if cfg.sparsity_gate not in SPARSITY_GATES:
@@ -271,12 +275,16 @@ def check_sources(cfg: Config, model_dir: str, num_rows: int, reference_dir: str
     if cfg.per_step_questions > num_rows:
         raise ConfigError(f"per_step_questions={cfg.per_step_questions} exceeds the {num_rows} usable rows of "
                           f"{cfg.dataset}")
-    if cfg.sparsity_skip_layers:
+    if cfg.sparsity_skip_layers or cfg.sparsity_layer_targets:
         from transformers import AutoConfig
         layers = AutoConfig.from_pretrained(model_dir).get_text_config().num_hidden_layers
-        if max(cfg.sparsity_skip_layers) >= layers or len(set(cfg.sparsity_skip_layers)) == layers:
+        if cfg.sparsity_skip_layers and (max(cfg.sparsity_skip_layers) >= layers
+                                         or len(set(cfg.sparsity_skip_layers)) == layers):
             raise ConfigError(f"sparsity_skip_layers={cfg.sparsity_skip_layers} must name some, not all, of the "
                               f"model's {layers} decoder layers (0..{layers - 1})")
+        if cfg.sparsity_layer_targets and len(cfg.sparsity_layer_targets) != layers:
+            raise ConfigError(f"sparsity_layer_targets has {len(cfg.sparsity_layer_targets)} values; the model has "
+                              f"{layers} decoder layers: give one target per layer")
     reference_dir = reference_dir or model_dir
     if reference_dir != model_dir and cfg.beta > 0:
         check_same_vocabulary(model_dir, reference_dir)
