@@ -133,7 +133,8 @@ def recipe_config(args, recipe: str) -> train.Config:
         "dataset": str(toy.rl_dataset(args.train_questions)),
         "save_steps": 25,
         "learning_rate": args.learning_rate, "lr_scheduler_type": args.lr_scheduler_type,
-        "warmup_steps": args.warmup_steps, "beta": stage_beta(args, recipe), "per_step_questions": args.per_step_questions,
+        "warmup_steps": args.warmup_steps, "beta": stage_beta(args, recipe),
+        "per_step_questions": args.per_step_questions,
         "keep_p_uniform": args.keep_p_uniform, "keep_p_low": args.keep_p_low, "seed": args.seed,
         "output_dir": str(out), "resume_from_checkpoint": "last" if args.resume else None,
         "disable_tqdm": True}))
