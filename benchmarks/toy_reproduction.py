@@ -29,6 +29,7 @@ import json
 import multiprocessing
 import sys
 import time
+import typing
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -68,12 +69,12 @@ def parse_args(argv=None):
     p.add_argument("--per_step_questions", type=int, default=8, help="questions per step (train.py's toy: 2)")
     p.add_argument("--keep_p_uniform", action="store_true", help="p ~ U(keep_p_low, 1] instead of the paper's grid")
     p.add_argument("--keep_p_low", type=float, default=train.Config.keep_p_low)
-    defaults = train.Config()
+    defaults, hints = train.Config(), typing.get_type_hints(train.Config)
     for name in SPARSITY:  # the learned recipe's term (the literal recipe has sparsity_coef = 0)
         default = toy.TOY_LEARNED.get(name, getattr(defaults, name))
         kind = dict(action=argparse.BooleanOptionalAction) if isinstance(default, bool) else \
-            dict(type=float if name.endswith("targets") else int, nargs="*") if isinstance(default, list) else \
-            dict(type=type(default))
+            dict(type=typing.get_args(hints[name])[0], nargs="*") if isinstance(default, list) else \
+            dict(type=type(default))  # a list takes its element type from train.Config (list[int], list[float])
         p.add_argument(f"--{name}", default=default, help=f"learned recipe (default {default})", **kind)
     p.add_argument("--learned_init", default="toy",
                    help="the learned run's start (and KL reference, unless --ref_model): toy (the warmed-up model), "
