@@ -61,6 +61,9 @@ def parse_args(argv=None):
                    help="800 steps × 8 questions, cosine, as in RESULTS.md (10–20 min a recipe on one core)")
     p.add_argument("--learning_rate", type=float, default=toy.TOY_PRESET["learning_rate"])
     p.add_argument("--lr_scheduler_type", default="cosine", choices=train.LR_SCHEDULES)
+    p.add_argument("--learned_lr_scheduler_type", default=None, choices=train.LR_SCHEDULES,
+                   help="schedule of the learned run only (default: --lr_scheduler_type), e.g. constant: a short "
+                        "stage 1 that still reaches its τ, then a cosine recovery")
     p.add_argument("--warmup_steps", type=int, default=0, help="learning-rate warm-up steps")
     p.add_argument("--beta", type=float, default=train.Config.beta)
     p.add_argument("--learned_beta", type=float, default=None,
@@ -133,17 +136,18 @@ def recipe_config(args, recipe: str) -> train.Config:
         **toy.TOY_PRESET, **sparsity, "model": model, "ref_model": args.ref_model, "max_steps": steps,
         "dataset": str(toy.rl_dataset(args.train_questions)),
         "save_steps": 25,
-        "learning_rate": args.learning_rate, "lr_scheduler_type": args.lr_scheduler_type,
-        "warmup_steps": args.warmup_steps, "beta": stage_beta(args, recipe),
+        "learning_rate": args.learning_rate, "warmup_steps": args.warmup_steps,
+        "lr_scheduler_type": stage_value(args, recipe, "lr_scheduler_type"), "beta": stage_value(args, recipe, "beta"),
         "per_step_questions": args.per_step_questions,
         "keep_p_uniform": args.keep_p_uniform, "keep_p_low": args.keep_p_low, "seed": args.seed,
         "output_dir": str(out), "resume_from_checkpoint": "last" if args.resume else None,
         "disable_tqdm": True}))
 
 
-def stage_beta(args, recipe: str) -> float:
-    """β of this recipe's run: --learned_beta for the learned run where given, else --beta."""
-    return args.learned_beta if recipe == "learned" and args.learned_beta is not None else args.beta
+def stage_value(args, recipe: str, name: str):
+    """This recipe's `name` (beta, lr_scheduler_type): --learned_<name> for the learned run where given, else --<name>."""
+    own = getattr(args, f"learned_{name}")
+    return own if recipe == "learned" and own is not None else getattr(args, name)
 
 
 def train_recipe(args, recipe: str) -> float:
