@@ -145,7 +145,8 @@ def recipe_config(args, recipe: str) -> train.Config:
 
 
 def stage_value(args, recipe: str, name: str):
-    """This recipe's `name` (beta, lr_scheduler_type): --learned_<name> for the learned run where given, else --<name>."""
+    """This recipe's `name` (beta, lr_scheduler_type): --learned_<name> for the learned run where given, else
+    --<name>."""
     own = getattr(args, f"learned_{name}")
     return own if recipe == "learned" and own is not None else getattr(args, name)
 

@@ -30,7 +30,8 @@ def test_two_stage_continues_the_learned_checkpoint_with_the_literal_objective(t
         out = script.main(["--recipes", "learned,two_stage", "--steps", "2", "--recover_steps", "1",
                            "--per_step_questions", "1", "--eval_questions", "3", "--sweep", "0.975",
                            "--ref_model", "toy", "--train_questions", "16", "--learned_beta", "0.3",
-                           "--learned_lr_scheduler_type", "constant", "--sparsity_gate", "all", "--output_dir", str(tmp_path / "r")])
+                           "--learned_lr_scheduler_type", "constant", "--sparsity_gate", "all",
+                           "--output_dir", str(tmp_path / "r")])
     finally:
         torch.set_num_threads(threads)
     learned = run_dir.checkpoints(tmp_path / "r" / "learned" / "train")[-1]
@@ -40,7 +41,8 @@ def test_two_stage_continues_the_learned_checkpoint_with_the_literal_objective(t
     assert stage1["sparsity_coef"] == toy.TOY_LEARNED["sparsity_coef"] > 0  # stage 1: the relaxed term
     assert stage2["model"] == str(learned) and stage2["sparsity_coef"] == 0.0 and stage2["max_steps"] == 1
     assert stage2["ref_model"] == "toy"  # the KL anchor stays the original warmed-up model
-    assert stage1["lr_scheduler_type"] == "constant" and stage2["lr_scheduler_type"] == "cosine"  # --learned_lr_...
+    assert stage1["lr_scheduler_type"] == "constant"  # --learned_lr_scheduler_type: the learned run only
+    assert stage2["lr_scheduler_type"] == "cosine"
     assert stage1["beta"] == 0.3 and stage2["beta"] == train.Config.beta  # --learned_beta: the learned run only
     assert stage1["sparsity_gate"] == "all"
     questions = Path(".cache") / f"toy-data-v{toy.TASK_VERSION}-16" / "toy.jsonl"  # --train_questions 16, under cwd
