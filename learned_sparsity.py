@@ -6,7 +6,7 @@ gradient) and Eq. 3's hard count is piecewise constant (no pathwise gradient). t
     λ · mean_n C_n · max(τ̃_n − τ*, 0) · [p_n < 1]
 
 to the GRPO loss, τ̃ the relaxed Eq. 3 count (sparse_attention.smooth_top_p_count) of the same teacher forward.
-λ = 0 is the paper's literal objective.
+λ = 0 is the paper's literal objective. τ* can fall gradually from 1 (`sparsity_targets_at`).
 """
 from __future__ import annotations
 
@@ -17,6 +17,14 @@ def sparsity_coef_at(coef: float, warmup_steps: int, step: int) -> float:
     """λ at this step: coef, ramped linearly over the first warmup_steps (0: no ramp)."""
     ramp = 1.0 if warmup_steps == 0 else min(1.0, (step + 1) / warmup_steps)
     return coef * ramp
+
+
+def sparsity_targets_at(target: float, layer_targets, steps: int, step: int) -> tuple[float, list[float]]:
+    """τ* and each τ*_j at this step: from 1 (no push) down to their values over the first `steps` steps along
+    (1 − t/steps)³, the gradual pruning schedule of Zhu & Gupta (2017), so τ falls while Eq. 5 keeps recovering the
+    accuracy; 0 steps: the targets from the first step."""
+    left = 0.0 if steps == 0 else max(0.0, 1 - (step + 1) / steps) ** 3
+    return target + (1 - target) * left, [t + (1 - t) * left for t in layer_targets]
 
 
 def sparsity_gates(kind: str, parts: dict, acc: torch.Tensor, threshold: float = 1.0, group_size: int = 1
@@ -49,3 +57,49 @@ def sparsity_term(tau_layers: torch.Tensor, gate: torch.Tensor, keep_p: torch.Te
     else:
         excess = (tau - target).clamp(min=0).mean(-1) if per_layer else (tau.mean(-1) - target).clamp(min=0)  # (N,)
     return torch.where(keep_p < 1, gate * excess, 0.0)  # (N,)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A straight-through gradient for *which* tokens Eq. 3 keeps (--selection_straight_through T)
+# ----------------------------------------------------------------------------------------------------------------
+
+def straight_through_mask(score: torch.Tensor, hard: torch.Tensor, valid: torch.Tensor, temperature: float
+                          ) -> torch.Tensor:
+    """The hard selection m (B, L) as floats, with the gradient of a soft inclusion σ(log(s_j/θ) / T).
+
+    score: (B, L) the identity score of Eq. 3's selection (mass per seeing probe), with gradient; hard: (B, L) bool,
+    the keys kept; θ: the geometric midpoint of the lowest kept and the highest dropped score (detached), so
+    σ > ½ exactly on the kept keys. The forward is m itself; keys within a factor ~e^T of θ get the gradient. A row
+    with nothing dropped (p = 1), or only its always-kept final token, keeps m without gradient.  Returns (B, L)"""
+    log_s = score.clamp(min=torch.finfo(score.dtype).tiny).log()  # (B, L)
+    last = score.shape[1] - 1 - valid.flip(-1).float().argmax(-1)  # (B,) the final token, kept whatever its score
+    ranked = valid.clone()
+    ranked[torch.arange(score.shape[0]), last] = False  # (B, L): the keys ranked by their score
+    lowest_kept = log_s.detach().masked_fill(~(hard & ranked), float("inf")).amin(-1)  # (B,)
+    highest_dropped = log_s.detach().masked_fill(hard | ~ranked, float("-inf")).amax(-1)  # (B,)
+    theta = (lowest_kept + highest_dropped) / 2  # (B,)
+    ok = torch.isfinite(theta)  # (B,) something kept and something dropped
+    soft = torch.sigmoid((log_s - theta.where(ok, 0.0)[:, None]) / temperature) * ranked  # (B, L)
+    m = hard.to(score.dtype)  # (B, L)
+    return torch.where(ok[:, None], m + (soft - soft.detach()), m)  # value exactly m, gradient σ'
+
+
+def soft_masked_attention(q, k, v, m_q, m_k, reachable, scale: float) -> torch.Tensor:
+    """Eq. 2 with real-valued masks: a_ij = m_j e^{s_ij} / Σ_j' m_j' e^{s_ij'} over the causal keys `reachable`,
+    row i scaled by m_q,i. With m ∈ {0, 1} it is Eq. 2 (`sparse_attention`); an excluded key (m_j = 0) still gets
+    ∂/∂m_j, computed as if its score were at most the row's top kept one (so |∂a_ij/∂m_j| ≤ 1: a straight-through
+    gradient, not a blow-up where a dropped key dominates a row). Dense (B, H, L, L), like eager attention.
+    q: (B, H, L, D); k, v: (B, Hkv, L, D); m: (B, L) float."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = (t.repeat_interleave(groups, dim=1) for t in (k, v))  # (B, H, L, D)
+    acc = torch.promote_types(q.dtype, torch.float32)
+    logits = (q @ k.transpose(-1, -2)).to(acc) * scale  # (B, H, L, L)
+    causal = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()  # (L, L)
+    allowed = causal & reachable[:, None, None, :]  # (B, 1, L, L)
+    kept = allowed & (m_k.detach() > 0)[:, None, None, :]  # (B, 1, L, L) the hard selection's keys
+    top = logits.masked_fill(~kept, float("-inf")).amax(-1, keepdim=True).nan_to_num(0.0, neginf=0.0)  # (B, H, L, 1)
+    # a dropped key above every kept one counts as level with the top: ∂a_ij/∂m_j stays in [−1, 1]
+    weight = (logits - top.detach()).clamp(max=0.0).exp().masked_fill(~allowed, 0.0) * m_k[:, None, None, :]
+    probs = weight / weight.sum(-1, keepdim=True).clamp(min=torch.finfo(acc).tiny)  # (B, H, L, L)
+    return (probs.to(v.dtype) @ v) * m_q[:, None, :, None]  # (B, H, L, D)
+

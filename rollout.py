@@ -239,17 +239,19 @@ def full_sequence(model, rollout: Rollout) -> dict:
 
 
 def scoring_state(model, rollout: Rollout, keep_p=None, relaxed_temperature: float | None = None,
-                  relaxed_grad: bool = True) -> SparseState:
+                  relaxed_grad: bool = True, straight_through: float | None = None) -> SparseState:
     """The SparseState of a teacher-forced scoring of `rollout`: its keep_p (or `keep_p`), probe seed, prompt length.
 
     Build it once and hand it to `score_completions`: the forward, the gradient-checkpoint recomputation in
     `.backward()` (which re-runs with the same call keywords) and the relaxed τ̃ (`relaxed_temperature`: sparse_qwen)
     then all read one state. After the forward it holds the selections and τ̃ per layer
-    (`state.relaxed_token_ratio()`).
+    (`state.relaxed_token_ratio()`). `straight_through`: T of the selection's straight-through gradient
+    (learned_sparsity.straight_through_mask; None: the selection has none, as in the paper).
     """
     return make_state(model, rollout.keep_p if keep_p is None else keep_p, mode="teacher",
                       batch_size=len(rollout.keep_p), prompt_len=rollout.inputs["input_ids"].shape[1],
-                      seed=rollout.seed, relaxed_temperature=relaxed_temperature, relaxed_grad=relaxed_grad)
+                      seed=rollout.seed, relaxed_temperature=relaxed_temperature, relaxed_grad=relaxed_grad,
+                      straight_through=straight_through)
 
 
 def score_completions(model, rollout: Rollout, sparse: bool = True, keep_p=None,

@@ -41,8 +41,9 @@ except ImportError as err:  # our extension points missing: one line naming the 
                      f"with transformers {transformers.__version__} the import failed: {err}") from None
 
 import zipr1_kernels
-from sparse_attention import (Selection, check_keep_p, mask_to_indices, relaxed_token_ratio, sparse_attention,
-                              token_ratio)
+from learned_sparsity import soft_masked_attention, straight_through_mask
+from sparse_attention import (Selection, check_keep_p, column_mass, mask_to_indices, probe_indices, probe_queries,
+                              relaxed_token_ratio, sparse_attention, token_ratio)
 
 ATTN_NAME = "zipr1_sparse"
 
@@ -104,6 +105,7 @@ class SparseState:
     relaxed_temperature: float | None = None  # teacher mode: record τ̃_j with this T (None: not computed)
     relaxed_grad: bool = True  # τ̃ with gradient (the loss term); False: a detached value, for logging only
     relaxed: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> τ̃_j (B,)
+    straight_through: float | None = None  # teacher mode: T of the selection's straight-through gradient (None: off)
 
     def kept(self) -> torch.Tensor:
         """k_j per sample and layer.  (B, n_layers) long."""
@@ -193,7 +195,11 @@ def zipr1_attention(module, query, key, value, attention_mask, scaling=None, dro
                                                  valid[:, :n_prompt], layer, scaling)  # (B,)
         response = torch.ones(bsz, seq - n_prompt, dtype=torch.bool, device=query.device)  # (B, L-P): all in
         mask = torch.cat([sel.mask, response], dim=1)  # (B, L): m_Q = m_K
-        out = zipr1_kernels.prefill_sparse_attention(query, key, value, mask, scale=scaling)  # Eq. 2, (B, H, L, D)
+        if state.mode == "teacher" and state.straight_through is not None:  # Eq. 5's gradient reaches the selection
+            out = straight_through_attention(query, key, value, sel, valid, n_prompt, state.seed + layer, scaling,
+                                             state.straight_through)  # Eq. 2, (B, H, L, D)
+        else:
+            out = zipr1_kernels.prefill_sparse_attention(query, key, value, mask, scale=scaling)  # Eq. 2, (B, H, L, D)
         if state.mode == "prefill" and state.cache is not None:
             state.cache.prune(layer, sel.mask)  # keep only the selected K/V of this layer
     return out.transpose(1, 2).contiguous(), None  # (B, L, H, D); the Triton kernels write it so: no copy
@@ -205,6 +211,21 @@ def relaxed_ratio(state: SparseState, query, key, valid, layer: int, scaling) ->
     with torch.set_grad_enabled(state.relaxed_grad and torch.is_grad_enabled()):
         return relaxed_token_ratio(query, key, state.keep_p, state.relaxed_temperature, valid,
                                    seed=state.seed + layer, scale=scaling)
+
+
+def straight_through_attention(q, k, v, selection, valid, n_prompt: int, seed: int, scale, temperature: float):
+    """Eq. 2 of a teacher forward (prompt + response) whose prompt selection passes Eq. 5's gradient through to the
+    probe scores (`straight_through_mask`); the forward equals the hard one.  q: (B, H, L, D); valid: (B, L)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    prompt_valid = valid[:, :n_prompt]  # (B, P)
+    probe_idx, probe_ok = probe_indices(prompt_valid, seed=seed)  # the probes of the selection (same seed)
+    mass, seen_by = column_mass(probe_queries(q[:, :, :n_prompt], probe_idx), k[:, :, :n_prompt], prompt_valid,
+                                probe_idx, probe_ok, scale)  # (B, P), with gradient
+    m = straight_through_mask(mass / seen_by.clamp(min=1), selection.mask, prompt_valid, temperature)  # (B, P)
+    response = m.new_ones(m.shape[0], q.shape[2] - n_prompt)  # (B, L-P): every response token is kept
+    reachable = torch.cat([prompt_valid, response.bool()], 1)  # (B, L)
+    m = torch.cat([m, response], 1)  # (B, L): m_Q = m_K
+    return soft_masked_attention(q, k, v, m, m, reachable, scale)  # (B, H, L, D)
 
 
 AttentionInterface.register(ATTN_NAME, zipr1_attention)

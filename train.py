@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 import grpo
 import rewards
-from learned_sparsity import sparsity_coef_at, sparsity_gates, sparsity_term
+from learned_sparsity import sparsity_coef_at, sparsity_gates, sparsity_targets_at, sparsity_term
 from rollout import SamplingConfig, generate, score_completions, scoring_state, split_groups
 from sparse_qwen import check_transformers, enable_checkpointing, make_sparse
 from zipr1_support import data, media, multi_gpu, run_dir
@@ -137,22 +137,23 @@ def loss_mask(rollout, cfg: Config) -> torch.Tensor:
 
 
 def policy_update(policy, reference, optimizer, rollouts, advantages, cfg: Config, autocast,
-                  dist=multi_gpu.SINGLE, gates=None, sparsity_coef: float | None = None) -> dict:
+                  dist=multi_gpu.SINGLE, gates=None, sparsity_coef: float | None = None, targets=None) -> dict:
     """num_iterations AdamW steps on Eq. 5 (+ λ·C·τ̃ when sparsity_coef > 0), one micro-batch per answer group
     (a Rollout, or lists of Rollouts, advantages and gates C (N,)). Each micro-batch loss is weighted so the step's
     gradient is that of the loss over the global batch on all ranks (multi_gpu.loss_weight: the GRPO part by its
     count, the sparsity part, a mean over rows, by its rows). One `scoring_state` per micro-batch serves the forward,
-    the gradient-checkpoint recomputation in backward and τ̃."""
+    the gradient-checkpoint recomputation in backward and τ̃. targets: this step's (τ*, [τ*_j]), default the cfg's."""
     if not isinstance(rollouts, list):
         rollouts, advantages, gates = [rollouts], [advantages], None if gates is None else [gates]
     coef = cfg.sparsity_coef if sparsity_coef is None else sparsity_coef
+    target, layer_targets = (cfg.sparsity_target, cfg.sparsity_layer_targets) if targets is None else targets
     gates = gates or [torch.ones_like(r.keep_p) for r in rollouts]
     ref_logps = [None] * len(rollouts)
     if reference is not None:
         with torch.no_grad(), autocast:
             ref_logps = [score_completions(reference, r, sparse=False) for r in rollouts]  # (N, T) full attention
-    states = [scoring_state(policy, r, relaxed_temperature=cfg.sparsity_temperature, relaxed_grad=coef > 0)
-              for r in rollouts]  # one per micro-batch: forward, recomputation in backward, and τ̃
+    states = [scoring_state(policy, r, relaxed_temperature=cfg.sparsity_temperature, relaxed_grad=coef > 0,
+                            straight_through=cfg.selection_straight_through or None) for r in rollouts]  # one per micro-batch: forward, recomputation in backward, and τ̃
     masks = [loss_mask(r, cfg) for r in rollouts]  # (N, T) each: the tokens the loss averages over
     counts = [grpo.loss_normalizer(m, cfg.loss_type, cfg.max_completion_length) for m in masks]
     total = multi_gpu.all_sum(sum(counts), dist)  # the global batch's normaliser
@@ -175,10 +176,10 @@ def policy_update(policy, reference, optimizer, rollouts, advantages, cfg: Confi
             if state.relaxed:  # τ̃ (N,), relaxed Eq. 3 from this same forward
                 tau_layers = state.relaxed_by_layer()  # (N, n_layers)
                 tau_soft = tau_layers.mean(-1)  # (N,) τ̃, logged
-                term = sparsity_term(tau_layers, gate.to(tau_soft), rollout.keep_p, cfg.sparsity_target,
-                                     cfg.sparsity_per_layer, cfg.sparsity_skip_layers,
-                                     cfg.sparsity_layer_targets).mean()
-                relaxed = {"tau_relaxed": tau_soft.mean().item(), "sparsity_loss": coef * term.item()}
+                term = sparsity_term(tau_layers, gate.to(tau_soft), rollout.keep_p, target, cfg.sparsity_per_layer,
+                                     cfg.sparsity_skip_layers, layer_targets).mean()
+                relaxed = {"tau_relaxed": tau_soft.mean().item(), "sparsity_loss": coef * term.item(),
+                           "sparsity_target": sum(layer_targets) / len(layer_targets) if layer_targets else target}
                 if coef > 0:  # λ = 0 backpropagates exactly the GRPO loss
                     objective = objective + coef * multi_gpu.loss_weight(len(rollout.keep_p), total_rows,
                                                                          dist) * term
@@ -211,8 +212,9 @@ def train_step(policy, reference, processor, optimizer, rows, cfg: Config, step:
     # 5-6. Eq. 5 loss with KL to the dense reference (+ the learned-sparsity term), num_iterations updates
     gates = list(sparsity_gates(cfg.sparsity_gate, parts, acc, cfg.gate_threshold, n).to(device).split(n))  # C, λ
     coef = sparsity_coef_at(cfg.sparsity_coef, cfg.sparsity_warmup_steps, step)  # λ
+    targets = sparsity_targets_at(cfg.sparsity_target, cfg.sparsity_layer_targets, cfg.sparsity_target_steps, step)
     stats = policy_update(policy, reference, optimizer, rollouts, list(advantages.split(n)), cfg, autocast, dist,
-                          gates, coef)
+                          gates, coef, targets)
     metrics = run_dir.step_metrics(cfg, step, rollouts, texts, acc, tau, parts, stats, coef, optimizer, reference,
                                    start)
     return multi_gpu.reduce_metrics(metrics, dist)  # the same dict, over every rank's groups

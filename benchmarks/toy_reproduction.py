@@ -50,7 +50,7 @@ from sparse_qwen import make_sparse  # noqa: E402
 
 RECIPES = ("literal", "learned", "two_stage")  # two_stage: the learned run, then the literal recipe from its checkpoint
 SPARSITY = ("sparsity_coef", "sparsity_temperature", "sparsity_gate", "sparsity_target", "sparsity_warmup_steps",
-            "sparsity_per_layer", "sparsity_skip_layers", "sparsity_layer_targets")
+            "sparsity_target_steps", "sparsity_per_layer", "sparsity_skip_layers", "sparsity_layer_targets")
 
 
 def parse_args(argv=None):
@@ -79,6 +79,9 @@ def parse_args(argv=None):
             dict(type=typing.get_args(hints[name])[0], nargs="*") if isinstance(default, list) else \
             dict(type=type(default))  # a list takes its element type from train.Config (list[int], list[float])
         p.add_argument(f"--{name}", default=default, help=f"learned recipe (default {default})", **kind)
+    p.add_argument("--selection_straight_through", type=float, default=0.0,
+                   help="learned and two_stage runs: T of the straight-through gradient for which tokens Eq. 3 keeps "
+                        "(train.py --selection_straight_through); 0: off, as in the literal baseline")
     p.add_argument("--learned_init", default="toy",
                    help="the learned run's start (and KL reference, unless --ref_model): toy (the warmed-up model), "
                         "literal (the literal run's last checkpoint), or a checkpoint folder (e.g. an earlier learned "
@@ -139,6 +142,7 @@ def recipe_config(args, recipe: str) -> train.Config:
         "learning_rate": args.learning_rate, "warmup_steps": args.warmup_steps,
         "lr_scheduler_type": stage_value(args, recipe, "lr_scheduler_type"), "beta": stage_value(args, recipe, "beta"),
         "per_step_questions": args.per_step_questions,
+        "selection_straight_through": 0.0 if recipe == "literal" else args.selection_straight_through,
         "keep_p_uniform": args.keep_p_uniform, "keep_p_low": args.keep_p_low, "seed": args.seed,
         "output_dir": str(out), "resume_from_checkpoint": "last" if args.resume else None,
         "disable_tqdm": True}))

@@ -10,7 +10,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PAPER = {"sparse_attention.py": set(), "grpo.py": set(), "learned_sparsity.py": set(),
          "rewards.py": {"rouge_score"},  # ROUGE-L of free-form answers, imported only when such a row is scored
-         "sparse_qwen.py": {"transformers", "sparse_attention", "zipr1_kernels"}}
+         "sparse_qwen.py": {"transformers", "sparse_attention", "learned_sparsity", "zipr1_kernels"}}
 
 
 def imported_top_names(path: Path) -> set[str]:

@@ -31,7 +31,7 @@ def test_two_stage_continues_the_learned_checkpoint_with_the_literal_objective(t
                            "--per_step_questions", "1", "--eval_questions", "3", "--sweep", "0.975",
                            "--ref_model", "toy", "--train_questions", "16", "--learned_beta", "0.3",
                            "--learned_lr_scheduler_type", "constant", "--sparsity_gate", "all",
-                           "--output_dir", str(tmp_path / "r")])
+                           "--selection_straight_through", "0.5", "--output_dir", str(tmp_path / "r")])
     finally:
         torch.set_num_threads(threads)
     learned = run_dir.checkpoints(tmp_path / "r" / "learned" / "train")[-1]
@@ -45,6 +45,7 @@ def test_two_stage_continues_the_learned_checkpoint_with_the_literal_objective(t
     assert stage2["lr_scheduler_type"] == "cosine"
     assert stage1["beta"] == 0.3 and stage2["beta"] == train.Config.beta  # --learned_beta: the learned run only
     assert stage1["sparsity_gate"] == "all"
+    assert stage1["selection_straight_through"] == stage2["selection_straight_through"] == 0.5  # both stages
     questions = Path(".cache") / f"toy-data-v{toy.TASK_VERSION}-16" / "toy.jsonl"  # --train_questions 16, under cwd
     assert stage1["dataset"] == stage2["dataset"] == str(questions) and len(questions.read_text().splitlines()) == 16
     report = json.loads((tmp_path / "r" / "reproduction.json").read_text())
@@ -106,9 +107,12 @@ def test_per_layer_targets_reach_only_the_learned_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the config names the toy RL rows, written under ./.cache
     script = load_script()
     args = script.parse_args(["--sparsity_layer_targets", "0.6", "0.45", "0.15", "0.15", "--train_questions", "4",
+                              "--sparsity_target_steps", "30", "--selection_straight_through", "0.5",
                               "--output_dir", str(tmp_path / "r")])
-    assert script.recipe_config(args, "learned").sparsity_layer_targets == [0.6, 0.45, 0.15, 0.15]
-    assert script.recipe_config(args, "literal").sparsity_coef == 0.0
+    learned, literal = script.recipe_config(args, "learned"), script.recipe_config(args, "literal")
+    assert learned.sparsity_layer_targets == [0.6, 0.45, 0.15, 0.15] and learned.sparsity_target_steps == 30
+    assert literal.sparsity_coef == 0.0 and literal.sparsity_target_steps == 0
+    assert (learned.selection_straight_through, literal.selection_straight_through) == (0.5, 0.0)  # not the baseline
 
 
 def test_chains_run_side_by_side_only_when_independent():

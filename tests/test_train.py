@@ -127,10 +127,10 @@ def test_media_encoded_once_per_group_give_the_rollout_of_per_row_copies(sources
     assert any("visual" in k and not torch.equal(before[k], after[k]) for k in before)
 
 
-def _gradients(policy, reference, rollout, advantages, cfg, gates=None):
+def _gradients(policy, reference, rollout, advantages, cfg, gates=None, targets=None):
     optimizer = torch.optim.SGD(policy.parameters(), lr=0.0)  # keeps the weights: gradients stay in .grad
     train.policy_update(policy, reference, optimizer, rollout, advantages, cfg, train.contextlib.nullcontext(),
-                        gates=gates)
+                        gates=gates, targets=targets)
     return {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}
 
 
@@ -240,6 +240,47 @@ def test_sparsity_term_is_exactly_zero_at_p_one_and_with_the_gate_off(sources, t
     assert any(not torch.equal(without[k], gated_on[k]) for k in without)
 
 
+def test_gradual_targets_reach_the_loss_and_the_log(sources, tmp_path):
+    """sparsity_target_steps: each step's loss hinges τ̃ at that step's scheduled targets (the same gradients as a
+    config holding those targets), and metrics.jsonl logs them."""
+    cfg = config(sources, tmp_path / "run", sparsity_temperature=0.05, beta=0.0, sparsity_coef=1.0,
+                 sparsity_gate="none", sparsity_target=0.1, sparsity_target_steps=30)
+    advantages = torch.tensor([1.0, -0.5, 0.25, -0.75])
+    policy, rollout = _rollout(sources, cfg, keep_p_grid=(0.5, 0.6, 0.7, 0.8))
+    targets = train.sparsity_targets_at(0.1, [], 30, 0)  # step 1 of 30: τ* = 0.1 + 0.9 (29/30)³ = 0.91
+    state = train.scoring_state(policy, rollout, relaxed_temperature=0.05)
+    with torch.no_grad():
+        score_completions(policy, rollout, state=state)
+    assert 0.1 < state.relaxed_token_ratio().min() and state.relaxed_token_ratio().max() < targets[0]
+    scheduled = _gradients(policy, None, rollout, advantages, cfg, targets=targets)
+    held = _gradients(policy, None, rollout, advantages, dataclasses.replace(cfg, sparsity_target=targets[0]))
+    literal = _gradients(policy, None, rollout, advantages, dataclasses.replace(cfg, sparsity_coef=0.0))
+    unscheduled = _gradients(policy, None, rollout, advantages, cfg)
+    assert all(torch.equal(scheduled[k], held[k]) and torch.equal(scheduled[k], literal[k]) for k in held)
+    assert any(not torch.equal(scheduled[k], unscheduled[k]) for k in held)  # at τ* 0.1 the term pushes
+    layered = config(sources, tmp_path / "layers", sparsity_coef=1.0, sparsity_layer_targets=[0.6, 0.2],
+                     sparsity_target_steps=2, max_steps=3)
+    logged = [m["sparsity_target"] for m in train.train(layered)]
+    assert logged == pytest.approx([0.4 + 0.6 / 8, 0.4, 0.4])  # the mean of the layers' scheduled targets
+
+
+def test_straight_through_selection_keeps_the_log_probs_and_adds_a_gradient(sources, tmp_path):
+    """selection_straight_through: the teacher forward gives the rollout's log-probs (the hard selection), and Eq. 5's
+    gradient now also reaches the probe scores that chose the tokens: the update differs from the literal one."""
+    cfg = config(sources, tmp_path, beta=0.0)
+    policy, rollout = _rollout(sources, cfg, keep_p_grid=(0.5, 0.6, 0.7, 1.0))
+    with torch.no_grad():
+        plain = score_completions(policy, rollout, state=train.scoring_state(policy, rollout))
+        through = score_completions(policy, rollout, state=train.scoring_state(policy, rollout, straight_through=1.0))
+    assert torch.allclose(through, plain, rtol=1e-5, atol=1e-5 * plain.abs().max().item())
+    assert torch.allclose(through, rollout.logprobs, rtol=1e-4, atol=1e-4 * plain.abs().max().item())
+    advantages = torch.tensor([1.0, -0.5, 0.25, -0.75])
+    literal = _gradients(policy, None, rollout, advantages, cfg)
+    straight = _gradients(policy, None, rollout, advantages, dataclasses.replace(cfg, selection_straight_through=1.0))
+    differs = {k for k in literal if not torch.allclose(literal[k], straight[k], rtol=1e-4, atol=1e-7)}
+    assert any("q_proj" in k or "k_proj" in k for k in differs), differs  # the probe scores' weights
+
+
 def test_the_relaxed_term_alone_lowers_the_token_ratio(sources, tmp_path):
     """Zero advantages and no KL: the update is λ·∇τ̃ only. A few steps lower τ̃ and the hard τ of the same
     selection rule (the term pulls attention onto fewer keys)."""
@@ -259,6 +300,11 @@ def test_the_relaxed_term_alone_lowers_the_token_ratio(sources, tmp_path):
 def test_sparsity_gates_and_warmup():
     assert [train.sparsity_coef_at(0.4, 4, s) for s in (0, 1, 3, 10)] == pytest.approx([0.1, 0.2, 0.4, 0.4])
     assert train.sparsity_coef_at(0.4, 0, 0) == 0.4  # no warm-up: λ from the first step
+    # gradual targets, by hand: τ*_t = τ* + (1 − τ*)(1 − (t+1)/S)³ with S = 4
+    schedule = [train.sparsity_targets_at(0.3, [0.9, 0.2], 4, s) for s in (0, 1, 3, 10)]
+    assert [t for t, _ in schedule] == pytest.approx([0.3 + 0.7 * 27 / 64, 0.3 + 0.7 / 8, 0.3, 0.3])
+    assert schedule[1][1] == pytest.approx([0.9 + 0.1 / 8, 0.2 + 0.8 / 8]) and schedule[2][1] == [0.9, 0.2]
+    assert train.sparsity_targets_at(0.3, [0.5], 0, 0) == (0.3, [0.5])  # 0 steps: the targets from the first step
     acc, parts = torch.tensor([1.0, 0.0, 0.0, 0.0]), {"gate": torch.tensor([1.0, 1.0, 0.0, 0.0])}
     assert train.sparsity_gates("group", parts, acc).tolist() == [1, 1, 0, 0]
     assert train.sparsity_gates("answer", parts, acc).tolist() == [1, 0, 0, 0]

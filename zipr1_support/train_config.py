@@ -96,6 +96,11 @@ class Config:
     sparsity_layer_targets: list[float] = HfArg(default_factory=list, help="a target τ*_j per decoder layer, each "
                                                 "layer hinged at its own (a per-layer budget; replaces the target)")
     sparsity_warmup_steps: int = HfArg(default=0, help="λ ramps linearly from 0 over these steps")
+    sparsity_target_steps: int = HfArg(default=0, help="the targets fall from 1 to their values over these steps "
+                                                       "as (1 − t/steps)³ (gradual compression); 0: from the start")
+    selection_straight_through: float = HfArg(default=0.0, help="T of a straight-through gradient for which tokens "
+                                              "Eq. 3 keeps, σ(log(s/θ)/T) per key (toy-sized prompts: dense "
+                                              "attention in training); 0: none, as in the paper")
     # GRPO (Eq. 4-5)
     beta: float = HfArg(default=0.04, help="KL weight (paper 0.04; TRL's default 0.0); 0 skips the reference model")
     epsilon: float = HfArg(default=0.2, help="lower clip range of the ratio")
@@ -190,7 +195,9 @@ def check_config(cfg: Config) -> Config:
     for name, ok, allowed in (("sparsity_coef", cfg.sparsity_coef >= 0, ">= 0"),
                               ("sparsity_temperature", cfg.sparsity_temperature > 0, "> 0"),
                               ("sparsity_target", 0 <= cfg.sparsity_target < 1, "in [0, 1)"),
-                              ("sparsity_warmup_steps", cfg.sparsity_warmup_steps >= 0, ">= 0")):
+                              ("sparsity_warmup_steps", cfg.sparsity_warmup_steps >= 0, ">= 0"),
+                              ("sparsity_target_steps", cfg.sparsity_target_steps >= 0, ">= 0"),
+                              ("selection_straight_through", cfg.selection_straight_through >= 0, ">= 0")):
         if not ok:
             raise ConfigError(f"{name} must be {allowed}, got {getattr(cfg, name)}")
     if not all(0 <= t < 1 for t in cfg.sparsity_layer_targets):
