@@ -63,18 +63,16 @@ def sparsity_term(tau_layers: torch.Tensor, gate: torch.Tensor, keep_p: torch.Te
 # A straight-through gradient for *which* tokens Eq. 3 keeps (--selection_straight_through T)
 # ----------------------------------------------------------------------------------------------------------------
 
-def straight_through_mask(score: torch.Tensor, hard: torch.Tensor, valid: torch.Tensor, temperature: float
+def straight_through_mask(score: torch.Tensor, hard: torch.Tensor, ranked: torch.Tensor, temperature: float
                           ) -> torch.Tensor:
     """The hard selection m (B, L) as floats, with the gradient of a soft inclusion σ(log(s_j/θ) / T).
 
     score: (B, L) the identity score of Eq. 3's selection (mass per seeing probe), with gradient; hard: (B, L) bool,
-    the keys kept; θ: the geometric midpoint of the lowest kept and the highest dropped score (detached), so
-    σ > ½ exactly on the kept keys. The forward is m itself; keys within a factor ~e^T of θ get the gradient. A row
-    with nothing dropped (p = 1), or only its always-kept final token, keeps m without gradient.  Returns (B, L)"""
+    the keys kept; ranked: (B, L) bool, the keys the score ranks (real tokens but the always-kept final one); θ: the
+    geometric midpoint of the lowest kept and the highest dropped ranked score (detached), so σ > ½ exactly on the
+    kept keys. The forward is m itself; keys within a factor ~e^T of θ get the gradient. A row with nothing ranked
+    kept or nothing dropped (p = 1) keeps m without gradient.  Returns (B, L)"""
     log_s = score.clamp(min=torch.finfo(score.dtype).tiny).log()  # (B, L)
-    last = score.shape[1] - 1 - valid.flip(-1).float().argmax(-1)  # (B,) the final token, kept whatever its score
-    ranked = valid.clone()
-    ranked[torch.arange(score.shape[0]), last] = False  # (B, L): the keys ranked by their score
     lowest_kept = log_s.detach().masked_fill(~(hard & ranked), float("inf")).amin(-1)  # (B,)
     highest_dropped = log_s.detach().masked_fill(hard | ~ranked, float("-inf")).amax(-1)  # (B,)
     theta = (lowest_kept + highest_dropped) / 2  # (B,)

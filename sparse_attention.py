@@ -228,6 +228,11 @@ def top_p_select(q, k, keep_p, valid=None, num_recent=NUM_RECENT_PROBES, num_ran
     return select_from_mass(mass, seen_by, valid, keep_p)
 
 
+def final_position(valid: torch.Tensor) -> torch.Tensor:
+    """The final valid position per sample, which the selection always keeps.  valid: (B, L) bool -> (B,) long"""
+    return valid.shape[1] - 1 - valid.flip(-1).float().argmax(-1)
+
+
 def select_from_mass(mass, seen_by, valid, keep_p) -> Selection:
     """Count from the raw column mass (Eq. 3), identity from the mass per probe that sees the key.
 
@@ -237,7 +242,7 @@ def select_from_mass(mass, seen_by, valid, keep_p) -> Selection:
     length = valid.sum(-1)  # (B,)
     count = top_p_count(mass, keep_p, length)  # (B,)
     score = (mass / seen_by.clamp(min=1)).masked_fill(~valid, float("-inf"))  # identity: mass per seeing probe
-    last = seq - 1 - valid.flip(-1).float().argmax(-1)  # (B,) final valid position
+    last = final_position(valid)  # (B,)
     score[torch.arange(bsz, device=valid.device), last] = float("inf")  # the final position is always kept
     order = score.argsort(dim=-1, descending=True)  # (B, L)
     ranks = torch.arange(seq, device=valid.device)[None, :] < count[:, None]  # (B, L): first k of the order
@@ -289,5 +294,5 @@ def gathered_sparse_attention(q, k, v, mask: torch.Tensor, scale: float | None =
 __all__ = [
     "Selection", "check_keep_p", "sparse_attention", "token_budget", "token_ratio", "probe_indices",
     "probe_queries", "column_mass", "probe_column_mass", "top_p_count", "smooth_top_p_count", "relaxed_layer_ratio",
-    "relaxed_token_ratio", "top_p_select", "select_from_mass", "mask_to_indices", "gathered_sparse_attention",
+    "relaxed_token_ratio", "top_p_select", "final_position", "select_from_mass", "mask_to_indices", "gathered_sparse_attention",
 ]

@@ -153,7 +153,8 @@ def policy_update(policy, reference, optimizer, rollouts, advantages, cfg: Confi
         with torch.no_grad(), autocast:
             ref_logps = [score_completions(reference, r, sparse=False) for r in rollouts]  # (N, T) full attention
     states = [scoring_state(policy, r, relaxed_temperature=cfg.sparsity_temperature, relaxed_grad=coef > 0,
-                            straight_through=cfg.selection_straight_through or None) for r in rollouts]  # one per micro-batch: forward, recomputation in backward, and τ̃
+                            straight_through=cfg.selection_straight_through or None)
+              for r in rollouts]  # one per micro-batch: forward, recomputation in backward, and τ̃
     masks = [loss_mask(r, cfg) for r in rollouts]  # (N, T) each: the tokens the loss averages over
     counts = [grpo.loss_normalizer(m, cfg.loss_type, cfg.max_completion_length) for m in masks]
     total = multi_gpu.all_sum(sum(counts), dist)  # the global batch's normaliser

@@ -66,8 +66,9 @@ def test_straight_through_mask_is_the_hard_mask_with_a_sigmoid_gradient():
     score = torch.tensor([[0.9, 0.05, 0.4, 0.2, 0.01], [0.3, 0.2, 0.1, 0.4, 0.02]], dtype=torch.float64,
                          requires_grad=True)
     hard = torch.tensor([[1, 0, 1, 0, 1], [1, 1, 1, 1, 1]], dtype=torch.bool)  # row 1: p = 1, nothing dropped
-    valid, coef = torch.ones_like(hard), torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0], dtype=torch.float64)
-    m = straight_through_mask(score, hard, valid, temperature=0.5)
+    ranked, coef = torch.ones_like(hard), torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0], dtype=torch.float64)
+    ranked[:, 4] = False  # the final token: kept whatever its score
+    m = straight_through_mask(score, hard, ranked, temperature=0.5)
     assert torch.equal(m, hard.double())
     (m * coef).sum().backward()
     theta = torch.tensor([0.4, 0.2], dtype=torch.float64).log().mean()  # lowest kept, highest dropped

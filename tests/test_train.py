@@ -277,7 +277,8 @@ def test_straight_through_selection_keeps_the_log_probs_and_adds_a_gradient(sour
     advantages = torch.tensor([1.0, -0.5, 0.25, -0.75])
     literal = _gradients(policy, None, rollout, advantages, cfg)
     straight = _gradients(policy, None, rollout, advantages, dataclasses.replace(cfg, selection_straight_through=1.0))
-    differs = {k for k in literal if not torch.allclose(literal[k], straight[k], rtol=1e-4, atol=1e-7)}
+    differs = {k for k in literal
+               if not torch.allclose(literal[k], straight[k], rtol=1e-4, atol=1e-6 * literal[k].abs().max().item())}
     assert any("q_proj" in k or "k_proj" in k for k in differs), differs  # the probe scores' weights
 
 
