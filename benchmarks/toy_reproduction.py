@@ -5,6 +5,8 @@
     python benchmarks/toy_reproduction.py --recipes learned --sparsity_coef 0.3 --output_dir outputs/r1
     python benchmarks/toy_reproduction.py --resume              # continue interrupted runs, then evaluate
     python benchmarks/toy_reproduction.py --eval_only           # evaluate the newest checkpoints of --output_dir
+    python benchmarks/toy_reproduction.py --recipes learned,two_stage --literal_from outputs/toy-reproduction \
+        --output_dir outputs/variant                            # a variant against an earlier literal run
 
 Paper claim (Qwen2.5-VL-7B): token ratio tau 80% -> 25% at <= 1.2 points accuracy. Our goal on the toy: tau at
 keep_p = 0.975 halved from ZipVL (the warmed-up weights + sparse attention) to ZipR1, accuracy within 1 point of Full.
@@ -92,6 +94,10 @@ def parse_args(argv=None):
     p.add_argument("--literal_steps", type=int, default=None,
                    help="literal-recipe steps (default: as many as the headline recipe's, --steps + --recover_steps "
                         "when two_stage runs: the fair baseline)")
+    p.add_argument("--literal_from", default=None,
+                   help="the literal baseline of another --output_dir (trained and evaluated there with the same "
+                        "--seed, --eval_questions and --keep_p), instead of training it again: one literal run per "
+                        "seed, paired with every variant")
     p.add_argument("--recover_steps", type=int, default=800,
                    help="two_stage: literal-recipe steps (λ = 0) from the learned run's last checkpoint")
     p.add_argument("--train_questions", type=int, default=8192,
@@ -116,6 +122,8 @@ def parse_args(argv=None):
         p.error(f"--recipes: choose from {RECIPES}, got {args.recipes}")
     if args.jobs < 1:
         p.error(f"--jobs must be >= 1, got {args.jobs}")
+    if args.literal_from and "literal" in args.recipes:
+        p.error(f"--literal_from {args.literal_from}: the literal run comes from there; drop literal from --recipes")
     if args.literal_steps is None:  # the literal baseline trains as long as the headline recipe
         args.literal_steps = args.steps + (args.recover_steps if args.recipes[-1] == "two_stage" else 0)
     return args
@@ -128,7 +136,7 @@ def recipe_config(args, recipe: str) -> train.Config:
     sparsity = {k: getattr(args, k) for k in SPARSITY} if recipe == "learned" else {"sparsity_coef": 0.0}
     model, steps = "toy", args.steps
     if recipe == "learned" and args.learned_init == "literal":
-        model = str(run_dir.checkpoints(Path(args.output_dir) / "literal" / "train")[-1])
+        model = str(run_dir.checkpoints(Path(args.literal_from or args.output_dir) / "literal" / "train")[-1])
     elif recipe == "learned":
         model = args.learned_init
     elif recipe == "two_stage":
@@ -245,12 +253,30 @@ def summarize(args, recipe: str, results: dict, train_seconds: float | None) -> 
     return summary
 
 
-def compare_with_literal(summaries: dict) -> None:
+def literal_from(args) -> dict:
+    """--literal_from: the literal run of another output_dir, as its evaluation left it (per-question answers, keep_p
+    sweep, steps), checked to be on this run's held-out questions (seed, count) at this run's keep_p."""
+    folder = Path(args.literal_from) / "literal"
+    path, checkpoints = folder / "eval" / "results.json", run_dir.checkpoints(folder / "train")
+    if not path.is_file() or not checkpoints:
+        sys.exit(f"--literal_from {args.literal_from}: no trained and evaluated literal run there ({path}); run "
+                 f"toy_reproduction.py --recipes literal --output_dir {args.literal_from} first")
+    results = json.loads(path.read_text())
+    c = results["config"]
+    if (c["seed"], c["limit"], c["keep_p"]) != (args.seed, args.eval_questions, args.keep_p):
+        sys.exit(f"--literal_from {path}: evaluated with --seed {c['seed']}, --eval_questions {c['limit']}, "
+                 f"--keep_p {c['keep_p']}; this run: {args.seed}, {args.eval_questions}, {args.keep_p} (the paired "
+                 "difference needs the same held-out questions and threshold)")
+    return {"records": results["methods"]["ZipR1"]["records"], "sweep": results["sweep"],
+            "steps": trained_config(checkpoints[-1])["max_steps"], "output_dir": args.literal_from}
+
+
+def compare_with_literal(summaries: dict, literal: dict | None) -> None:
     """accuracy_drop_vs_literal_points (literal − recipe, points) and its paired standard error, for every recipe
-    beside a literal run: the same held-out questions, so the difference is paired (paired_difference)."""
-    if "literal" not in summaries:
+    beside a literal run (this one's or --literal_from's): the same held-out questions, so the difference is paired
+    (paired_difference)."""
+    if literal is None:
         return
-    literal = summaries["literal"]
     for s in summaries.values():
         if s is not literal:
             gain, se = paired_difference(s["records"], literal["records"])
@@ -301,7 +327,8 @@ def report(args, summaries: dict) -> dict:
     """reproduction.json/.md and pareto.png: the headline fields of the last recipe, every recipe under "recipes"."""
     out = Path(args.output_dir)
     last = summaries[args.recipes[-1]]
-    compare_with_literal(summaries)
+    literal = summaries.get("literal") or (literal_from(args) if args.literal_from else None)
+    compare_with_literal(summaries, literal)
     headline = {k: last[k] for k in ("recipe", "tau_after_over_before", "accuracy_drop_vs_full_points",
                                      "accuracy_drop_vs_literal_points", "accuracy_drop_vs_zipvl_points", "goal_met",
                                      "accuracy", "tau") if k in last}
@@ -313,6 +340,8 @@ def report(args, summaries: dict) -> dict:
     for recipe, s in summaries.items():
         label = "learned, then λ = 0" if recipe == "two_stage" else f"λ = {s['sparsity_coef']:g}, {s['steps']} steps"
         curves[f"ZipR1 {recipe} ({label})"] = s["sweep"]["ZipR1"]
+    if args.literal_from:
+        curves[f"ZipR1 literal ({literal['steps']} steps, {args.literal_from})"] = literal["sweep"]["ZipR1"]
     pareto_plot(curves, last["full"], out / "pareto.png")
     if {"learned", "two_stage"} <= set(summaries):
         two_stage_curves(out)
@@ -353,6 +382,8 @@ def run_side_by_side(args, groups: list) -> dict:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.literal_from:
+        literal_from(args)  # before hours of training: the baseline is there and on the same questions
     groups = chains(args)  # at most two
     if args.jobs > 1 and len(groups) > 1:
         return report(args, run_side_by_side(args, groups))

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from zipr1_support import run_dir
@@ -94,6 +95,43 @@ def test_literal_baseline_trains_as_long_as_the_two_stage_recipe(tmp_path, monke
     assert report["accuracy_drop_vs_literal_points"] == report["recipes"]["two_stage"]["accuracy_drop_vs_literal_points"]
     assert "accuracy_drop_vs_literal_points" not in report["recipes"]["literal"]
     assert "vs the literal recipe trained for 3 steps" in (tmp_path / "r" / "reproduction.md").read_text()
+
+
+def test_literal_from_pairs_with_a_literal_run_of_another_folder(tmp_path, monkeypatch):
+    """--literal_from: one literal run per seed, paired with a variant trained in another folder. The drop equals
+    literal − recipe recomputed from both folders' per-question answers; another seed, a folder without a literal
+    run, or literal in --recipes as well is a one-line error before any training."""
+    monkeypatch.chdir(tmp_path)
+    script, threads = load_script(), torch.get_num_threads()
+    tiny = ["--per_step_questions", "1", "--eval_questions", "4", "--sweep", "0.975", "--train_questions", "16"]
+    try:
+        script.main(["--recipes", "literal", "--steps", "3", "--output_dir", str(tmp_path / "a"), *tiny])
+        script.main(["--recipes", "learned,two_stage", "--steps", "2", "--recover_steps", "1", "--literal_from",
+                     str(tmp_path / "a"), "--output_dir", str(tmp_path / "b"), *tiny])
+    finally:
+        torch.set_num_threads(threads)
+
+    def correct(folder, recipe):
+        results = json.loads((tmp_path / folder / recipe / "eval" / "results.json").read_text())
+        return [r["correct"] for r in results["methods"]["ZipR1"]["records"]]
+
+    report, base = json.loads((tmp_path / "b" / "reproduction.json").read_text()), correct("a", "literal")
+    assert not (tmp_path / "b" / "literal").exists() and set(report["recipes"]) == {"learned", "two_stage"}
+    for recipe in ("learned", "two_stage"):
+        expected = 100 * (sum(base) - sum(correct("b", recipe))) / len(base)
+        assert abs(report["recipes"][recipe]["accuracy_drop_vs_literal_points"] - expected) < 1e-9
+        assert report["recipes"][recipe]["literal_steps"] == 3
+    assert "vs the literal recipe trained for 3 steps" in (tmp_path / "b" / "reproduction.md").read_text()
+    for argv, message in ((["--seed", "1", "--literal_from", str(tmp_path / "a")], "--seed 0, --eval_questions 4"),
+                          (["--literal_from", str(tmp_path / "b")], "no trained and evaluated literal run"),
+                          (["--recipes", "literal,learned", "--literal_from", str(tmp_path / "a")], None)):
+        with pytest.raises(SystemExit) as error:
+            script.main(["--recipes", "learned", "--output_dir", str(tmp_path / "c"), *tiny, *argv])
+        if message:
+            assert message in str(error.value) and "\n" not in str(error.value)
+        else:
+            assert error.value.code == 2  # argparse: the usage line and one error line
+    assert not (tmp_path / "c").exists()
 
 
 def test_literal_steps_default_follows_the_headline_recipe():
