@@ -294,5 +294,6 @@ def gathered_sparse_attention(q, k, v, mask: torch.Tensor, scale: float | None =
 __all__ = [
     "Selection", "check_keep_p", "sparse_attention", "token_budget", "token_ratio", "probe_indices",
     "probe_queries", "column_mass", "probe_column_mass", "top_p_count", "smooth_top_p_count", "relaxed_layer_ratio",
-    "relaxed_token_ratio", "top_p_select", "final_position", "select_from_mass", "mask_to_indices", "gathered_sparse_attention",
+    "relaxed_token_ratio", "top_p_select", "final_position", "select_from_mass", "mask_to_indices",
+    "gathered_sparse_attention",
 ]

@@ -268,7 +268,7 @@ def literal_from(args) -> dict:
                  f"--keep_p {c['keep_p']}; this run: {args.seed}, {args.eval_questions}, {args.keep_p} (the paired "
                  "difference needs the same held-out questions and threshold)")
     return {"records": results["methods"]["ZipR1"]["records"], "sweep": results["sweep"],
-            "steps": trained_config(checkpoints[-1])["max_steps"], "output_dir": args.literal_from}
+            "steps": trained_config(checkpoints[-1])["max_steps"]}
 
 
 def compare_with_literal(summaries: dict, literal: dict | None) -> None:
@@ -323,11 +323,12 @@ def two_stage_curves(out: Path) -> Path:
     return out / "two_stage_metrics.png"
 
 
-def report(args, summaries: dict) -> dict:
-    """reproduction.json/.md and pareto.png: the headline fields of the last recipe, every recipe under "recipes"."""
+def report(args, summaries: dict, baseline: dict | None = None) -> dict:
+    """reproduction.json/.md and pareto.png: the headline fields of the last recipe, every recipe under "recipes";
+    baseline: the --literal_from run (literal_from), when this run has no literal recipe of its own."""
     out = Path(args.output_dir)
     last = summaries[args.recipes[-1]]
-    literal = summaries.get("literal") or (literal_from(args) if args.literal_from else None)
+    literal = summaries.get("literal") or baseline
     compare_with_literal(summaries, literal)
     headline = {k: last[k] for k in ("recipe", "tau_after_over_before", "accuracy_drop_vs_full_points",
                                      "accuracy_drop_vs_literal_points", "accuracy_drop_vs_zipvl_points", "goal_met",
@@ -340,8 +341,8 @@ def report(args, summaries: dict) -> dict:
     for recipe, s in summaries.items():
         label = "learned, then λ = 0" if recipe == "two_stage" else f"λ = {s['sparsity_coef']:g}, {s['steps']} steps"
         curves[f"ZipR1 {recipe} ({label})"] = s["sweep"]["ZipR1"]
-    if args.literal_from:
-        curves[f"ZipR1 literal ({literal['steps']} steps, {args.literal_from})"] = literal["sweep"]["ZipR1"]
+    if baseline is not None:
+        curves[f"ZipR1 literal ({baseline['steps']} steps, {args.literal_from})"] = baseline["sweep"]["ZipR1"]
     pareto_plot(curves, last["full"], out / "pareto.png")
     if {"learned", "two_stage"} <= set(summaries):
         two_stage_curves(out)
@@ -382,12 +383,11 @@ def run_side_by_side(args, groups: list) -> dict:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    if args.literal_from:
-        literal_from(args)  # before hours of training: the baseline is there and on the same questions
+    baseline = literal_from(args) if args.literal_from else None  # before hours of training: there, same questions
     groups = chains(args)  # at most two
     if args.jobs > 1 and len(groups) > 1:
-        return report(args, run_side_by_side(args, groups))
-    return report(args, run_recipes(args, args.recipes))
+        return report(args, run_side_by_side(args, groups), baseline)
+    return report(args, run_recipes(args, args.recipes), baseline)
 
 
 if __name__ == "__main__":
