@@ -16,6 +16,7 @@ to be confused with nucleus sampling's `top_p` in SamplingConfig.
 from __future__ import annotations
 
 import time
+import inspect
 import dataclasses
 from dataclasses import dataclass
 
@@ -122,6 +123,13 @@ def pad_id_of(model) -> int:
     return pad if pad is not None else eos_ids_of(model)[0]
 
 
+def cache_kwarg(model, cache) -> dict:
+    """The KV cache under the keyword this transformers' forward takes: `cache` from 5.24 (`past_key_values` is
+    deprecated there and goes in 5.40), `past_key_values` before (5.23; the GPU machine's 5.17)."""
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return {name: cache}
+
+
 @torch.no_grad()
 def prefill(model, inputs, keep_p, seed: int = 0):
     """Sparse prefill: select per layer and sample (Eq. 3), attend among the selection, prune the KV cache to it.
@@ -133,7 +141,7 @@ def prefill(model, inputs, keep_p, seed: int = 0):
     cache = PrunedKVCache(text_config(model))
     state = make_state(model, keep_p, batch_size=inputs["input_ids"].shape[0], cache=cache, seed=seed)
     positions, next_pos = prompt_positions(model, inputs)  # (3, B, P), (B,)
-    logits = model(**inputs, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1,
+    logits = model(**inputs, position_ids=positions, **cache_kwarg(model, cache), use_cache=True, logits_to_keep=1,
                    **sparse_kwargs(state)).logits[:, -1]  # (B, V)
     return logits, state, next_pos
 
@@ -150,7 +158,7 @@ def dense_prefill(model, inputs):
     check_vision_tokens(model, inputs)
     cache = DynamicCache(config=text_config(model))
     positions, next_pos = prompt_positions(model, inputs)  # (3, B, P), (B,)
-    logits = model(**inputs, position_ids=positions, past_key_values=cache, use_cache=True,
+    logits = model(**inputs, position_ids=positions, **cache_kwarg(model, cache), use_cache=True,
                    logits_to_keep=1).logits[:, -1]  # (B, V)
     return logits, cache, next_pos
 
@@ -215,7 +223,7 @@ def generate(model, inputs, keep_p, sampling: SamplingConfig = SamplingConfig(),
         if mask is not None:
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)  # (B, P+t+1)
         logits = model(input_ids=token[:, None], position_ids=continuation_positions(next_pos, 1, t),
-                       attention_mask=mask, past_key_values=cache, use_cache=True,
+                       attention_mask=mask, **cache_kwarg(model, cache), use_cache=True,
                        **sparse_kwargs(state)).logits[:, -1]  # (B, V)
     timing = Timing(prefill_s, clock(device) - start, bsz * (len(tokens) - 1)) if timed else None
     completion = torch.stack(tokens, 1)  # (B, T)

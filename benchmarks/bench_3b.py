@@ -34,7 +34,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from transformers import DynamicCache, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration  # noqa: E402
 
-from rollout import prefill  # noqa: E402
+from rollout import cache_kwarg, prefill  # noqa: E402
 from zipr1_support.mrope import continuation_positions  # noqa: E402
 from sparse_qwen import check_transformers, make_sparse, sparse_kwargs  # noqa: E402
 
@@ -147,7 +147,7 @@ def text_inputs(length, batch, vocab, device):
 def dense_prefill(model, inputs):
     """Stock prefill into a full DynamicCache: (last logits (B, V), cache)."""
     cache = DynamicCache(config=model.config.get_text_config(decoder=True))
-    logits = model(**inputs, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+    logits = model(**inputs, **cache_kwarg(model, cache), use_cache=True, logits_to_keep=1).logits[:, -1]
     return logits, cache
 
 
@@ -173,14 +173,14 @@ def decode_tokens_per_s(model, inputs, steps, keep_p, device):
     if keep_p is None:
         logits, cache = dense_prefill(model, inputs)
         def step(tok, t):
-            return model(input_ids=tok[:, None], past_key_values=cache, use_cache=True).logits[:, -1]
+            return model(input_ids=tok[:, None], **cache_kwarg(model, cache), use_cache=True).logits[:, -1]
     else:
         logits, state, next_pos = prefill(model, inputs, keep_p)
         state.mode = "decode"
 
         def step(tok, t):
             return model(input_ids=tok[:, None], position_ids=continuation_positions(next_pos, 1, t),
-                         past_key_values=state.cache, use_cache=True, **sparse_kwargs(state)).logits[:, -1]
+                         **cache_kwarg(model, state.cache), use_cache=True, **sparse_kwargs(state)).logits[:, -1]
     sync(device)
     start = time.perf_counter()
     for t in range(steps):

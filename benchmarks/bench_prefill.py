@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from transformers import DynamicCache, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration  # noqa: E402
 
-from rollout import prefill  # noqa: E402
+from rollout import cache_kwarg, prefill  # noqa: E402
 from sparse_qwen import make_sparse  # noqa: E402
 
 
@@ -49,7 +49,7 @@ def timed(fn, repeats):
 def dense_prefill(model, inputs):
     cache = DynamicCache(config=model.config.get_text_config(decoder=True))
     with torch.no_grad():
-        model(**inputs, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        model(**inputs, **cache_kwarg(model, cache), use_cache=True, logits_to_keep=1)
     return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
 
 

@@ -3,6 +3,10 @@
 Tiny random models are built offline, saved, and re-loaded with `from_pretrained(local_dir)` so the real loading
 path runs.
 """
+import inspect
+import warnings
+from types import SimpleNamespace
+
 import pytest
 import torch
 from transformers import AttentionInterface, AutoModelForImageTextToText
@@ -86,6 +90,25 @@ def test_timings_and_the_clock(tiny, monkeypatch):
     rollout.clock("cpu"), rollout.clock(torch.device("cuda", 0))
     assert synced == ["cuda"]
 
+
+def test_the_cache_goes_under_the_keyword_this_transformers_takes(tiny):
+    """transformers 5.24 renamed forward's `past_key_values` to `cache` (the old name warns, and goes in 5.40):
+    sparse and dense rollouts pass the cache under the name of the installed version, without the warning."""
+    load, processor = tiny
+    inputs = media.encode_prompts(processor, items("image"))
+    stock = load()
+    tokens, _ = hf_greedy(stock, inputs)  # (B, STEPS)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*past_key_values", category=FutureWarning)
+        dense = generate(stock, inputs, None, SamplingConfig(STEPS, do_sample=False))
+        sparse = generate(make_sparse(load()), inputs, 1.0, SamplingConfig(STEPS, do_sample=False))
+    assert torch.equal(dense.completion_ids, tokens) and torch.equal(sparse.completion_ids, tokens)  # cache carried
+    cache, takes = object(), inspect.signature(stock.forward).parameters
+    assert rollout.cache_kwarg(stock, cache) == {"cache" if "cache" in takes else "past_key_values": cache}
+    def old_forward(input_ids=None, past_key_values=None, use_cache=None): ...
+    def new_forward(input_ids=None, cache=None, use_cache=None): ...
+    assert rollout.cache_kwarg(SimpleNamespace(forward=old_forward), cache) == {"past_key_values": cache}
+    assert rollout.cache_kwarg(SimpleNamespace(forward=new_forward), cache) == {"cache": cache}
 
 def register_reference(selection):
     """An independent pipeline: HF's full DynamicCache and generate loop; eager Eq. 2 with the recorded selection."""
