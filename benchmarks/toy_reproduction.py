@@ -233,6 +233,7 @@ def summarize(args, recipe: str, results: dict, train_seconds: float | None) -> 
         "lr_scheduler_type": cfg.get("lr_scheduler_type", defaults.lr_scheduler_type), "beta": cfg["beta"],
         "keep_p": args.keep_p, "seed": cfg["seed"], "eval_seed": args.seed,
         **{k: cfg.get(k, getattr(defaults, k)) for k in SPARSITY},
+        "selection_straight_through": cfg.get("selection_straight_through", defaults.selection_straight_through),
         "start": cfg["model"], "reference": cfg.get("ref_model") or cfg["model"], "dataset": cfg.get("dataset"),
         "keep_p_sampling": f"U({cfg['keep_p_low']}, 1]" if cfg["keep_p_uniform"] else "paper grid 0.94..0.975",
         "eval_questions": full["questions"], "train_seconds": train_seconds,
@@ -293,6 +294,8 @@ def markdown(summary: dict) -> list[str]:
         f"{s['sparsity_skip_layers'] or 'none'}, warm-up {s['sparsity_warmup_steps']}, start {s['start']}")
     if s.get("reference", s["start"]) != s["start"]:
         term += f", KL reference {s['reference']}"
+    if s.get("selection_straight_through"):
+        term += f", straight-through selection T = {s['selection_straight_through']}"
     lines = [f"### {s['recipe']} ({term}; {s['steps']} steps × {s['per_step_questions']} questions, lr "
              f"{s['learning_rate']} ({s['lr_scheduler_type']}), β {s['beta']}, seed {s['seed']}, "
              + (f"{s['train_seconds']:.0f} s)" if s["train_seconds"] is not None else "evaluated only)"),

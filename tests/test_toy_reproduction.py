@@ -54,7 +54,10 @@ def test_two_stage_continues_the_learned_checkpoint_with_the_literal_objective(t
     assert report["recipes"]["two_stage"]["start"] == str(learned)
     assert report["recipes"]["two_stage"]["reference"] == "toy"
     assert report["recipes"]["two_stage"]["dataset"] == report["recipes"]["learned"]["dataset"] == str(questions)
-    assert "KL reference toy" in (tmp_path / "r" / "reproduction.md").read_text()
+    assert report["recipes"]["learned"]["selection_straight_through"] == 0.5  # recorded from the run's own config
+    assert report["recipes"]["two_stage"]["selection_straight_through"] == 0.5
+    md = (tmp_path / "r" / "reproduction.md").read_text()
+    assert "KL reference toy" in md and md.count("straight-through selection T = 0.5") == 2
     assert (tmp_path / "r" / "pareto.png").stat().st_size > 0 and (tmp_path / "r" / "two_stage_metrics.png").is_file()
     assert report["recipes"]["two_stage"]["accuracy_vs_full_standard_error_points"] >= 0
 
