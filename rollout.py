@@ -206,6 +206,7 @@ def generate(model, inputs, keep_p, sampling: SamplingConfig = SamplingConfig(),
     mask = inputs["attention_mask"] if state is None else None  # (B, P) dense: the padding mask, grows per step
     bsz = logits.shape[0]
     eos, pad = torch.tensor(eos_ids_of(model), device=device), pad_id_of(model)  # (E,), int
+    past = cache_kwarg(model, cache)  # the keyword looked up once, not per decoded token
     generator = sampling_generators(device, seed, row_seeds) if sampling.do_sample else None
     tokens, logps, raw = [], [], []
     done = torch.zeros(bsz, dtype=torch.bool, device=device)  # (B,)
@@ -223,7 +224,7 @@ def generate(model, inputs, keep_p, sampling: SamplingConfig = SamplingConfig(),
         if mask is not None:
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)  # (B, P+t+1)
         logits = model(input_ids=token[:, None], position_ids=continuation_positions(next_pos, 1, t),
-                       attention_mask=mask, **cache_kwarg(model, cache), use_cache=True,
+                       attention_mask=mask, **past, use_cache=True,
                        **sparse_kwargs(state)).logits[:, -1]  # (B, V)
     timing = Timing(prefill_s, clock(device) - start, bsz * (len(tokens) - 1)) if timed else None
     completion = torch.stack(tokens, 1)  # (B, T)

@@ -110,6 +110,7 @@ def test_the_cache_goes_under_the_keyword_this_transformers_takes(tiny):
     assert rollout.cache_kwarg(SimpleNamespace(forward=old_forward), cache) == {"past_key_values": cache}
     assert rollout.cache_kwarg(SimpleNamespace(forward=new_forward), cache) == {"cache": cache}
 
+
 def register_reference(selection):
     """An independent pipeline: HF's full DynamicCache and generate loop; eager Eq. 2 with the recorded selection."""
     prompt_len = selection.shape[-1]
