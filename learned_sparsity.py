@@ -40,13 +40,15 @@ def sparsity_gates(kind: str, parts: dict, acc: torch.Tensor, threshold: float =
 
 
 def sparsity_term(tau_layers: torch.Tensor, gate: torch.Tensor, keep_p: torch.Tensor, target: float,
-                  per_layer: bool = False, skip_layers=(), layer_targets=()) -> torch.Tensor:
+                  per_layer: bool = False, skip_layers=(), layer_targets=(), layer_floors=()) -> torch.Tensor:
     """Per row C·max(τ̃ − target, 0), and 0 where p = 1 (dense rows have nothing to sparsify).  (N,)
 
     τ̃_j (N, n_layers) is the relaxed Eq. 3 ratio of each layer, with gradient; its pathwise gradient is what the
     literal reward lacks. τ̃ is the mean over the layers not in skip_layers; per_layer hinges each τ̃_j at the
     target and averages the hinges instead, so layers already below it are not pushed to make up for one that resists.
     layer_targets (one per layer) gives each layer its own target τ*_j and hinges per layer: a per-layer budget.
+    layer_floors (one per layer) adds the mean of max(f_j − τ̃_j, 0): a layer pushed below its floor f_j (by the
+    other layers' push through its weights) is pulled back up, so the budget is a band [f_j, τ*_j].
     """
     skip = set(skip_layers)
     layers = [j for j in range(tau_layers.shape[-1]) if j not in skip]
@@ -56,6 +58,9 @@ def sparsity_term(tau_layers: torch.Tensor, gate: torch.Tensor, keep_p: torch.Te
         excess = (tau - targets).clamp(min=0).mean(-1)  # (N,)
     else:
         excess = (tau - target).clamp(min=0).mean(-1) if per_layer else (tau.mean(-1) - target).clamp(min=0)  # (N,)
+    if len(layer_floors):
+        floors = torch.as_tensor(layer_floors, dtype=tau.dtype, device=tau.device)[layers]  # (J,)
+        excess = excess + (floors - tau).clamp(min=0).mean(-1)  # (N,) below the floor costs as above the target
     return torch.where(keep_p < 1, gate * excess, 0.0)  # (N,)
 
 

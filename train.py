@@ -178,7 +178,7 @@ def policy_update(policy, reference, optimizer, rollouts, advantages, cfg: Confi
                 tau_layers = state.relaxed_by_layer()  # (N, n_layers)
                 tau_soft = tau_layers.mean(-1)  # (N,) τ̃, logged
                 term = sparsity_term(tau_layers, gate.to(tau_soft), rollout.keep_p, target, cfg.sparsity_per_layer,
-                                     cfg.sparsity_skip_layers, layer_targets).mean()
+                                     cfg.sparsity_skip_layers, layer_targets, cfg.sparsity_layer_floors).mean()
                 relaxed = {"tau_relaxed": tau_soft.mean().item(), "sparsity_loss": coef * term.item(),
                            "sparsity_target": sum(layer_targets) / len(layer_targets) if layer_targets else target}
                 if coef > 0:  # λ = 0 backpropagates exactly the GRPO loss

@@ -149,9 +149,10 @@ def test_per_layer_targets_reach_only_the_learned_run(tmp_path, monkeypatch):
     script = load_script()
     args = script.parse_args(["--sparsity_layer_targets", "0.6", "0.45", "0.15", "0.15", "--train_questions", "4",
                               "--sparsity_target_steps", "30", "--selection_straight_through", "0.5",
-                              "--output_dir", str(tmp_path / "r")])
+                              "--sparsity_layer_floors", "0", "0.3", "0", "0", "--output_dir", str(tmp_path / "r")])
     learned, literal = script.recipe_config(args, "learned"), script.recipe_config(args, "literal")
     assert learned.sparsity_layer_targets == [0.6, 0.45, 0.15, 0.15] and learned.sparsity_target_steps == 30
+    assert learned.sparsity_layer_floors == [0.0, 0.3, 0.0, 0.0] and literal.sparsity_layer_floors == []
     assert literal.sparsity_coef == 0.0 and literal.sparsity_target_steps == 0
     assert (learned.selection_straight_through, literal.selection_straight_through) == (0.5, 0.0)  # not the baseline
 

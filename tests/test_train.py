@@ -334,6 +334,28 @@ def test_sparsity_term_per_layer_hinge_and_skipped_layers():
     assert grad[0].tolist() == pytest.approx([1 / 3, 0.0, 1 / 3])
 
 
+def test_sparsity_term_layer_floors_pull_a_layer_back_up():
+    """Hand-computed: layers (0.8, 0.1, 0.3), targets (0.5, 0.2, 0.2) give hinges (0.3, 0, 0.1); floors (0, 0.15, 0)
+    add (0, 0.05, 0), so the term is 0.45 / 3 and layer 1's gradient is −1/3: the loss falls as τ̃_1 rises."""
+    tau, gate, p = torch.tensor([[0.8, 0.1, 0.3]], requires_grad=True), torch.ones(1), torch.tensor([0.95])
+    band = train.sparsity_term(tau, gate, p, 0.25, layer_targets=[0.5, 0.2, 0.2], layer_floors=[0.0, 0.15, 0.0])
+    assert band.item() == pytest.approx(0.45 / 3)
+    assert torch.autograd.grad(band.sum(), tau)[0][0].tolist() == pytest.approx([1 / 3, -1 / 3, 1 / 3])
+    above = train.sparsity_term(tau, gate, p, 0.25, layer_targets=[0.5, 0.2, 0.2], layer_floors=[0.0, 0.05, 0.0])
+    assert above.item() == pytest.approx(0.4 / 3)  # τ̃_1 = 0.1 is above a floor of 0.05: no pull
+    dense = train.sparsity_term(tau, gate, torch.tensor([1.0]), 0.25, layer_floors=[0.0, 0.15, 0.0])
+    assert dense.item() == 0.0  # p = 1 rows carry no term, floors included
+
+
+def test_sparsity_layer_floors_are_checked(sources, tmp_path):
+    with pytest.raises(train.ConfigError, match="sparsity_layer_floors must each be in \\[0, 1\\)"):
+        train.check_config(train.Config(sparsity_layer_floors=[0.0, -0.1]))
+    with pytest.raises(train.ConfigError, match="must each be at most the layer's target"):
+        train.check_config(train.Config(sparsity_layer_targets=[0.5, 0.2], sparsity_layer_floors=[0.0, 0.3]))
+    with pytest.raises(train.ConfigError, match="sparsity_layer_floors has 3 values; the model has 2 decoder layers"):
+        train.train(config(sources, tmp_path, sparsity_coef=1.0, sparsity_layer_floors=[0.0, 0.1, 0.1]))
+
+
 def test_sparsity_skip_layers_are_checked_against_the_model(sources, tmp_path):
     with pytest.raises(train.ConfigError, match="sparsity_skip_layers=\\[9\\] must name some, not all"):
         train.train(config(sources, tmp_path, sparsity_coef=1.0, sparsity_skip_layers=[9]))
@@ -683,6 +705,20 @@ def test_layer_targets_reach_the_loss_per_layer(sources, tmp_path):
     for k in only0:
         assert_close_to_scale(2 * targets[k], only0[k], atol=1e-5, rtol=1e-4)
     assert any(only0[k].abs().max() > 0 for k in only0)
+
+
+def test_layer_floors_reach_the_loss_against_the_target_push(sources, tmp_path):
+    """Zero advantages, no KL: a floor of 0.99 on layer 1 (τ̃_1 < 0.99) pulls it up with the target push's gradient
+    reversed, so the update equals a target of 0 on layer 0 alone minus layer 1's hinge at 0 (each half: the mean
+    runs over both layers)."""
+    cfg = config(sources, tmp_path, sparsity_coef=1.0, sparsity_temperature=0.05, beta=0.0, sparsity_gate="none")
+    policy, rollout = _rollout(sources, cfg, keep_p_grid=(0.6, 0.7, 0.8, 0.9))
+    grad = lambda **kw: _gradients(policy, None, rollout, torch.zeros(4), dataclasses.replace(cfg, **kw))  # noqa: E731
+    band = grad(sparsity_layer_targets=[0.0, 0.99], sparsity_layer_floors=[0.0, 0.99])
+    only0, only1 = grad(sparsity_layer_targets=[0.0, 0.99]), grad(sparsity_layer_targets=[0.99, 0.0])
+    for k in band:
+        assert_close_to_scale(band[k], only0[k] - only1[k], atol=1e-5, rtol=1e-4)
+    assert any(only1[k].abs().max() > 0 for k in only1)
 
 
 def transformers_5_17_forward(monkeypatch):

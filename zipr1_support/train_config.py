@@ -95,6 +95,8 @@ class Config:
                                                                         "whose q and k come from the embeddings)")
     sparsity_layer_targets: list[float] = HfArg(default_factory=list, help="a target τ*_j per decoder layer, each "
                                                 "layer hinged at its own (a per-layer budget; replaces the target)")
+    sparsity_layer_floors: list[float] = HfArg(default_factory=list, help="a floor f_j per decoder layer: τ̃_j below "
+                                               "it is pushed back up, so each layer keeps a band [f_j, τ*_j]")
     sparsity_warmup_steps: int = HfArg(default=0, help="λ ramps linearly from 0 over these steps")
     sparsity_target_steps: int = HfArg(default=0, help="the targets fall from 1 to their values over these steps "
                                                        "as (1 − t/steps)³ (gradual compression); 0: from the start")
@@ -202,6 +204,12 @@ def check_config(cfg: Config) -> Config:
             raise ConfigError(f"{name} must be {allowed}, got {getattr(cfg, name)}")
     if not all(0 <= t < 1 for t in cfg.sparsity_layer_targets):
         raise ConfigError(f"sparsity_layer_targets must each be in [0, 1), got {cfg.sparsity_layer_targets}")
+    if not all(0 <= f < 1 for f in cfg.sparsity_layer_floors):
+        raise ConfigError(f"sparsity_layer_floors must each be in [0, 1), got {cfg.sparsity_layer_floors}")
+    if cfg.sparsity_layer_floors and cfg.sparsity_layer_targets and any(
+            f > t for f, t in zip(cfg.sparsity_layer_floors, cfg.sparsity_layer_targets)):
+        raise ConfigError(f"sparsity_layer_floors {cfg.sparsity_layer_floors} must each be at most the layer's "
+                          f"target in sparsity_layer_targets {cfg.sparsity_layer_targets}")
     if any(j < 0 for j in cfg.sparsity_skip_layers):
         raise ConfigError(f"sparsity_skip_layers must be layer indices >= 0, got {cfg.sparsity_skip_layers}")
     if cfg.sparsity_gate not in SPARSITY_GATES:
@@ -282,7 +290,7 @@ def check_sources(cfg: Config, model_dir: str, num_rows: int, reference_dir: str
     if cfg.per_step_questions > num_rows:
         raise ConfigError(f"per_step_questions={cfg.per_step_questions} exceeds the {num_rows} usable rows of "
                           f"{cfg.dataset}")
-    if cfg.sparsity_skip_layers or cfg.sparsity_layer_targets:
+    if cfg.sparsity_skip_layers or cfg.sparsity_layer_targets or cfg.sparsity_layer_floors:
         from transformers import AutoConfig
         layers = AutoConfig.from_pretrained(model_dir).get_text_config().num_hidden_layers
         if cfg.sparsity_skip_layers and (max(cfg.sparsity_skip_layers) >= layers
@@ -292,6 +300,9 @@ def check_sources(cfg: Config, model_dir: str, num_rows: int, reference_dir: str
         if cfg.sparsity_layer_targets and len(cfg.sparsity_layer_targets) != layers:
             raise ConfigError(f"sparsity_layer_targets has {len(cfg.sparsity_layer_targets)} values; the model has "
                               f"{layers} decoder layers: give one target per layer")
+        if cfg.sparsity_layer_floors and len(cfg.sparsity_layer_floors) != layers:
+            raise ConfigError(f"sparsity_layer_floors has {len(cfg.sparsity_layer_floors)} values; the model has "
+                              f"{layers} decoder layers: give one floor per layer")
     reference_dir = reference_dir or model_dir
     if reference_dir != model_dir and cfg.beta > 0:
         check_same_vocabulary(model_dir, reference_dir)
