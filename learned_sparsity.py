@@ -47,8 +47,8 @@ def sparsity_term(tau_layers: torch.Tensor, gate: torch.Tensor, keep_p: torch.Te
     literal reward lacks. τ̃ is the mean over the layers not in skip_layers; per_layer hinges each τ̃_j at the
     target and averages the hinges instead, so layers already below it are not pushed to make up for one that resists.
     layer_targets (one per layer) gives each layer its own target τ*_j and hinges per layer: a per-layer budget.
-    layer_floors (one per layer) adds the mean of max(f_j − τ̃_j, 0): a layer pushed below its floor f_j (by the
-    other layers' push through its weights) is pulled back up, so the budget is a band [f_j, τ*_j].
+    layer_floors (one per layer) adds the mean of max(f_j − τ̃_j, 0): a layer that falls below its floor f_j (the
+    toy's layer 1 overshot its target) is pulled back up, so the budget is a band [f_j, τ*_j].
     """
     skip = set(skip_layers)
     layers = [j for j in range(tau_layers.shape[-1]) if j not in skip]
