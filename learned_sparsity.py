@@ -53,13 +53,14 @@ def sparsity_term(tau_layers: torch.Tensor, gate: torch.Tensor, keep_p: torch.Te
     skip = set(skip_layers)
     layers = [j for j in range(tau_layers.shape[-1]) if j not in skip]
     tau = tau_layers[:, layers]  # (N, J): the layers the term acts on
+    on_layers = lambda values: torch.as_tensor(values, dtype=tau.dtype, device=tau.device)[layers]  # noqa: E731 (J,)
     if len(layer_targets):
-        targets = torch.as_tensor(layer_targets, dtype=tau.dtype, device=tau.device)[layers]  # (J,)
+        targets = on_layers(layer_targets)  # (J,)
         excess = (tau - targets).clamp(min=0).mean(-1)  # (N,)
     else:
         excess = (tau - target).clamp(min=0).mean(-1) if per_layer else (tau.mean(-1) - target).clamp(min=0)  # (N,)
     if len(layer_floors):
-        floors = torch.as_tensor(layer_floors, dtype=tau.dtype, device=tau.device)[layers]  # (J,)
+        floors = on_layers(layer_floors)  # (J,)
         excess = excess + (floors - tau).clamp(min=0).mean(-1)  # (N,) below the floor costs as above the target
     return torch.where(keep_p < 1, gate * excess, 0.0)  # (N,)
 

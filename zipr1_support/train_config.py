@@ -30,6 +30,7 @@ from toy import TOY_CACHE, TOY_PRESET, TOY_TRAIN_ROWS
 
 SPARSITY_GATES = ("group", "answer", "all", "none")
 LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")  # of transformers.get_scheduler
+PER_LAYER_VALUES = {"sparsity_layer_targets": "target", "sparsity_layer_floors": "floor"}  # one value per decoder layer
 PAPER_KEEP_P_GRID = tuple(round(0.94 + 0.005 * i, 3) for i in range(8))  # 0.94, 0.945, ..., 0.975
 
 
@@ -202,10 +203,9 @@ def check_config(cfg: Config) -> Config:
                               ("selection_straight_through", cfg.selection_straight_through >= 0, ">= 0")):
         if not ok:
             raise ConfigError(f"{name} must be {allowed}, got {getattr(cfg, name)}")
-    if not all(0 <= t < 1 for t in cfg.sparsity_layer_targets):
-        raise ConfigError(f"sparsity_layer_targets must each be in [0, 1), got {cfg.sparsity_layer_targets}")
-    if not all(0 <= f < 1 for f in cfg.sparsity_layer_floors):
-        raise ConfigError(f"sparsity_layer_floors must each be in [0, 1), got {cfg.sparsity_layer_floors}")
+    for name in PER_LAYER_VALUES:  # τ*_j and f_j
+        if not all(0 <= v < 1 for v in getattr(cfg, name)):
+            raise ConfigError(f"{name} must each be in [0, 1), got {getattr(cfg, name)}")
     if cfg.sparsity_layer_floors and cfg.sparsity_layer_targets and any(
             f > t for f, t in zip(cfg.sparsity_layer_floors, cfg.sparsity_layer_targets)):
         raise ConfigError(f"sparsity_layer_floors {cfg.sparsity_layer_floors} must each be at most the layer's "
@@ -290,19 +290,18 @@ def check_sources(cfg: Config, model_dir: str, num_rows: int, reference_dir: str
     if cfg.per_step_questions > num_rows:
         raise ConfigError(f"per_step_questions={cfg.per_step_questions} exceeds the {num_rows} usable rows of "
                           f"{cfg.dataset}")
-    if cfg.sparsity_skip_layers or cfg.sparsity_layer_targets or cfg.sparsity_layer_floors:
+    if cfg.sparsity_skip_layers or any(getattr(cfg, name) for name in PER_LAYER_VALUES):
         from transformers import AutoConfig
         layers = AutoConfig.from_pretrained(model_dir).get_text_config().num_hidden_layers
         if cfg.sparsity_skip_layers and (max(cfg.sparsity_skip_layers) >= layers
                                          or len(set(cfg.sparsity_skip_layers)) == layers):
             raise ConfigError(f"sparsity_skip_layers={cfg.sparsity_skip_layers} must name some, not all, of the "
                               f"model's {layers} decoder layers (0..{layers - 1})")
-        if cfg.sparsity_layer_targets and len(cfg.sparsity_layer_targets) != layers:
-            raise ConfigError(f"sparsity_layer_targets has {len(cfg.sparsity_layer_targets)} values; the model has "
-                              f"{layers} decoder layers: give one target per layer")
-        if cfg.sparsity_layer_floors and len(cfg.sparsity_layer_floors) != layers:
-            raise ConfigError(f"sparsity_layer_floors has {len(cfg.sparsity_layer_floors)} values; the model has "
-                              f"{layers} decoder layers: give one floor per layer")
+        for name, what in PER_LAYER_VALUES.items():
+            values = getattr(cfg, name)
+            if values and len(values) != layers:
+                raise ConfigError(f"{name} has {len(values)} values; the model has {layers} decoder layers: give "
+                                  f"one {what} per layer")
     reference_dir = reference_dir or model_dir
     if reference_dir != model_dir and cfg.beta > 0:
         check_same_vocabulary(model_dir, reference_dir)
