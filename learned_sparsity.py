@@ -6,9 +6,12 @@ gradient) and Eq. 3's hard count is piecewise constant (no pathwise gradient). t
     λ · mean_n C_n · max(τ̃_n − τ*, 0) · [p_n < 1]
 
 to the GRPO loss, τ̃ the relaxed Eq. 3 count (sparse_attention.smooth_top_p_count) of the same teacher forward.
-λ = 0 is the paper's literal objective. τ* can fall gradually from 1 (`sparsity_targets_at`).
+λ = 0 is the paper's literal objective. τ* can fall gradually from 1 (`sparsity_targets_at`), and only while
+the rollouts' accuracy holds (`compression_clock`).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -25,6 +28,22 @@ def sparsity_targets_at(target: float, layer_targets, steps: int, step: int) -> 
     accuracy; 0 steps: the targets from the first step."""
     left = 0.0 if steps == 0 else max(0.0, 1 - (step + 1) / steps) ** 3
     return target + (1 - target) * left, [t + (1 - t) * left for t in layer_targets]
+
+
+def compression_clock(accuracies, hold: float, decay: float = 0.98) -> int:
+    """Where the target schedule stands (`sparsity_targets_at`'s step) after the steps whose rollout accuracies are
+    given: every step when hold = 0; otherwise only the steps at which the accuracy held, its running mean (an EMA over
+    steps, this decay) within `hold` of the best running mean so far. So τ* falls only while the accuracy holds and
+    waits while Eq. 5 wins it back (a compression schedule that follows accuracy).  accuracies: one per step, in
+    order."""
+    if hold == 0:
+        return len(accuracies)
+    clock, mean, best = 0, None, -math.inf
+    for acc in accuracies:
+        mean = acc if mean is None else decay * mean + (1 - decay) * acc
+        best = max(best, mean)
+        clock += mean >= best - hold
+    return clock
 
 
 def sparsity_gates(kind: str, parts: dict, acc: torch.Tensor, threshold: float = 1.0, group_size: int = 1

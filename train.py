@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 import grpo
 import rewards
-from learned_sparsity import sparsity_coef_at, sparsity_gates, sparsity_targets_at, sparsity_term
+from learned_sparsity import compression_clock, sparsity_coef_at, sparsity_gates, sparsity_targets_at, sparsity_term
 from rollout import SamplingConfig, generate, score_completions, scoring_state, split_groups
 from sparse_qwen import check_transformers, enable_checkpointing, make_sparse
 from zipr1_support import data, media, multi_gpu, run_dir
@@ -194,9 +194,9 @@ def policy_update(policy, reference, optimizer, rollouts, advantages, cfg: Confi
 
 
 def train_step(policy, reference, processor, optimizer, rows, cfg: Config, step: int, device, autocast,
-               dist=multi_gpu.SINGLE, first: int = 0) -> dict:
+               dist=multi_gpu.SINGLE, first: int = 0, clock: int | None = None) -> dict:
     """One ZipR1 step on this rank's questions `rows` (from place `first` of the step's global list); returns the
-    step's metrics over all ranks."""
+    step's metrics over all ranks. clock: where the target schedule stands (default: the step)."""
     start, n = time.perf_counter(), cfg.num_generations
     # 1-2. a threshold p_n per answer, and the sparse rollout under it: answers, log-probs, token ratios τ_n
     with multi_gpu.gathered_weights(policy, dist):  # ranks stop decoding at different lengths
@@ -213,11 +213,14 @@ def train_step(policy, reference, processor, optimizer, rows, cfg: Config, step:
     # 5-6. Eq. 5 loss with KL to the dense reference (+ the learned-sparsity term), num_iterations updates
     gates = list(sparsity_gates(cfg.sparsity_gate, parts, acc, cfg.gate_threshold, n).to(device).split(n))  # C, λ
     coef = sparsity_coef_at(cfg.sparsity_coef, cfg.sparsity_warmup_steps, step)  # λ
-    targets = sparsity_targets_at(cfg.sparsity_target, cfg.sparsity_layer_targets, cfg.sparsity_target_steps, step)
+    clock = step if clock is None else clock
+    targets = sparsity_targets_at(cfg.sparsity_target, cfg.sparsity_layer_targets, cfg.sparsity_target_steps, clock)
     stats = policy_update(policy, reference, optimizer, rollouts, list(advantages.split(n)), cfg, autocast, dist,
                           gates, coef, targets)
     metrics = run_dir.step_metrics(cfg, step, rollouts, texts, acc, tau, parts, stats, coef, optimizer, reference,
                                    start)
+    if cfg.sparsity_accuracy_hold:
+        metrics["sparsity_clock"] = clock
     return multi_gpu.reduce_metrics(metrics, dist)  # the same dict, over every rank's groups
 
 
@@ -273,9 +276,11 @@ def run_training(cfg: Config, stop: run_dir.StopOnSignal) -> list[dict]:
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate_at(step)
+        clock = compression_clock([m["accuracy"] for m in metrics], cfg.sparsity_accuracy_hold) \
+            if cfg.sparsity_accuracy_hold else None  # τ*'s step: the steps at which the accuracy held
         m = data.step_on_readable_rows(  # a row whose media fails is recorded and replaced, or stops the run
             lambda rows, first: train_step(policy, reference, processor, optimizer, rows, cfg, step, device,
-                                           autocast, dist, first), table, bad, cfg, step, dist)
+                                           autocast, dist, first, clock), table, bad, cfg, step, dist)
         metrics.append(m)
         if dist.is_main:
             run_dir.append_metrics(metrics_path, m)

@@ -53,7 +53,7 @@ from sparse_qwen import make_sparse  # noqa: E402
 RECIPES = ("literal", "learned", "two_stage")  # two_stage: the learned run, then the literal recipe from its checkpoint
 SPARSITY = ("sparsity_coef", "sparsity_temperature", "sparsity_gate", "sparsity_target", "sparsity_warmup_steps",
             "sparsity_target_steps", "sparsity_per_layer", "sparsity_skip_layers", "sparsity_layer_targets",
-            "sparsity_layer_floors")
+            "sparsity_layer_floors", "sparsity_accuracy_hold")
 
 
 def parse_args(argv=None):
@@ -288,10 +288,12 @@ def compare_with_literal(summaries: dict, literal: dict | None) -> None:
 
 def markdown(summary: dict) -> list[str]:
     s, layers = summary, lambda v: " / ".join(f"{t:.2f}" for t in v)  # noqa: E731
+    hold = s.get("sparsity_accuracy_hold")  # a run from before the flag does not record it
     term = "λ = 0" if s["recipe"] == "literal" else f"λ = 0, start {s['start']}" if s["recipe"] == "two_stage" else (
         f"λ = {s['sparsity_coef']}, T = {s['sparsity_temperature']}, gate {s['sparsity_gate']}, target "
         f"{s['sparsity_layer_targets'] or s['sparsity_target']}{' per layer' if s['sparsity_per_layer'] else ''}"
         f"{', floors ' + str(s['sparsity_layer_floors']) if s.get('sparsity_layer_floors') else ''}"
+        f"{', targets fall while the accuracy holds within ' + str(s['sparsity_accuracy_hold']) if hold else ''}"
         f", skipped layers "
         f"{s['sparsity_skip_layers'] or 'none'}, warm-up {s['sparsity_warmup_steps']}, start {s['start']}")
     if s.get("reference", s["start"]) != s["start"]:

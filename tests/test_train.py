@@ -264,6 +264,50 @@ def test_gradual_targets_reach_the_loss_and_the_log(sources, tmp_path):
     assert logged == pytest.approx([0.4 + 0.6 / 8, 0.4, 0.4])  # the mean of the layers' scheduled targets
 
 
+def ema_reference(accuracies, decay):
+    """Each step's running mean in closed form: m_t = d^t a_0 + sum_{i=1..t} (1 - d) d^(t-i) a_i."""
+    a = np.asarray(accuracies, dtype=float)
+    return [decay ** t * a[0] + sum((1 - decay) * decay ** (t - i) * a[i] for i in range(1, t + 1))
+            for t in range(len(a))]
+
+
+def test_compression_clock_counts_the_steps_at_which_the_accuracy_held():
+    # by hand, decay 0.5: running means 0.5, 0.7, 0.6, 0.75; best 0.5, 0.7, 0.7, 0.75; 0.6 < 0.7 - 0.05 waits
+    assert [train.compression_clock([0.5, 0.9, 0.5, 0.9][:t], 0.05, decay=0.5) for t in range(5)] == [0, 1, 2, 2, 3]
+    assert train.compression_clock([0.5, 0.9, 0.5, 0.9], 0.0) == 4  # 0: every step
+    rng = np.random.default_rng(0)
+    for _ in range(20):  # against the closed-form running mean and a best-so-far brute force
+        accs, hold = rng.uniform(0.5, 1.0, size=int(rng.integers(1, 40))).round(3), float(rng.uniform(0.005, 0.1))
+        means = ema_reference(accs, 0.9)
+        want = sum(means[t] >= max(means[:t + 1]) - hold for t in range(len(accs)))
+        assert train.compression_clock(list(accs), hold, decay=0.9) == want
+
+
+def test_accuracy_hold_paces_the_targets_and_resumes_exactly(sources, tmp_path, monkeypatch):
+    """--sparsity_accuracy_hold: a step's targets are sparsity_targets_at the clock of the steps before it, which
+    stops on a step whose running accuracy fell more than the hold below its best; a resumed run rebuilds it from
+    metrics.jsonl."""
+    scripted = iter([1.0, 0.0, 0.0, 1.0, 0.0, 0.0])  # steps 1-3, then step 3 again on resume
+    monkeypatch.setattr(train.rewards, "accuracy_rewards", lambda texts, *a: torch.full((len(texts),), next(scripted)))
+    out = tmp_path / "run"
+    cfg = config(sources, out, sparsity_coef=1.0, sparsity_layer_targets=[0.6, 0.2], sparsity_target_steps=4,
+                 sparsity_accuracy_hold=0.01, beta=0.0)
+    full = train.train(cfg)
+    # running means 1, 0.98, 0.9604: step 1 held (clock 1 at step 2), step 2 did not (clock 1 at step 3 too)
+    assert [m["sparsity_clock"] for m in full] == [0, 1, 1]
+    assert [m["sparsity_target"] for m in full] == pytest.approx(
+        [sum(train.sparsity_targets_at(0.0, [0.6, 0.2], 4, c)[1]) / 2 for c in (0, 1, 1)])
+    shutil.rmtree(out / "checkpoint-3")
+    scripted = iter([0.0])
+    resumed = train.train(dataclasses.replace(cfg, resume_from_checkpoint="last"))
+    assert resumed[2]["sparsity_clock"] == 1
+    assert resumed[2]["sparsity_target"] == pytest.approx(full[2]["sparsity_target"])
+    scripted = iter([1.0, 0.0, 0.0])
+    unpaced = train.train(config(sources, tmp_path / "unpaced", sparsity_coef=1.0, sparsity_layer_targets=[0.6, 0.2],
+                                 sparsity_target_steps=4, beta=0.0))
+    assert "sparsity_clock" not in unpaced[2] and unpaced[2]["sparsity_target"] < full[2]["sparsity_target"]
+
+
 def test_straight_through_selection_keeps_the_log_probs_and_adds_a_gradient(sources, tmp_path):
     """selection_straight_through: the teacher forward gives the rollout's log-probs (the hard selection), and Eq. 5's
     gradient now also reaches the probe scores that chose the tokens: the update differs from the literal one."""
@@ -533,6 +577,9 @@ BAD_SETTINGS = {  # argv -> words of the one-line error
     "empty model dir": (["--model", "{empty}"], "is empty"),
     "empty reference dir": (["--ref_model", "{empty}"], "is empty"),
     "torn config.json": (["--model", "{torn}"], "config.json is not valid JSON"),
+    "accuracy hold without a schedule": (["--sparsity_accuracy_hold", "0.01"], "needs sparsity_target_steps >= 1"),
+    "accuracy hold 1": (["--sparsity_accuracy_hold", "1", "--sparsity_target_steps", "9"],
+                        "sparsity_accuracy_hold must be in [0, 1)"),
 }
 
 
