@@ -293,7 +293,7 @@ def markdown(summary: dict) -> list[str]:
         f"λ = {s['sparsity_coef']}, T = {s['sparsity_temperature']}, gate {s['sparsity_gate']}, target "
         f"{s['sparsity_layer_targets'] or s['sparsity_target']}{' per layer' if s['sparsity_per_layer'] else ''}"
         f"{', floors ' + str(s['sparsity_layer_floors']) if s.get('sparsity_layer_floors') else ''}"
-        f"{', targets fall while the accuracy holds within ' + str(s['sparsity_accuracy_hold']) if hold else ''}"
+        f"{', targets fall while the accuracy holds within ' + str(hold) if hold else ''}"
         f", skipped layers "
         f"{s['sparsity_skip_layers'] or 'none'}, warm-up {s['sparsity_warmup_steps']}, start {s['start']}")
     if s.get("reference", s["start"]) != s["start"]:
