@@ -7,7 +7,7 @@ gradient) and Eq. 3's hard count is piecewise constant (no pathwise gradient). t
 
 to the GRPO loss, τ̃ the relaxed Eq. 3 count (sparse_attention.smooth_top_p_count) of the same teacher forward.
 λ = 0 is the paper's literal objective. τ* can fall gradually from 1 (`sparsity_targets_at`), and only while
-the rollouts' accuracy holds (`compression_clock`).
+the rollouts' accuracy holds (`compression_clock`); λ can switch off for recovery phases (`compressing`).
 """
 from __future__ import annotations
 
@@ -30,19 +30,26 @@ def sparsity_targets_at(target: float, layer_targets, steps: int, step: int) -> 
     return target + (1 - target) * left, [t + (1 - t) * left for t in layer_targets]
 
 
-def compression_clock(accuracies, hold: float, decay: float = 0.98) -> int:
+def compressing(step: int, cycle_steps: int, recovery_steps: int) -> bool:
+    """Whether λ is on at this step: every step (cycle_steps 0), or the first cycle_steps − recovery_steps steps of
+    each cycle of cycle_steps, whose last recovery_steps are Eq. 5 alone (alternating compression and recovery)."""
+    return cycle_steps == 0 or step % cycle_steps < cycle_steps - recovery_steps
+
+
+def compression_clock(accuracies, hold: float, decay: float = 0.98, compressed=None) -> int:
     """Where the target schedule stands (`sparsity_targets_at`'s step) after the steps whose rollout accuracies are
-    given: every step when hold = 0; otherwise only the steps at which the accuracy held, its running mean (an EMA over
-    steps, this decay) within `hold` of the best running mean so far. So τ* falls only while the accuracy holds and
-    waits while Eq. 5 wins it back (a compression schedule that follows accuracy).  accuracies: one per step, in
-    order."""
+    given: every compressing step when hold = 0; otherwise only those at which the accuracy held, its running mean
+    (an EMA over steps, this decay) within `hold` of the best running mean so far. So τ* falls only while the accuracy
+    holds and waits while Eq. 5 wins it back (a compression schedule that follows accuracy), and stands still in
+    recovery phases.  accuracies: one per step, in order; compressed: whether each step compressed (default all)."""
+    compressed = [True] * len(accuracies) if compressed is None else compressed
     if hold == 0:
-        return len(accuracies)
+        return sum(compressed)
     clock, mean, best = 0, None, -math.inf
-    for acc in accuracies:
+    for acc, on in zip(accuracies, compressed):
         mean = acc if mean is None else decay * mean + (1 - decay) * acc
         best = max(best, mean)
-        clock += mean >= best - hold
+        clock += on and mean >= best - hold
     return clock
 
 

@@ -31,7 +31,8 @@ from tqdm.auto import tqdm
 
 import grpo
 import rewards
-from learned_sparsity import compression_clock, sparsity_coef_at, sparsity_gates, sparsity_targets_at, sparsity_term
+from learned_sparsity import (compressing, compression_clock, sparsity_coef_at, sparsity_gates, sparsity_targets_at,
+                              sparsity_term)
 from rollout import SamplingConfig, generate, score_completions, scoring_state, split_groups
 from sparse_qwen import check_transformers, enable_checkpointing, make_sparse
 from zipr1_support import data, media, multi_gpu, run_dir
@@ -212,14 +213,15 @@ def train_step(policy, reference, processor, optimizer, rows, cfg: Config, step:
     advantages = grpo.group_advantages(parts["reward"], n, scale=cfg.scale_rewards).to(device)  # (G*N,)
     # 5-6. Eq. 5 loss with KL to the dense reference (+ the learned-sparsity term), num_iterations updates
     gates = list(sparsity_gates(cfg.sparsity_gate, parts, acc, cfg.gate_threshold, n).to(device).split(n))  # C, λ
-    coef = sparsity_coef_at(cfg.sparsity_coef, cfg.sparsity_warmup_steps, step)  # λ
+    coef = sparsity_coef_at(cfg.sparsity_coef, cfg.sparsity_warmup_steps, step) \
+        if compressing(step, cfg.sparsity_cycle_steps, cfg.sparsity_recovery_steps) else 0.0  # λ; 0 in recovery
     clock = step if clock is None else clock
     targets = sparsity_targets_at(cfg.sparsity_target, cfg.sparsity_layer_targets, cfg.sparsity_target_steps, clock)
     stats = policy_update(policy, reference, optimizer, rollouts, list(advantages.split(n)), cfg, autocast, dist,
                           gates, coef, targets)
     metrics = run_dir.step_metrics(cfg, step, rollouts, texts, acc, tau, parts, stats, coef, optimizer, reference,
                                    start)
-    if cfg.sparsity_accuracy_hold:
+    if cfg.sparsity_accuracy_hold or cfg.sparsity_cycle_steps:
         metrics["sparsity_clock"] = clock
     return multi_gpu.reduce_metrics(metrics, dist)  # the same dict, over every rank's groups
 
@@ -276,8 +278,9 @@ def run_training(cfg: Config, stop: run_dir.StopOnSignal) -> list[dict]:
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate_at(step)
-        clock = compression_clock([m["accuracy"] for m in metrics], cfg.sparsity_accuracy_hold) \
-            if cfg.sparsity_accuracy_hold else None  # τ*'s step: the steps at which the accuracy held
+        clock = compression_clock([m["accuracy"] for m in metrics], cfg.sparsity_accuracy_hold, compressed=[
+            compressing(s, cfg.sparsity_cycle_steps, cfg.sparsity_recovery_steps) for s in range(step)]) \
+            if cfg.sparsity_accuracy_hold or cfg.sparsity_cycle_steps else None  # τ*'s step: compressing, held
         m = data.step_on_readable_rows(  # a row whose media fails is recorded and replaced, or stops the run
             lambda rows, first: train_step(policy, reference, processor, optimizer, rows, cfg, step, device,
                                            autocast, dist, first, clock), table, bad, cfg, step, dist)

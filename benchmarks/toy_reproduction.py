@@ -53,7 +53,7 @@ from sparse_qwen import make_sparse  # noqa: E402
 RECIPES = ("literal", "learned", "two_stage")  # two_stage: the learned run, then the literal recipe from its checkpoint
 SPARSITY = ("sparsity_coef", "sparsity_temperature", "sparsity_gate", "sparsity_target", "sparsity_warmup_steps",
             "sparsity_target_steps", "sparsity_per_layer", "sparsity_skip_layers", "sparsity_layer_targets",
-            "sparsity_layer_floors", "sparsity_accuracy_hold")
+            "sparsity_layer_floors", "sparsity_accuracy_hold", "sparsity_cycle_steps", "sparsity_recovery_steps")
 
 
 def parse_args(argv=None):
@@ -286,6 +286,13 @@ def compare_with_literal(summaries: dict, literal: dict | None) -> None:
             s["literal_steps"] = literal["steps"]
 
 
+def cycles(s: dict) -> str:
+    """The markdown clause for alternating compression and recovery ('' when the run did not cycle)."""
+    if not s.get("sparsity_cycle_steps"):  # 0, or a run from before the flag
+        return ""
+    return f", cycles of {s['sparsity_cycle_steps']} steps ending with {s['sparsity_recovery_steps']} at λ = 0"
+
+
 def markdown(summary: dict) -> list[str]:
     s, layers = summary, lambda v: " / ".join(f"{t:.2f}" for t in v)  # noqa: E731
     hold = s.get("sparsity_accuracy_hold")  # a run from before the flag does not record it
@@ -294,6 +301,7 @@ def markdown(summary: dict) -> list[str]:
         f"{s['sparsity_layer_targets'] or s['sparsity_target']}{' per layer' if s['sparsity_per_layer'] else ''}"
         f"{', floors ' + str(s['sparsity_layer_floors']) if s.get('sparsity_layer_floors') else ''}"
         f"{', targets fall while the accuracy holds within ' + str(hold) if hold else ''}"
+        f"{cycles(s)}"
         f", skipped layers "
         f"{s['sparsity_skip_layers'] or 'none'}, warm-up {s['sparsity_warmup_steps']}, start {s['start']}")
     if s.get("reference", s["start"]) != s["start"]:

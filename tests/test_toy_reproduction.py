@@ -33,7 +33,8 @@ def test_two_stage_continues_the_learned_checkpoint_with_the_literal_objective(t
                            "--ref_model", "toy", "--train_questions", "16", "--learned_beta", "0.3",
                            "--learned_lr_scheduler_type", "constant", "--sparsity_gate", "all",
                            "--selection_straight_through", "0.5", "--sparsity_target_steps", "2",
-                           "--sparsity_accuracy_hold", "0.05", "--output_dir", str(tmp_path / "r")])
+                           "--sparsity_accuracy_hold", "0.05", "--sparsity_cycle_steps", "2",
+                           "--sparsity_recovery_steps", "1", "--output_dir", str(tmp_path / "r")])
     finally:
         torch.set_num_threads(threads)
     learned = run_dir.checkpoints(tmp_path / "r" / "learned" / "train")[-1]
@@ -61,6 +62,8 @@ def test_two_stage_continues_the_learned_checkpoint_with_the_literal_objective(t
     assert "KL reference toy" in md and md.count("straight-through selection T = 0.5") == 2
     assert report["recipes"]["learned"]["sparsity_accuracy_hold"] == 0.05 == stage1["sparsity_accuracy_hold"]
     assert md.count("targets fall while the accuracy holds within 0.05") == 1  # the learned run's line only
+    assert (report["recipes"]["learned"]["sparsity_cycle_steps"], stage1["sparsity_recovery_steps"]) == (2, 1)
+    assert md.count("cycles of 2 steps ending with 1 at λ = 0") == 1
     assert (tmp_path / "r" / "pareto.png").stat().st_size > 0 and (tmp_path / "r" / "two_stage_metrics.png").is_file()
     assert report["recipes"]["two_stage"]["accuracy_vs_full_standard_error_points"] >= 0
 
@@ -153,11 +156,14 @@ def test_per_layer_targets_reach_only_the_learned_run(tmp_path, monkeypatch):
     args = script.parse_args(["--sparsity_layer_targets", "0.6", "0.45", "0.15", "0.15", "--train_questions", "4",
                               "--sparsity_target_steps", "30", "--selection_straight_through", "0.5",
                               "--sparsity_layer_floors", "0", "0.3", "0", "0", "--sparsity_accuracy_hold", "0.02",
+                              "--sparsity_cycle_steps", "400", "--sparsity_recovery_steps", "150",
                               "--output_dir", str(tmp_path / "r")])
     learned, literal = script.recipe_config(args, "learned"), script.recipe_config(args, "literal")
     assert learned.sparsity_layer_targets == [0.6, 0.45, 0.15, 0.15] and learned.sparsity_target_steps == 30
     assert learned.sparsity_layer_floors == [0.0, 0.3, 0.0, 0.0] and literal.sparsity_layer_floors == []
     assert (learned.sparsity_accuracy_hold, literal.sparsity_accuracy_hold) == (0.02, 0.0)
+    assert (learned.sparsity_cycle_steps, learned.sparsity_recovery_steps) == (400, 150)
+    assert (literal.sparsity_cycle_steps, literal.sparsity_recovery_steps) == (0, 0)  # λ = 0 throughout anyway
     assert literal.sparsity_coef == 0.0 and literal.sparsity_target_steps == 0
     assert (learned.selection_straight_through, literal.selection_straight_through) == (0.5, 0.0)  # not the baseline
 

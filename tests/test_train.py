@@ -283,6 +283,36 @@ def test_compression_clock_counts_the_steps_at_which_the_accuracy_held():
         assert train.compression_clock(list(accs), hold, decay=0.9) == want
 
 
+def test_cycles_alternate_compression_and_recovery_and_the_clock_waits_in_recovery():
+    # cycles of 4 steps ending with 1 recovery step: steps 3, 7, 11 recover
+    assert [train.compressing(s, 4, 1) for s in range(9)] == [True] * 3 + [False] + [True] * 3 + [False, True]
+    assert all(train.compressing(s, 0, 0) for s in range(9))  # 0: λ on every step
+    rng = np.random.default_rng(1)
+    for _ in range(20):  # the clock counts the steps that compressed and held, brute force
+        accs, hold = rng.uniform(0.5, 1.0, size=int(rng.integers(1, 40))).round(3), float(rng.uniform(0.0, 0.1))
+        on = list(rng.random(len(accs)) < 0.7)
+        means = ema_reference(accs, 0.9)
+        want = sum(bool(on[t]) and (hold == 0 or means[t] >= max(means[:t + 1]) - hold) for t in range(len(accs)))
+        assert train.compression_clock(list(accs), hold, decay=0.9, compressed=on) == want
+
+
+def test_cycles_switch_the_term_off_in_recovery_and_resume_exactly(sources, tmp_path):
+    """--sparsity_cycle_steps 2 --sparsity_recovery_steps 1: λ on at steps 0, 2 and off at 1, 3 (Eq. 5 alone);
+    the targets' clock counts only the compressing steps; a resumed run rebuilds it."""
+    out = tmp_path / "run"
+    cfg = config(sources, out, max_steps=4, sparsity_coef=1.0, sparsity_layer_targets=[0.6, 0.2],
+                 sparsity_target_steps=4, sparsity_cycle_steps=2, sparsity_recovery_steps=1, beta=0.0)
+    full = train.train(cfg)
+    assert [m["sparsity_coef"] for m in full] == [1.0, 0.0, 1.0, 0.0]
+    assert [m["sparsity_clock"] for m in full] == [0, 1, 1, 2]
+    assert [m["sparsity_loss"] for m in full][1::2] == [0.0, 0.0]
+    assert [m["sparsity_target"] for m in full] == pytest.approx(
+        [sum(train.sparsity_targets_at(0.0, [0.6, 0.2], 4, c)[1]) / 2 for c in (0, 1, 1, 2)])
+    shutil.rmtree(out / "checkpoint-4")
+    resumed = train.train(dataclasses.replace(cfg, resume_from_checkpoint="last"))
+    assert (resumed[3]["sparsity_coef"], resumed[3]["sparsity_clock"]) == (0.0, 2)
+
+
 def test_accuracy_hold_paces_the_targets_and_resumes_exactly(sources, tmp_path, monkeypatch):
     """--sparsity_accuracy_hold: a step's targets are sparsity_targets_at the clock of the steps before it, which
     stops on a step whose running accuracy fell more than the hold below its best; a resumed run rebuilds it from
@@ -578,6 +608,10 @@ BAD_SETTINGS = {  # argv -> words of the one-line error
     "empty reference dir": (["--ref_model", "{empty}"], "is empty"),
     "torn config.json": (["--model", "{torn}"], "config.json is not valid JSON"),
     "accuracy hold without a schedule": (["--sparsity_accuracy_hold", "0.01"], "needs sparsity_target_steps >= 1"),
+    "recovery without a cycle": (["--sparsity_recovery_steps", "3"], "sparsity_recovery_steps=3 must be in [1, "),
+    "recovery as long as the cycle": (["--sparsity_cycle_steps", "4", "--sparsity_recovery_steps", "4"],
+                                      "sparsity_recovery_steps=4 must be in [1, sparsity_cycle_steps - 1 = 3]"),
+    "negative cycle": (["--sparsity_cycle_steps", "-2"], "sparsity_cycle_steps must be >= 0"),
     "accuracy hold 1": (["--sparsity_accuracy_hold", "1", "--sparsity_target_steps", "9"],
                         "sparsity_accuracy_hold must be in [0, 1)"),
 }

@@ -104,6 +104,9 @@ class Config:
     sparsity_accuracy_hold: float = HfArg(default=0.0, help="the targets fall only on steps whose rollout accuracy "
                                           "(an EMA over steps, decay 0.98) is within this of its best so far: "
                                           "compression that follows accuracy; 0: on every step")
+    sparsity_cycle_steps: int = HfArg(default=0, help="alternate: cycles of this many steps, each ending with "
+                                      "sparsity_recovery_steps at λ = 0 (Eq. 5 alone; the targets wait); 0: λ always")
+    sparsity_recovery_steps: int = HfArg(default=0, help="the recovery steps that end each sparsity cycle")
     selection_straight_through: float = HfArg(default=0.0, help="T of a straight-through gradient for which tokens "
                                               "Eq. 3 keeps, σ(log(s/θ)/T) per key (toy-sized prompts: dense "
                                               "attention in training); 0: none, as in the paper")
@@ -204,12 +207,18 @@ def check_config(cfg: Config) -> Config:
                               ("sparsity_warmup_steps", cfg.sparsity_warmup_steps >= 0, ">= 0"),
                               ("sparsity_target_steps", cfg.sparsity_target_steps >= 0, ">= 0"),
                               ("sparsity_accuracy_hold", 0 <= cfg.sparsity_accuracy_hold < 1, "in [0, 1)"),
+                              ("sparsity_cycle_steps", cfg.sparsity_cycle_steps >= 0, ">= 0"),
+                              ("sparsity_recovery_steps", cfg.sparsity_recovery_steps >= 0, ">= 0"),
                               ("selection_straight_through", cfg.selection_straight_through >= 0, ">= 0")):
         if not ok:
             raise ConfigError(f"{name} must be {allowed}, got {getattr(cfg, name)}")
     if cfg.sparsity_accuracy_hold and not cfg.sparsity_target_steps:
         raise ConfigError(f"sparsity_accuracy_hold={cfg.sparsity_accuracy_hold} paces the falling targets: it needs "
                           f"sparsity_target_steps >= 1, got {cfg.sparsity_target_steps}")
+    if (cfg.sparsity_cycle_steps or cfg.sparsity_recovery_steps) and not \
+            0 < cfg.sparsity_recovery_steps < cfg.sparsity_cycle_steps:
+        raise ConfigError(f"sparsity_recovery_steps={cfg.sparsity_recovery_steps} must be in [1, sparsity_cycle_steps"
+                          f" - 1 = {cfg.sparsity_cycle_steps - 1}] when cycling (each cycle compresses, then recovers)")
     for name in PER_LAYER_VALUES:  # τ*_j and f_j
         if not all(0 <= v < 1 for v in getattr(cfg, name)):
             raise ConfigError(f"{name} must each be in [0, 1), got {getattr(cfg, name)}")
