@@ -215,8 +215,10 @@ def check_config(cfg: Config) -> Config:
     if cfg.sparsity_accuracy_hold and not cfg.sparsity_target_steps:
         raise ConfigError(f"sparsity_accuracy_hold={cfg.sparsity_accuracy_hold} paces the falling targets: it needs "
                           f"sparsity_target_steps >= 1, got {cfg.sparsity_target_steps}")
-    if (cfg.sparsity_cycle_steps or cfg.sparsity_recovery_steps) and not \
-            0 < cfg.sparsity_recovery_steps < cfg.sparsity_cycle_steps:
+    if cfg.sparsity_recovery_steps and not cfg.sparsity_cycle_steps:
+        raise ConfigError(f"sparsity_recovery_steps={cfg.sparsity_recovery_steps} ends each sparsity cycle: it needs "
+                          f"sparsity_cycle_steps > {cfg.sparsity_recovery_steps}, got 0")
+    if cfg.sparsity_cycle_steps and not 0 < cfg.sparsity_recovery_steps < cfg.sparsity_cycle_steps:
         raise ConfigError(f"sparsity_recovery_steps={cfg.sparsity_recovery_steps} must be in [1, sparsity_cycle_steps"
                           f" - 1 = {cfg.sparsity_cycle_steps - 1}] when cycling (each cycle compresses, then recovers)")
     for name in PER_LAYER_VALUES:  # τ*_j and f_j
