@@ -215,13 +215,13 @@ def train_step(policy, reference, processor, optimizer, rows, cfg: Config, step:
     gates = list(sparsity_gates(cfg.sparsity_gate, parts, acc, cfg.gate_threshold, n).to(device).split(n))  # C, λ
     coef = sparsity_coef_at(cfg.sparsity_coef, cfg.sparsity_warmup_steps, step) \
         if compressing(step, cfg.sparsity_cycle_steps, cfg.sparsity_recovery_steps) else 0.0  # λ; 0 in recovery
-    clock = step if clock is None else clock
+    paced, clock = clock is not None, step if clock is None else clock
     targets = sparsity_targets_at(cfg.sparsity_target, cfg.sparsity_layer_targets, cfg.sparsity_target_steps, clock)
     stats = policy_update(policy, reference, optimizer, rollouts, list(advantages.split(n)), cfg, autocast, dist,
                           gates, coef, targets)
     metrics = run_dir.step_metrics(cfg, step, rollouts, texts, acc, tau, parts, stats, coef, optimizer, reference,
                                    start)
-    if cfg.sparsity_accuracy_hold or cfg.sparsity_cycle_steps:
+    if paced:  # the loop passes a clock only when the targets follow accuracy or cycles
         metrics["sparsity_clock"] = clock
     return multi_gpu.reduce_metrics(metrics, dist)  # the same dict, over every rank's groups
 
