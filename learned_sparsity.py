@@ -133,3 +133,19 @@ def soft_masked_attention(q, k, v, m_q, m_k, reachable, scale: float) -> torch.T
     probs = weight / weight.sum(-1, keepdim=True).clamp(min=torch.finfo(acc).tiny)  # (B, H, L, L)
     return (probs.to(v.dtype) @ v) * m_q[:, None, :, None]  # (B, H, L, D)
 
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A learned probe scorer for *which* tokens Eq. 3 keeps (--probe_scorer)
+# ----------------------------------------------------------------------------------------------------------------
+
+BONUS_LIMIT = 20.0  # |log-factor| at most this: e^20 reorders any two scores, and exp stays finite in fp32
+
+
+def probe_bonus(value: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The learned log-factor b_l = Σ_h w_h · v_{h,l} on key l's identity score (mass per seeing probe), from the
+    layer's own value states (content, no rotary position). w = 0 is ZipVL's selection; the count k of Eq. 3 never
+    depends on it. value: (B, Hkv, L, D); weight: (Hkv, D).  Returns (B, L) in [−BONUS_LIMIT, BONUS_LIMIT]"""
+    acc = torch.promote_types(value.dtype, torch.float32)  # at least fp32, also under bf16
+    bonus = torch.einsum("bhld,hd->bl", value.to(acc), weight.to(acc))  # (B, L)
+    return bonus.clamp(-BONUS_LIMIT, BONUS_LIMIT)

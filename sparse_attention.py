@@ -211,11 +211,12 @@ def relaxed_token_ratio(q, k, keep_p, temperature: float, valid=None, num_recent
 
 
 def top_p_select(q, k, keep_p, valid=None, num_recent=NUM_RECENT_PROBES, num_random=NUM_RANDOM_PROBES,
-                 seed=0, scale=None) -> Selection:
+                 seed=0, scale=None, bonus=None) -> Selection:
     """Eq. 3 for one layer: choose one shared token set per sample from probe attention.
 
     q: (B, H, L, D); k: (B, Hkv, L, D); keep_p: float or (B,); valid: (B, L) bool, False on left padding.
-    The final valid position is always kept; padded positions are never kept nor counted in ℓ.
+    The final valid position is always kept; padded positions are never kept nor counted in ℓ. bonus: see
+    `select_from_mass`.
     """
     bsz, _, seq, _ = q.shape
     valid = torch.ones(bsz, seq, dtype=torch.bool, device=q.device) if valid is None else valid.bool()
@@ -225,7 +226,7 @@ def top_p_select(q, k, keep_p, valid=None, num_recent=NUM_RECENT_PROBES, num_ran
         raise ValueError("a sample has no valid tokens to select from")
     probe_idx, probe_ok = probe_indices(valid, num_recent, num_random, seed)
     mass, seen_by = probe_column_mass(q, k, valid, probe_idx, probe_ok, scale)  # (B, L), (B, L)
-    return select_from_mass(mass, seen_by, valid, keep_p)
+    return select_from_mass(mass, seen_by, valid, keep_p, bonus)
 
 
 def final_position(valid: torch.Tensor) -> torch.Tensor:
@@ -233,15 +234,19 @@ def final_position(valid: torch.Tensor) -> torch.Tensor:
     return valid.shape[1] - 1 - valid.flip(-1).float().argmax(-1)
 
 
-def select_from_mass(mass, seen_by, valid, keep_p) -> Selection:
+def select_from_mass(mass, seen_by, valid, keep_p, bonus=None) -> Selection:
     """Count from the raw column mass (Eq. 3), identity from the mass per probe that sees the key.
 
     mass, seen_by: (B, L); valid: (B, L) bool; keep_p: (B,). The final valid position is always kept.
+    bonus: None (ZipVL), or (B, L) a learned log-factor on each key's identity score (learned_sparsity.probe_bonus):
+    it changes which k keys are kept, never k.
     """
     bsz, seq = valid.shape
     length = valid.sum(-1)  # (B,)
     count = top_p_count(mass, keep_p, length)  # (B,)
-    score = (mass / seen_by.clamp(min=1)).masked_fill(~valid, float("-inf"))  # identity: mass per seeing probe
+    score = mass / seen_by.clamp(min=1)  # (B, L) identity: mass per seeing probe
+    score = score if bonus is None else score * bonus.to(score.dtype).exp()  # (B, L)
+    score = score.masked_fill(~valid, float("-inf"))  # (B, L)
     last = final_position(valid)  # (B,)
     score[torch.arange(bsz, device=valid.device), last] = float("inf")  # the final position is always kept
     order = score.argsort(dim=-1, descending=True)  # (B, L)

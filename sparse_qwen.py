@@ -29,7 +29,9 @@ sample: `keep_p` is a (B,) tensor, so one batch holds a group's N thresholds.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import transformers
@@ -41,7 +43,7 @@ except ImportError as err:  # our extension points missing: one line naming the 
                      f"with transformers {transformers.__version__} the import failed: {err}") from None
 
 import zipr1_kernels
-from learned_sparsity import soft_masked_attention, straight_through_mask
+from learned_sparsity import probe_bonus, soft_masked_attention, straight_through_mask
 from sparse_attention import (Selection, check_keep_p, column_mass, final_position, mask_to_indices, probe_indices,
                               probe_queries, relaxed_token_ratio, sparse_attention, token_ratio)
 
@@ -187,8 +189,11 @@ def zipr1_attention(module, query, key, value, attention_mask, scaling=None, dro
                                              scale=scaling)  # (B, H, 1, D)
     else:
         n_prompt = seq if state.mode == "prefill" else state.prompt_len
+        scorer = getattr(module, SCORER, None)  # a learned probe scorer w_j (Hkv, D), or None: ZipVL's identity
+        bonus = None if scorer is None else probe_bonus(value[:, :, :n_prompt], scorer)  # (B, P) log-factor
         sel = zipr1_kernels.top_p_select(query[:, :, :n_prompt], key[:, :, :n_prompt], state.keep_p,
-                                         valid[:, :n_prompt], seed=state.seed + layer, scale=scaling)  # Eq. 3
+                                         valid[:, :n_prompt], seed=state.seed + layer, scale=scaling,
+                                         bonus=None if bonus is None else bonus.detach())  # Eq. 3
         state.selections[layer] = sel
         if state.mode == "teacher" and state.relaxed_temperature is not None:
             state.relaxed[layer] = relaxed_ratio(state, query[:, :, :n_prompt], key[:, :, :n_prompt],
@@ -197,7 +202,7 @@ def zipr1_attention(module, query, key, value, attention_mask, scaling=None, dro
         mask = torch.cat([sel.mask, response], dim=1)  # (B, L): m_Q = m_K
         if state.mode == "teacher" and state.straight_through is not None:  # Eq. 5's gradient reaches the selection
             out = straight_through_attention(query, key, value, sel, valid, n_prompt, state.seed + layer, scaling,
-                                             state.straight_through)  # Eq. 2, (B, H, L, D)
+                                             state.straight_through, bonus)  # Eq. 2, (B, H, L, D)
         else:
             out = zipr1_kernels.prefill_sparse_attention(query, key, value, mask, scale=scaling)  # Eq. 2, (B, H, L, D)
         if state.mode == "prefill" and state.cache is not None:
@@ -213,16 +218,20 @@ def relaxed_ratio(state: SparseState, query, key, valid, layer: int, scaling) ->
                                    seed=state.seed + layer, scale=scaling)
 
 
-def straight_through_attention(q, k, v, selection, valid, n_prompt: int, seed: int, scale, temperature: float):
+def straight_through_attention(q, k, v, selection, valid, n_prompt: int, seed: int, scale, temperature: float,
+                               bonus=None):
     """Eq. 2 of a teacher forward (prompt + response) whose prompt selection passes Eq. 5's gradient through to the
-    probe scores (`straight_through_mask`); the forward equals the hard one.  q: (B, H, L, D); valid: (B, L)."""
+    probe scores (`straight_through_mask`), and to a learned scorer's log-factor bonus (B, P) where there is one; the
+    forward equals the hard one.  q: (B, H, L, D); valid: (B, L)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     prompt_valid = valid[:, :n_prompt]  # (B, P)
     probe_idx, probe_ok = probe_indices(prompt_valid, seed=seed)  # the probes of the selection (same seed)
     mass, seen_by = column_mass(probe_queries(q[:, :, :n_prompt], probe_idx), k[:, :, :n_prompt], prompt_valid,
                                 probe_idx, probe_ok, scale)  # (B, P), with gradient
     ranked = prompt_valid & (torch.arange(n_prompt, device=q.device) != final_position(prompt_valid)[:, None])
-    m = straight_through_mask(mass / seen_by.clamp(min=1), selection.mask, ranked, temperature)  # (B, P)
+    score = mass / seen_by.clamp(min=1)  # (B, P) the identity score of `select_from_mass`
+    score = score if bonus is None else score * bonus.exp()  # (B, P)
+    m = straight_through_mask(score, selection.mask, ranked, temperature)  # (B, P)
     response = m.new_ones(m.shape[0], q.shape[2] - n_prompt)  # (B, L-P): every response token is kept
     reachable = torch.cat([prompt_valid, response.bool()], 1)  # (B, L)
     m = torch.cat([m, response], 1)  # (B, L): m_Q = m_K
@@ -295,9 +304,55 @@ def enable_checkpointing(model) -> None:
 
 
 def make_sparse(model):
-    """Switch the text decoder of a Qwen2(.5)-VL model to Top-p sparse attention; the vision tower is untouched."""
+    """Switch the text decoder of a Qwen2(.5)-VL model to Top-p sparse attention; the vision tower is untouched.
+    A learned probe scorer saved beside the weights (SCORER_FILE, `add_probe_scorers`) is loaded with it."""
     model.set_attn_implementation({"text_config": ATTN_NAME, "vision_config": "sdpa"})
+    scorer_file = Path(str(model.name_or_path)) / SCORER_FILE
+    if scorer_file.is_file():
+        load_probe_scorers(model, scorer_file)
     return model
+
+
+# ----------------------------------------------------------------------------------------------- learned probe scorer
+SCORER = "zipr1_probe_scorer"  # the parameter w_j (Hkv, D) on each text-decoder attention module (--probe_scorer)
+SCORER_FILE = "probe_scorer.safetensors"  # saved beside model.safetensors, which stays loadable by plain transformers
+
+
+def decoder_attentions(model) -> list:
+    """The attention module of each text-decoder layer, in order."""
+    return [layer.self_attn for layer in model.model.language_model.layers]
+
+
+def add_probe_scorers(model, weights: dict | None = None):
+    """Give each text-decoder layer j a learned probe scorer w_j (Hkv, D) (learned_sparsity.probe_bonus): zeros
+    (ZipVL's selection until trained) or weights["layers.j"]. A layer that has one keeps it."""
+    heads = text_config(model).num_key_value_heads
+    for j, attn in enumerate(decoder_attentions(model)):
+        like = attn.v_proj.weight  # (Hkv·D, hidden): the device and dtype of the layer
+        init = torch.zeros(heads, like.shape[0] // heads) if weights is None else weights[f"layers.{j}"]
+        if not hasattr(attn, SCORER) or weights is not None:
+            attn.register_parameter(SCORER, torch.nn.Parameter(init.to(like.device, like.dtype)))
+    return model
+
+
+def load_probe_scorers(model, path) -> None:
+    """Attach the scorers of a SCORER_FILE; one line naming the file if they do not fit this model."""
+    from safetensors.torch import load_file
+    weights, n_layers = load_file(str(path)), len(decoder_attentions(model))
+    heads, dim = text_config(model).num_key_value_heads, decoder_attentions(model)[0].head_dim
+    want = {f"layers.{j}" for j in range(n_layers)}
+    if set(weights) != want or any(tuple(w.shape) != (heads, dim) for w in weights.values()):
+        raise ValueError(f"{path}: expected {n_layers} probe scorers layers.0..{n_layers - 1} of shape ({heads}, "
+                         f"{dim}), got {sorted((k, tuple(w.shape)) for k, w in weights.items())}")
+    add_probe_scorers(model, weights)
+
+
+def split_probe_scorers(state_dict: dict) -> tuple[dict, dict]:
+    """A model state dict -> (the rest, for save_pretrained; the scorers as SCORER_FILE holds them)."""
+    scorers = {k: v for k, v in state_dict.items() if k.endswith("." + SCORER)}
+    layer = lambda name: re.search(r"layers\.(\d+)\.self_attn\.", name).group(1)  # noqa: E731
+    rest = {k: v for k, v in state_dict.items() if k not in scorers}
+    return rest, {f"layers.{layer(k)}": v.detach().contiguous() for k, v in scorers.items()}
 
 
 def text_config(model):

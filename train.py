@@ -34,7 +34,7 @@ import rewards
 from learned_sparsity import (compressing, compression_clock, sparsity_coef_at, sparsity_gates, sparsity_targets_at,
                               sparsity_term)
 from rollout import SamplingConfig, generate, score_completions, scoring_state, split_groups
-from sparse_qwen import check_transformers, enable_checkpointing, make_sparse
+from sparse_qwen import add_probe_scorers, check_transformers, enable_checkpointing, make_sparse
 from zipr1_support import data, media, multi_gpu, run_dir
 from zipr1_support.batching import repeat_prompts
 from zipr1_support.train_config import (  # noqa: F401 (LR_SCHEDULES, PAPER_KEEP_P_GRID, check_config: train.X)
@@ -48,7 +48,9 @@ def load_policy(path, cfg: Config, device, dist=multi_gpu.SINGLE):
     sharded over the ranks with FSDP2 under torchrun (bf16 runs gather and compute in bf16)."""
     from transformers import AutoModelForImageTextToText
     policy = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).to(device)
-    make_sparse(policy)
+    make_sparse(policy)  # with the probe scorers saved in `path`, if any
+    if cfg.probe_scorer:
+        add_probe_scorers(policy)  # zeros where `path` has none: ZipVL's selection until trained
     if cfg.freeze_vision:
         policy.model.visual.requires_grad_(False)
     if cfg.gradient_checkpointing:

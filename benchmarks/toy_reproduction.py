@@ -85,6 +85,9 @@ def parse_args(argv=None):
     p.add_argument("--selection_straight_through", type=float, default=0.0,
                    help="learned and two_stage runs: T of the straight-through gradient for which tokens Eq. 3 keeps "
                         "(train.py --selection_straight_through); 0: off, as in the literal baseline")
+    p.add_argument("--probe_scorer", action=argparse.BooleanOptionalAction, default=False,
+                   help="learned and two_stage runs: a learned probe scorer for which tokens Eq. 3 keeps (train.py "
+                        "--probe_scorer; needs --selection_straight_through > 0); off in the literal baseline")
     p.add_argument("--learned_init", default="toy",
                    help="the learned run's start (and KL reference, unless --ref_model): toy (the warmed-up model), "
                         "literal (the literal run's last checkpoint), or a checkpoint folder (e.g. an earlier learned "
@@ -152,6 +155,7 @@ def recipe_config(args, recipe: str) -> train.Config:
         "lr_scheduler_type": stage_value(args, recipe, "lr_scheduler_type"), "beta": stage_value(args, recipe, "beta"),
         "per_step_questions": args.per_step_questions,
         "selection_straight_through": 0.0 if recipe == "literal" else args.selection_straight_through,
+        "probe_scorer": recipe != "literal" and args.probe_scorer,
         "keep_p_uniform": args.keep_p_uniform, "keep_p_low": args.keep_p_low, "seed": args.seed,
         "output_dir": str(out), "resume_from_checkpoint": "last" if args.resume else None,
         "disable_tqdm": True}))
@@ -235,6 +239,7 @@ def summarize(args, recipe: str, results: dict, train_seconds: float | None) -> 
         "keep_p": args.keep_p, "seed": cfg["seed"], "eval_seed": args.seed,
         **{k: cfg.get(k, getattr(defaults, k)) for k in SPARSITY},
         "selection_straight_through": cfg.get("selection_straight_through", defaults.selection_straight_through),
+        "probe_scorer": cfg.get("probe_scorer", defaults.probe_scorer),
         "start": cfg["model"], "reference": cfg.get("ref_model") or cfg["model"], "dataset": cfg.get("dataset"),
         "keep_p_sampling": f"U({cfg['keep_p_low']}, 1]" if cfg["keep_p_uniform"] else "paper grid 0.94..0.975",
         "eval_questions": full["questions"], "train_seconds": train_seconds,
@@ -308,6 +313,8 @@ def markdown(summary: dict) -> list[str]:
         term += f", KL reference {s['reference']}"
     if s.get("selection_straight_through"):
         term += f", straight-through selection T = {s['selection_straight_through']}"
+    if s.get("probe_scorer"):
+        term += ", learned probe scorer"
     lines = [f"### {s['recipe']} ({term}; {s['steps']} steps × {s['per_step_questions']} questions, lr "
              f"{s['learning_rate']} ({s['lr_scheduler_type']}), β {s['beta']}, seed {s['seed']}, "
              + (f"{s['train_seconds']:.0f} s)" if s["train_seconds"] is not None else "evaluated only)"),

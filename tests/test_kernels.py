@@ -183,15 +183,19 @@ def test_probe_positions_equal_probe_indices(seq, seed):
     assert torch.equal(idx, expect_idx) and torch.equal(ok, expect_ok)
 
 
-@pytest.mark.parametrize("keep_p", [0.5, 0.9, 1.0])
-def test_top_p_select_picks_the_reference_token_set(keep_p):
+@pytest.mark.parametrize("keep_p, scored", [(0.5, False), (0.9, False), (1.0, False), (0.5, True)])
+def test_top_p_select_picks_the_reference_token_set(keep_p, scored):
+    """Also with a learned probe scorer's bonus (learned_sparsity.probe_bonus), which both backends apply alike."""
     q, k, _ = qkv(2, 4, 2, 48, 16, seed=13, dtype=torch.float32)
     valid = torch.ones(2, 48, dtype=torch.bool)
     valid[0, :10] = False
+    bonus = 2 * torch.randn(2, 48, generator=torch.Generator().manual_seed(3)) if scored else None
     got = zipr1_kernels.top_p_select(q.to(DEVICE), k.to(DEVICE), keep_p, valid.to(DEVICE), num_recent=8, num_random=8,
-                               seed=2, backend="triton")
-    expect = top_p_select(q, k, keep_p, valid, num_recent=8, num_random=8, seed=2)
+                               seed=2, backend="triton", bonus=None if bonus is None else bonus.to(DEVICE))
+    expect = top_p_select(q, k, keep_p, valid, num_recent=8, num_random=8, seed=2, bonus=bonus)
     assert torch.equal(got.count.cpu(), expect.count) and torch.equal(got.mask.cpu(), expect.mask)
+    if scored:  # the bonus moved the selection
+        assert not torch.equal(expect.mask, top_p_select(q, k, keep_p, valid, num_recent=8, num_random=8, seed=2).mask)
 
 
 def test_selection_scores_in_fp32_inside_bf16_autocast():

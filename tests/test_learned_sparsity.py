@@ -2,7 +2,7 @@
 reference form (sparse_attention.sparse_attention, itself tested against python loops)."""
 import torch
 
-from learned_sparsity import soft_masked_attention, straight_through_mask
+from learned_sparsity import BONUS_LIMIT, probe_bonus, soft_masked_attention, straight_through_mask
 from sparse_attention import sparse_attention
 
 
@@ -77,3 +77,17 @@ def test_straight_through_mask_is_the_hard_mask_with_a_sigmoid_gradient():
     assert torch.allclose(score.grad[0, :4], want, rtol=1e-9)
     assert score.grad[0, 4] == 0  # the final token is kept whatever its score: no gradient
     assert torch.equal(score.grad[1], torch.zeros(5, dtype=torch.float64))  # nothing dropped: no gradient
+
+
+def test_probe_bonus_is_the_weighted_sum_of_the_value_states_by_hand():
+    """b_l = Σ_h Σ_d w_hd v_hld, clamped to ±BONUS_LIMIT; the gradient reaches w."""
+    _, _, v = qkv(b=2, hkv=2, seq=5, d=3, seed=4)
+    w = torch.randn(2, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64, requires_grad=True)
+    b = probe_bonus(v, w)
+    want = torch.tensor([[sum(float(w[h, d]) * float(v[i, h, l, d]) for h in range(2) for d in range(3))
+                          for l in range(5)] for i in range(2)], dtype=torch.float64)
+    assert b.shape == (2, 5) and torch.allclose(b, want, rtol=1e-9)
+    b.sum().backward()
+    assert torch.allclose(w.grad, v.sum((0, 2)), rtol=1e-9)  # ∂Σb/∂w_hd = Σ_{i,l} v_ihld
+    huge = probe_bonus(v, w.detach() * 1e6)
+    assert huge.abs().max() == BONUS_LIMIT and torch.isfinite(huge.exp()).all()

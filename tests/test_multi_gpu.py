@@ -125,11 +125,13 @@ def _free_port() -> int:
 def train_args(model_dir, jsonl, out_dir) -> list[str]:
     """A deterministic 2-step run: 2 questions × 4 answers per step, sharded reference (beta > 0), checkpointing,
     clipping active (‖g‖ > max_grad_norm = 1), v1 reward so the untrained model still gets nonzero advantages,
-    and the relaxed-τ̃ sparsity term on (its per-row weighting across ranks)."""
+    the relaxed-τ̃ sparsity term on (its per-row weighting across ranks), and a learned probe scorer (a parameter
+    FSDP2 shards with its layer, saved to its own file)."""
     return ["--model", str(model_dir), "--dataset", str(jsonl), "--output_dir", str(out_dir), "--max_steps", "2",
             "--save_steps", "1", "--per_step_questions", "2", "--num_generations", "4", "--max_completion_length", "4",
             "--learning_rate", "1e-2", "--gate_efficiency", "false", "--gradient_checkpointing", "true",
-            "--max_frames", "4", "--disable_tqdm", "true", "--sparsity_coef", "1.0", "--sparsity_temperature", "0.05"]
+            "--max_frames", "4", "--disable_tqdm", "true", "--sparsity_coef", "1.0", "--sparsity_temperature", "0.05",
+            "--selection_straight_through", "1.0", "--probe_scorer", "true"]
 
 
 @pytest.fixture(scope="module")
@@ -159,6 +161,12 @@ def weights(path):
     return load_file(str(Path(path) / "model.safetensors"))
 
 
+def scorers(path):
+    from safetensors.torch import load_file
+    import sparse_qwen
+    return load_file(str(Path(path) / sparse_qwen.SCORER_FILE))
+
+
 def test_two_processes_make_the_same_update_as_one(runs):
     root = runs["root"]
     initial = weights(runs["model_dir"])
@@ -167,6 +175,10 @@ def test_two_processes_make_the_same_update_as_one(runs):
         assert one.keys() == two.keys() == initial.keys()  # one consolidated HF checkpoint, the same tensors
         moved = max((one[k] - initial[k]).abs().max().item() for k in one)
         assert moved > 1e-3  # the step really changed the policy
+        for name in one:
+            torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-5, msg=name)
+        one, two = (scorers(root / run / f"checkpoint-{step}") for run in ("one", "two"))
+        assert one.keys() == {"layers.0", "layers.1"} and all(w.abs().max() > 0 for w in one.values())  # trained
         for name in one:
             torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-5, msg=name)
     logged = [json.loads(line) for line in (root / "two" / "metrics.jsonl").read_text().splitlines()]
@@ -186,6 +198,9 @@ def test_a_two_process_checkpoint_resumes_in_one_process(runs, tmp_path):
     assert resumed[1]["loss"] == pytest.approx(runs["one"][1]["loss"], rel=1e-4)
     one, again = weights(runs["root"] / "one" / "checkpoint-2"), weights(tmp_path / "run" / "checkpoint-2")
     for name in one:  # step 2 from the consolidated weights + AdamW state == the uninterrupted run
+        torch.testing.assert_close(again[name], one[name], rtol=1e-4, atol=1e-5, msg=name)
+    one, again = scorers(runs["root"] / "one" / "checkpoint-2"), scorers(tmp_path / "run" / "checkpoint-2")
+    for name in one:  # the probe scorers and their AdamW state too
         torch.testing.assert_close(again[name], one[name], rtol=1e-4, atol=1e-5, msg=name)
 
 

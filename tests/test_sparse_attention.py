@@ -283,3 +283,19 @@ def test_relaxed_ratio_keeps_no_probe_probabilities_for_backward():
     probes = 16
     assert saved_elements(True) == b * h * probes * d  # the probe queries: the input of the recomputed part
     assert saved_elements(False) >= b * h * probes * seq  # the probabilities
+
+
+def test_a_bonus_reorders_the_identity_by_its_factor_and_never_changes_the_count():
+    """select_from_mass(bonus=b): the k keys with the largest (mass per seeing probe) · e^b, k as without it."""
+    seq = 10
+    q, k, _ = qkv(b=1, seq=seq, seed=5)
+    bonus = 3 * torch.randn(1, seq, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    plain = top_p_select(q, k, 0.6, num_recent=seq, num_random=0)
+    zero = top_p_select(q, k, 0.6, num_recent=seq, num_random=0, bonus=torch.zeros(1, seq))
+    sel = top_p_select(q, k, 0.6, num_recent=seq, num_random=0, bonus=bonus)
+    assert torch.equal(zero.mask, plain.mask) and int(sel.count) == int(plain.count)
+    s = column_mass_by_hand(q, k)[0] / torch.arange(seq, 0, -1, dtype=torch.float64) * bonus[0].exp()
+    s[-1] = float("inf")
+    expect = set(s.argsort(descending=True)[: int(sel.count)].tolist())
+    assert set(sel.mask[0].nonzero().flatten().tolist()) == expect
+    assert not torch.equal(sel.mask, plain.mask)  # this bonus does move the selection

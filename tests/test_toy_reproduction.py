@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from zipr1_support import run_dir
+import sparse_qwen
 import toy
 import train
 
@@ -34,7 +35,7 @@ def test_two_stage_continues_the_learned_checkpoint_with_the_literal_objective(t
                            "--learned_lr_scheduler_type", "constant", "--sparsity_gate", "all",
                            "--selection_straight_through", "0.5", "--sparsity_target_steps", "2",
                            "--sparsity_accuracy_hold", "0.05", "--sparsity_cycle_steps", "2",
-                           "--sparsity_recovery_steps", "1", "--output_dir", str(tmp_path / "r")])
+                           "--sparsity_recovery_steps", "1", "--probe_scorer", "--output_dir", str(tmp_path / "r")])
     finally:
         torch.set_num_threads(threads)
     learned = run_dir.checkpoints(tmp_path / "r" / "learned" / "train")[-1]
@@ -49,6 +50,8 @@ def test_two_stage_continues_the_learned_checkpoint_with_the_literal_objective(t
     assert stage1["beta"] == 0.3 and stage2["beta"] == train.Config.beta  # --learned_beta: the learned run only
     assert stage1["sparsity_gate"] == "all"
     assert stage1["selection_straight_through"] == stage2["selection_straight_through"] == 0.5  # both stages
+    assert stage1["probe_scorer"] is stage2["probe_scorer"] is True  # stage 2 trains stage 1's scorer on
+    assert (learned / sparse_qwen.SCORER_FILE).is_file()
     questions = Path(".cache") / f"toy-data-v{toy.TASK_VERSION}-16" / "toy.jsonl"  # --train_questions 16, under cwd
     assert stage1["dataset"] == stage2["dataset"] == str(questions) and len(questions.read_text().splitlines()) == 16
     report = json.loads((tmp_path / "r" / "reproduction.json").read_text())
@@ -60,6 +63,7 @@ def test_two_stage_continues_the_learned_checkpoint_with_the_literal_objective(t
     assert report["recipes"]["two_stage"]["selection_straight_through"] == 0.5
     md = (tmp_path / "r" / "reproduction.md").read_text()
     assert "KL reference toy" in md and md.count("straight-through selection T = 0.5") == 2
+    assert md.count("learned probe scorer") == 2
     assert report["recipes"]["learned"]["sparsity_accuracy_hold"] == 0.05 == stage1["sparsity_accuracy_hold"]
     assert md.count("targets fall while the accuracy holds within 0.05") == 1  # the learned run's line only
     assert (report["recipes"]["learned"]["sparsity_cycle_steps"], stage1["sparsity_recovery_steps"]) == (2, 1)
@@ -156,7 +160,7 @@ def test_per_layer_targets_reach_only_the_learned_run(tmp_path, monkeypatch):
     args = script.parse_args(["--sparsity_layer_targets", "0.6", "0.45", "0.15", "0.15", "--train_questions", "4",
                               "--sparsity_target_steps", "30", "--selection_straight_through", "0.5",
                               "--sparsity_layer_floors", "0", "0.3", "0", "0", "--sparsity_accuracy_hold", "0.02",
-                              "--sparsity_cycle_steps", "400", "--sparsity_recovery_steps", "150",
+                              "--sparsity_cycle_steps", "400", "--sparsity_recovery_steps", "150", "--probe_scorer",
                               "--output_dir", str(tmp_path / "r")])
     learned, literal = script.recipe_config(args, "learned"), script.recipe_config(args, "literal")
     assert learned.sparsity_layer_targets == [0.6, 0.45, 0.15, 0.15] and learned.sparsity_target_steps == 30
@@ -166,6 +170,8 @@ def test_per_layer_targets_reach_only_the_learned_run(tmp_path, monkeypatch):
     assert (literal.sparsity_cycle_steps, literal.sparsity_recovery_steps) == (0, 0)  # λ = 0 throughout anyway
     assert literal.sparsity_coef == 0.0 and literal.sparsity_target_steps == 0
     assert (learned.selection_straight_through, literal.selection_straight_through) == (0.5, 0.0)  # not the baseline
+    assert (learned.probe_scorer, literal.probe_scorer) == (True, False)
+    assert script.recipe_config(script.parse_args(["--train_questions", "4"]), "learned").probe_scorer is False
 
 
 def test_chains_run_side_by_side_only_when_independent():

@@ -356,6 +356,58 @@ def test_straight_through_selection_keeps_the_log_probs_and_adds_a_gradient(sour
     assert any("q_proj" in k or "k_proj" in k for k in differs), differs  # the probe scores' weights
 
 
+def test_a_zero_probe_scorer_is_zipvls_selection_and_weights_move_which_tokens_not_how_many(sources, tmp_path):
+    """--probe_scorer: zeros reproduce the rollout of the model without one (same tokens, same log-probs); scorer
+    weights reorder layer 0's kept tokens while it keeps as many (later layers see other hidden states)."""
+    cfg = config(sources, tmp_path, beta=0.0)
+    plain_policy, plain = _rollout(sources, cfg)
+    scored = dataclasses.replace(cfg, probe_scorer=True, selection_straight_through=1.0)
+    policy, zero = _rollout(sources, scored)
+    assert torch.equal(zero.completion_ids, plain.completion_ids) and torch.equal(zero.logprobs, plain.logprobs)
+    with torch.no_grad():
+        for attn in sparse_qwen.decoder_attentions(policy):
+            attn.zipr1_probe_scorer.normal_(0, 3, generator=torch.Generator().manual_seed(attn.layer_idx))
+        before = train.scoring_state(plain_policy, zero)
+        after = train.scoring_state(policy, zero)
+        score_completions(plain_policy, zero, state=before)
+        score_completions(policy, zero, state=after)
+    assert torch.equal(after.kept()[:, 0], before.kept()[:, 0])  # Eq. 3's count of layer 0 (same inputs): unchanged
+    assert not torch.equal(after.selection_masks()[:, 0], before.selection_masks()[:, 0])  # which tokens: moved
+
+
+def test_probe_scorer_learns_through_the_straight_through_selection_saves_beside_the_weights_and_resumes(
+        sources, tmp_path):
+    """The scorer gets Eq. 5's gradient only through the straight-through selection; checkpoints keep it in
+    probe_scorer.safetensors (model.safetensors stays plain transformers'), make_sparse loads it, and a resumed run
+    takes the same step."""
+    with pytest.raises(train.ConfigError, match="selection_straight_through > 0, got 0.0"):
+        config(sources, tmp_path / "bad", probe_scorer=True)
+    cfg = config(sources, tmp_path / "run", probe_scorer=True, selection_straight_through=1.0, beta=0.0,
+                 keep_p_grid=(0.5, 0.6, 0.7, 1.0), gate_efficiency=False)  # v1 reward: nonzero advantages
+    policy, rollout = _rollout(sources, cfg)
+    advantages = torch.tensor([1.0, -0.5, 0.25, -0.75])
+    scorer = lambda grads: {k: g for k, g in grads.items() if "zipr1_probe_scorer" in k}  # noqa: E731
+    assert all(g.abs().max() > 0 for g in scorer(_gradients(policy, None, rollout, advantages, cfg)).values())
+    assert len(scorer(_gradients(policy, None, rollout, advantages, cfg))) == 2  # every layer's
+    literal = dataclasses.replace(cfg, selection_straight_through=0.0)  # the hard selection alone: no gradient
+    assert not scorer(_gradients(policy, None, rollout, advantages, literal))
+    full = train.train(cfg)
+    saved = load_file(str(tmp_path / "run" / "checkpoint-3" / sparse_qwen.SCORER_FILE))
+    assert sorted(saved) == ["layers.0", "layers.1"] and all(w.shape == (1, 16) and w.abs().max() > 0
+                                                              for w in saved.values())  # trained from zeros
+    assert not any("zipr1" in k for k in weights(tmp_path / "run" / "checkpoint-3"))
+    from transformers import AutoModelForImageTextToText
+    loaded = sparse_qwen.make_sparse(AutoModelForImageTextToText.from_pretrained(tmp_path / "run" / "checkpoint-3"))
+    for j, attn in enumerate(sparse_qwen.decoder_attentions(loaded)):
+        assert torch.equal(attn.zipr1_probe_scorer.detach(), saved[f"layers.{j}"])
+    shutil.rmtree(tmp_path / "run" / "checkpoint-3")
+    resumed = train.train(dataclasses.replace(cfg, resume_from_checkpoint="last"))
+    assert resumed[2]["loss"] == pytest.approx(full[2]["loss"], rel=1e-4)
+    again = load_file(str(tmp_path / "run" / "checkpoint-3" / sparse_qwen.SCORER_FILE))
+    for name in saved:
+        assert_close_to_scale(again[name], saved[name], atol=1e-5, rtol=1e-4)
+
+
 def test_the_relaxed_term_alone_lowers_the_token_ratio(sources, tmp_path):
     """Zero advantages and no KL: the update is λ·∇τ̃ only. A few steps lower τ̃ and the hard τ of the same
     selection rule (the term pulls attention onto fewer keys)."""

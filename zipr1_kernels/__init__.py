@@ -5,7 +5,7 @@ All tensors use HF's (batch, heads, tokens, head_dim) layout:
     prefill_sparse_attention(q, k, v, mask, scale=None)                  -> (B, H, L, D)   Eq. 2 with m_Q = m_K = mask
     decode_attention(q, k, v, key_valid, scale=None)                      -> (B, H, 1, D)   newest query, pruned cache
     probe_column_mass(q, k, valid, probe_idx, probe_ok, scale=None)       -> s (B, L), n (B, L)   Eq. 3 probe scores
-    top_p_select(q, k, keep_p, valid=None, num_recent, num_random, seed)  -> Selection      Eq. 3 token set
+    top_p_select(q, k, keep_p, valid=None, num_recent, num_random, seed, bonus) -> Selection Eq. 3 token set
 
 Each takes `backend=`: "auto" (default) runs Triton when the tensors are on CUDA, triton imports, the kernel covers
 the dtype (fp16 / bf16 / fp32) and head_dim (16, 32, 64, 128), and the environment variable ZIPR1_ATTN_BACKEND is not
@@ -180,11 +180,11 @@ def probe_column_mass(q, k, valid, probe_idx, probe_ok, scale=None, backend: str
 
 
 def top_p_select(q, k, keep_p, valid=None, num_recent=ref.NUM_RECENT_PROBES, num_random=ref.NUM_RANDOM_PROBES,
-                 seed=0, scale=None, backend: str = "auto") -> ref.Selection:
+                 seed=0, scale=None, backend: str = "auto", bonus=None) -> ref.Selection:
     """sparse_attention.top_p_select (Eq. 3), with the fused probe scoring on the Triton backend."""
     shape_valid = valid.bool() if valid is not None else torch.ones(k.shape[0], k.shape[2], dtype=torch.bool)
     check_attention_shapes(q, k, k, shape_valid, name="valid")
-    args = (q, k, keep_p, valid, num_recent, num_random, seed, scale)
+    args = (q, k, keep_p, valid, num_recent, num_random, seed, scale, bonus)
     reference = functools.partial(ref.top_p_select, *args)
     if not use_triton(q, backend):
         return reference()

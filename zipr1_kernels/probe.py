@@ -157,7 +157,7 @@ def probe_positions(valid: torch.Tensor, lengths: list[int], num_recent: int, nu
 
 
 def top_p_select_triton(q, k, keep_p, valid=None, num_recent=NUM_RECENT_PROBES, num_random=NUM_RANDOM_PROBES,
-                        seed=0, scale=None) -> Selection:
+                        seed=0, scale=None, bonus=None) -> Selection:
     """sparse_attention.top_p_select (Eq. 3) with the fused column mass and one host sync; same Selection."""
     bsz, _, seq, _ = q.shape
     valid = torch.ones(bsz, seq, dtype=torch.bool, device=q.device) if valid is None else valid.bool()
@@ -167,7 +167,7 @@ def top_p_select_triton(q, k, keep_p, valid=None, num_recent=NUM_RECENT_PROBES, 
         raise ValueError("a sample has no valid tokens to select from")
     probe_idx, probe_ok = probe_positions(valid, lengths, num_recent, num_random, seed)  # (B, P)
     mass, seen_by = probe_column_mass_triton(q, k, valid, probe_idx, probe_ok, scale)  # (B, L), (B, L)
-    return select_from_mass(mass, seen_by, valid, keep_p)  # Eq. 3: count and identity, as the reference
+    return select_from_mass(mass, seen_by, valid, keep_p, bonus)  # Eq. 3: count and identity, as the reference
 
 
 __all__ = ["probe_column_mass_triton", "top_p_select_triton", "probe_positions", "probe_ranks"]

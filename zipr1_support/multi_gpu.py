@@ -254,12 +254,19 @@ def full_state_dict(model, dist: Dist) -> dict | None:
 
 
 def save_pretrained(model, path, dist: Dist, **kwargs) -> None:
-    """One consolidated Hugging Face folder written by rank 0 (loadable by plain `from_pretrained`)."""
-    if not dist.enabled:
-        return model.save_pretrained(path, **kwargs)
+    """One consolidated Hugging Face folder written by rank 0 (loadable by plain `from_pretrained`). Learned probe
+    scorers (--probe_scorer) go to their own file beside it (sparse_qwen.SCORER_FILE), which make_sparse loads."""
+    from sparse_qwen import SCORER_FILE, split_probe_scorers
     state = full_state_dict(model, dist)
     if dist.is_main:
-        model.save_pretrained(path, state_dict=state, **kwargs)
+        rest, scorers = split_probe_scorers(state)
+        if dist.enabled or scorers:
+            model.save_pretrained(path, state_dict=rest, **kwargs)
+        else:
+            model.save_pretrained(path, **kwargs)  # single process, no scorer: exactly transformers' own save
+        if scorers:
+            from safetensors.torch import save_file
+            save_file(scorers, os.path.join(path, SCORER_FILE))
     barrier(dist)
 
 

@@ -110,6 +110,9 @@ class Config:
     selection_straight_through: float = HfArg(default=0.0, help="T of a straight-through gradient for which tokens "
                                               "Eq. 3 keeps, σ(log(s/θ)/T) per key (toy-sized prompts: dense "
                                               "attention in training); 0: none, as in the paper")
+    probe_scorer: bool = HfArg(default=False, help="a learned probe scorer: each key's Eq. 3 identity score times "
+                               "exp(w_j · v), w_j per layer from zero, trained through the straight-through "
+                               "selection (needs selection_straight_through > 0); k is unchanged")
     # GRPO (Eq. 4-5)
     beta: float = HfArg(default=0.04, help="KL weight (paper 0.04; TRL's default 0.0); 0 skips the reference model")
     epsilon: float = HfArg(default=0.2, help="lower clip range of the ratio")
@@ -221,6 +224,9 @@ def check_config(cfg: Config) -> Config:
     if cfg.sparsity_cycle_steps and not 0 < cfg.sparsity_recovery_steps < cfg.sparsity_cycle_steps:
         raise ConfigError(f"sparsity_recovery_steps={cfg.sparsity_recovery_steps} must be in [1, sparsity_cycle_steps"
                           f" - 1 = {cfg.sparsity_cycle_steps - 1}] when cycling (each cycle compresses, then recovers)")
+    if cfg.probe_scorer and not cfg.selection_straight_through:
+        raise ConfigError("probe_scorer is trained through the straight-through selection: it needs "
+                          f"selection_straight_through > 0, got {cfg.selection_straight_through}")
     for name in PER_LAYER_VALUES:  # τ*_j and f_j
         if not all(0 <= v < 1 for v in getattr(cfg, name)):
             raise ConfigError(f"{name} must each be in [0, 1), got {getattr(cfg, name)}")
