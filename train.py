@@ -34,7 +34,7 @@ import rewards
 from learned_sparsity import (compressing, compression_clock, sparsity_coef_at, sparsity_gates, sparsity_targets_at,
                               sparsity_term)
 from rollout import SamplingConfig, generate, score_completions, scoring_state, split_groups
-from sparse_qwen import add_probe_scorers, check_transformers, enable_checkpointing, make_sparse
+from sparse_qwen import SCORER, add_probe_scorers, check_transformers, enable_checkpointing, make_sparse
 from zipr1_support import data, media, multi_gpu, run_dir
 from zipr1_support.batching import repeat_prompts
 from zipr1_support.train_config import (  # noqa: F401 (LR_SCHEDULES, PAPER_KEEP_P_GRID, check_config: train.X)
@@ -121,14 +121,24 @@ def sample_groups(policy, processor, rows, cfg: Config, step: int, device, autoc
     return groups, texts
 
 
-def learning_rate_schedule(cfg: Config):
-    """step -> learning rate: transformers' `lr_scheduler_type` schedule over max_steps, as a pure function of the
-    step, so a resumed run sets the same rate with no scheduler state to save."""
+def learning_rate_schedule(cfg: Config, base: float | None = None):
+    """step -> learning rate: transformers' `lr_scheduler_type` schedule over max_steps from `base` (default
+    learning_rate), as a pure function of the step, so a resumed run sets the same rate with no scheduler state."""
     from transformers import get_scheduler
-    probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=cfg.learning_rate)  # holds the schedule only
+    base = cfg.learning_rate if base is None else base
+    probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=base)  # holds the schedule only
     factor = get_scheduler(cfg.lr_scheduler_type, probe, num_warmup_steps=cfg.warmup_steps,
                            num_training_steps=cfg.max_steps).lr_lambdas[0]
-    return lambda step: cfg.learning_rate * factor(step)
+    return lambda step: base * factor(step)
+
+
+def parameter_groups(policy, cfg: Config) -> list[tuple[list, float]]:
+    """AdamW's groups and base rates: the model, then the learned probe scorers (if any) at their own rate."""
+    params = [(n, p) for n, p in policy.named_parameters() if p.requires_grad]
+    scorers = [p for n, p in params if n.endswith("." + SCORER)]
+    groups = [([p for n, p in params if not n.endswith("." + SCORER)], cfg.learning_rate)]
+    rate = cfg.learning_rate if cfg.probe_scorer_learning_rate is None else cfg.probe_scorer_learning_rate
+    return groups + ([(scorers, rate)] if scorers else [])
 
 
 def loss_mask(rollout, cfg: Config) -> torch.Tensor:
@@ -264,8 +274,9 @@ def run_training(cfg: Config, stop: run_dir.StopOnSignal) -> list[dict]:
         dist)
     policy = load_policy(resume_from or model_dir, cfg, device, dist)
     reference = load_reference(reference_dir, cfg, device, dist)  # pi_ref: --ref_model, default the start model
-    params = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    groups = parameter_groups(policy, cfg)  # the model; the probe scorers at probe_scorer_learning_rate
+    optimizer = torch.optim.AdamW([{"params": ps, "lr": rate} for ps, rate in groups], weight_decay=cfg.weight_decay)
+    schedules = [learning_rate_schedule(cfg, rate) for _, rate in groups]  # the same schedule from each base rate
     start = 0 if resume_from is None else run_dir.load_trainer_state(resume_from, policy, optimizer, cfg, dist)
     if dist.is_main:
         run_dir.start_output_dir(cfg, resume_from, metrics)  # only now: deletes an overwritten run, trims metrics
@@ -275,11 +286,10 @@ def run_training(cfg: Config, stop: run_dir.StopOnSignal) -> list[dict]:
     bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, desc="ZipR1",
                disable=cfg.disable_tqdm or not dist.is_main)
     known_bad = len(bad)
-    learning_rate_at = learning_rate_schedule(cfg)
     stop.stepping = True
     for step in bar:
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate_at(step)
+        for group, schedule in zip(optimizer.param_groups, schedules):
+            group["lr"] = schedule(step)
         clock = compression_clock([m["accuracy"] for m in metrics], cfg.sparsity_accuracy_hold, compressed=[
             compressing(s, cfg.sparsity_cycle_steps, cfg.sparsity_recovery_steps) for s in range(step)]) \
             if cfg.sparsity_accuracy_hold or cfg.sparsity_cycle_steps else None  # τ*'s step: compressing, held

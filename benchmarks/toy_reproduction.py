@@ -88,6 +88,9 @@ def parse_args(argv=None):
     p.add_argument("--probe_scorer", action=argparse.BooleanOptionalAction, default=False,
                    help="learned and two_stage runs: a learned probe scorer for which tokens Eq. 3 keeps (train.py "
                         "--probe_scorer; needs --selection_straight_through > 0); off in the literal baseline")
+    p.add_argument("--probe_scorer_learning_rate", type=float, default=None,
+                   help="the probe scorers' own AdamW rate (train.py --probe_scorer_learning_rate; default: "
+                        "--learning_rate)")
     p.add_argument("--learned_init", default="toy",
                    help="the learned run's start (and KL reference, unless --ref_model): toy (the warmed-up model), "
                         "literal (the literal run's last checkpoint), or a checkpoint folder (e.g. an earlier learned "
@@ -156,6 +159,7 @@ def recipe_config(args, recipe: str) -> train.Config:
         "per_step_questions": args.per_step_questions,
         "selection_straight_through": 0.0 if recipe == "literal" else args.selection_straight_through,
         "probe_scorer": recipe != "literal" and args.probe_scorer,
+        "probe_scorer_learning_rate": args.probe_scorer_learning_rate,
         "keep_p_uniform": args.keep_p_uniform, "keep_p_low": args.keep_p_low, "seed": args.seed,
         "output_dir": str(out), "resume_from_checkpoint": "last" if args.resume else None,
         "disable_tqdm": True}))
@@ -240,6 +244,7 @@ def summarize(args, recipe: str, results: dict, train_seconds: float | None) -> 
         **{k: cfg.get(k, getattr(defaults, k)) for k in SPARSITY},
         "selection_straight_through": cfg.get("selection_straight_through", defaults.selection_straight_through),
         "probe_scorer": cfg.get("probe_scorer", defaults.probe_scorer),
+        "probe_scorer_learning_rate": cfg.get("probe_scorer_learning_rate"),
         "start": cfg["model"], "reference": cfg.get("ref_model") or cfg["model"], "dataset": cfg.get("dataset"),
         "keep_p_sampling": f"U({cfg['keep_p_low']}, 1]" if cfg["keep_p_uniform"] else "paper grid 0.94..0.975",
         "eval_questions": full["questions"], "train_seconds": train_seconds,
@@ -314,7 +319,8 @@ def markdown(summary: dict) -> list[str]:
     if s.get("selection_straight_through"):
         term += f", straight-through selection T = {s['selection_straight_through']}"
     if s.get("probe_scorer"):
-        term += ", learned probe scorer"
+        rate = s.get("probe_scorer_learning_rate")
+        term += ", learned probe scorer" + (f" (lr {rate})" if rate is not None else "")
     lines = [f"### {s['recipe']} ({term}; {s['steps']} steps × {s['per_step_questions']} questions, lr "
              f"{s['learning_rate']} ({s['lr_scheduler_type']}), β {s['beta']}, seed {s['seed']}, "
              + (f"{s['train_seconds']:.0f} s)" if s["train_seconds"] is not None else "evaluated only)"),

@@ -161,7 +161,7 @@ def test_per_layer_targets_reach_only_the_learned_run(tmp_path, monkeypatch):
                               "--sparsity_target_steps", "30", "--selection_straight_through", "0.5",
                               "--sparsity_layer_floors", "0", "0.3", "0", "0", "--sparsity_accuracy_hold", "0.02",
                               "--sparsity_cycle_steps", "400", "--sparsity_recovery_steps", "150", "--probe_scorer",
-                              "--output_dir", str(tmp_path / "r")])
+                              "--probe_scorer_learning_rate", "0.002", "--output_dir", str(tmp_path / "r")])
     learned, literal = script.recipe_config(args, "learned"), script.recipe_config(args, "literal")
     assert learned.sparsity_layer_targets == [0.6, 0.45, 0.15, 0.15] and learned.sparsity_target_steps == 30
     assert learned.sparsity_layer_floors == [0.0, 0.3, 0.0, 0.0] and literal.sparsity_layer_floors == []
@@ -170,7 +170,7 @@ def test_per_layer_targets_reach_only_the_learned_run(tmp_path, monkeypatch):
     assert (literal.sparsity_cycle_steps, literal.sparsity_recovery_steps) == (0, 0)  # λ = 0 throughout anyway
     assert literal.sparsity_coef == 0.0 and literal.sparsity_target_steps == 0
     assert (learned.selection_straight_through, literal.selection_straight_through) == (0.5, 0.0)  # not the baseline
-    assert (learned.probe_scorer, literal.probe_scorer) == (True, False)
+    assert (learned.probe_scorer, literal.probe_scorer) == (True, False) and learned.probe_scorer_learning_rate == 0.002
     assert script.recipe_config(script.parse_args(["--train_questions", "4"]), "learned").probe_scorer is False
 
 

@@ -406,6 +406,12 @@ def test_probe_scorer_learns_through_the_straight_through_selection_saves_beside
     again = load_file(str(tmp_path / "run" / "checkpoint-3" / sparse_qwen.SCORER_FILE))
     for name in saved:
         assert_close_to_scale(again[name], saved[name], atol=1e-5, rtol=1e-4)
+    still = train.train(dataclasses.replace(cfg, output_dir=str(tmp_path / "still"), max_steps=1, save_steps=1,
+                                            probe_scorer_learning_rate=0.0))  # its own rate: here 0, the model 1e-2
+    assert still[0]["loss"] == pytest.approx(full[0]["loss"], rel=1e-4)  # the same first step otherwise
+    assert all(w.abs().max() == 0 for w in load_file(str(tmp_path / "still" / "checkpoint-1" /
+                                                          sparse_qwen.SCORER_FILE)).values())
+    assert any(not torch.equal(w, weights(sources[0])[k]) for k, w in weights(tmp_path / "still" / "checkpoint-1").items())
 
 
 def test_the_relaxed_term_alone_lowers_the_token_ratio(sources, tmp_path):

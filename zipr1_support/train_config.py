@@ -113,6 +113,8 @@ class Config:
     probe_scorer: bool = HfArg(default=False, help="a learned probe scorer: each key's Eq. 3 identity score times "
                                "exp(w_j · v), w_j per layer from zero, trained through the straight-through "
                                "selection (needs selection_straight_through > 0); k is unchanged")
+    probe_scorer_learning_rate: float | None = HfArg(default=None, help="AdamW rate of the probe scorers, on the "
+                                                     "learning-rate schedule (default: learning_rate)")
     # GRPO (Eq. 4-5)
     beta: float = HfArg(default=0.04, help="KL weight (paper 0.04; TRL's default 0.0); 0 skips the reference model")
     epsilon: float = HfArg(default=0.2, help="lower clip range of the ratio")
@@ -224,6 +226,8 @@ def check_config(cfg: Config) -> Config:
     if cfg.sparsity_cycle_steps and not 0 < cfg.sparsity_recovery_steps < cfg.sparsity_cycle_steps:
         raise ConfigError(f"sparsity_recovery_steps={cfg.sparsity_recovery_steps} must be in [1, sparsity_cycle_steps"
                           f" - 1 = {cfg.sparsity_cycle_steps - 1}] when cycling (each cycle compresses, then recovers)")
+    if cfg.probe_scorer_learning_rate is not None and not cfg.probe_scorer_learning_rate >= 0:
+        raise ConfigError(f"probe_scorer_learning_rate must be >= 0, got {cfg.probe_scorer_learning_rate}")
     if cfg.probe_scorer and not cfg.selection_straight_through:
         raise ConfigError("probe_scorer is trained through the straight-through selection: it needs "
                           f"selection_straight_through > 0, got {cfg.selection_straight_through}")
