@@ -12,6 +12,7 @@ the rollouts' accuracy holds (`compression_clock`); λ can switch off for recove
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 
@@ -134,12 +135,13 @@ def soft_masked_attention(q, k, v, m_q, m_k, reachable, scale: float) -> torch.T
     return (probs.to(v.dtype) @ v) * m_q[:, None, :, None]  # (B, H, L, D)
 
 
-
 # ----------------------------------------------------------------------------------------------------------------
 # A learned probe scorer for *which* tokens Eq. 3 keeps (--probe_scorer)
 # ----------------------------------------------------------------------------------------------------------------
 
 BONUS_LIMIT = 20.0  # |log-factor| at most this: e^20 reorders any two scores, and exp stays finite in fp32
+SCORER = "zipr1_probe_scorer"  # the parameter w_j (Hkv, D) on each text-decoder attention module (--probe_scorer)
+SCORER_FILE = "probe_scorer.safetensors"  # saved beside model.safetensors, which stays loadable by plain transformers
 
 
 def probe_bonus(value: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -149,3 +151,41 @@ def probe_bonus(value: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     acc = torch.promote_types(value.dtype, torch.float32)  # at least fp32, also under bf16
     bonus = torch.einsum("bhld,hd->bl", value.to(acc), weight.to(acc))  # (B, L)
     return bonus.clamp(-BONUS_LIMIT, BONUS_LIMIT)
+
+
+def decoder_attentions(model) -> list:
+    """The attention module of each text-decoder layer, in order."""
+    return [layer.self_attn for layer in model.model.language_model.layers]
+
+
+def add_probe_scorers(model, weights: dict | None = None):
+    """Give each text-decoder layer j a learned probe scorer w_j (Hkv, D) (learned_sparsity.probe_bonus): zeros
+    (ZipVL's selection until trained) or weights["layers.j"]. A layer that has one keeps it."""
+    heads = model.config.get_text_config(decoder=True).num_key_value_heads
+    for j, attn in enumerate(decoder_attentions(model)):
+        like = attn.v_proj.weight  # (Hkv·D, hidden): the device and dtype of the layer
+        init = torch.zeros(heads, like.shape[0] // heads) if weights is None else weights[f"layers.{j}"]
+        if not hasattr(attn, SCORER) or weights is not None:
+            attn.register_parameter(SCORER, torch.nn.Parameter(init.to(like.device, like.dtype)))
+    return model
+
+
+def load_probe_scorers(model, path) -> None:
+    """Attach the scorers of a SCORER_FILE; one line naming the file if they do not fit this model."""
+    from safetensors.torch import load_file
+    weights, n_layers = load_file(str(path)), len(decoder_attentions(model))
+    heads = model.config.get_text_config(decoder=True).num_key_value_heads
+    dim = decoder_attentions(model)[0].head_dim
+    want = {f"layers.{j}" for j in range(n_layers)}
+    if set(weights) != want or any(tuple(w.shape) != (heads, dim) for w in weights.values()):
+        raise ValueError(f"{path}: expected {n_layers} probe scorers layers.0..{n_layers - 1} of shape ({heads}, "
+                         f"{dim}), got {sorted((k, tuple(w.shape)) for k, w in weights.items())}")
+    add_probe_scorers(model, weights)
+
+
+def split_probe_scorers(state_dict: dict) -> tuple[dict, dict]:
+    """A model state dict -> (the rest, for save_pretrained; the scorers as SCORER_FILE holds them)."""
+    scorers = {k: v for k, v in state_dict.items() if k.endswith("." + SCORER)}
+    layer = lambda name: re.search(r"layers\.(\d+)\.self_attn\.", name).group(1)  # noqa: E731
+    rest = {k: v for k, v in state_dict.items() if k not in scorers}
+    return rest, {f"layers.{layer(k)}": v.detach().contiguous() for k, v in scorers.items()}

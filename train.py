@@ -31,10 +31,10 @@ from tqdm.auto import tqdm
 
 import grpo
 import rewards
-from learned_sparsity import (compressing, compression_clock, sparsity_coef_at, sparsity_gates, sparsity_targets_at,
-                              sparsity_term)
+from learned_sparsity import (SCORER, add_probe_scorers, compressing, compression_clock, sparsity_coef_at,
+                              sparsity_gates, sparsity_targets_at, sparsity_term)
 from rollout import SamplingConfig, generate, score_completions, scoring_state, split_groups
-from sparse_qwen import SCORER, add_probe_scorers, check_transformers, enable_checkpointing, make_sparse
+from sparse_qwen import check_transformers, enable_checkpointing, make_sparse
 from zipr1_support import data, media, multi_gpu, run_dir
 from zipr1_support.batching import repeat_prompts
 from zipr1_support.train_config import (  # noqa: F401 (LR_SCHEDULES, PAPER_KEEP_P_GRID, check_config: train.X)
