@@ -12,7 +12,6 @@ the rollouts' accuracy holds (`compression_clock`); λ can switch off for recove
 from __future__ import annotations
 
 import math
-import re
 
 import torch
 
@@ -141,7 +140,6 @@ def soft_masked_attention(q, k, v, m_q, m_k, reachable, scale: float) -> torch.T
 
 BONUS_LIMIT = 20.0  # |log-factor| at most this: e^20 reorders any two scores, and exp stays finite in fp32
 SCORER = "zipr1_probe_scorer"  # the parameter w_j (Hkv, D) on each text-decoder attention module (--probe_scorer)
-SCORER_FILE = "probe_scorer.safetensors"  # saved beside model.safetensors, which stays loadable by plain transformers
 
 
 def probe_bonus(value: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -168,24 +166,3 @@ def add_probe_scorers(model, weights: dict | None = None):
         if not hasattr(attn, SCORER) or weights is not None:
             attn.register_parameter(SCORER, torch.nn.Parameter(init.to(like.device, like.dtype)))
     return model
-
-
-def load_probe_scorers(model, path) -> None:
-    """Attach the scorers of a SCORER_FILE; one line naming the file if they do not fit this model."""
-    from safetensors.torch import load_file
-    weights, n_layers = load_file(str(path)), len(decoder_attentions(model))
-    heads = model.config.get_text_config(decoder=True).num_key_value_heads
-    dim = decoder_attentions(model)[0].head_dim
-    want = {f"layers.{j}" for j in range(n_layers)}
-    if set(weights) != want or any(tuple(w.shape) != (heads, dim) for w in weights.values()):
-        raise ValueError(f"{path}: expected {n_layers} probe scorers layers.0..{n_layers - 1} of shape ({heads}, "
-                         f"{dim}), got {sorted((k, tuple(w.shape)) for k, w in weights.items())}")
-    add_probe_scorers(model, weights)
-
-
-def split_probe_scorers(state_dict: dict) -> tuple[dict, dict]:
-    """A model state dict -> (the rest, for save_pretrained; the scorers as SCORER_FILE holds them)."""
-    scorers = {k: v for k, v in state_dict.items() if k.endswith("." + SCORER)}
-    layer = lambda name: re.search(r"layers\.(\d+)\.self_attn\.", name).group(1)  # noqa: E731
-    rest = {k: v for k, v in state_dict.items() if k not in scorers}
-    return rest, {f"layers.{layer(k)}": v.detach().contiguous() for k, v in scorers.items()}

@@ -29,6 +29,7 @@ sample: `keep_p` is a (B,) tensor, so one batch holds a group's N thresholds.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,7 +43,7 @@ except ImportError as err:  # our extension points missing: one line naming the 
                      f"with transformers {transformers.__version__} the import failed: {err}") from None
 
 import zipr1_kernels
-from learned_sparsity import (SCORER, SCORER_FILE, load_probe_scorers, probe_bonus, soft_masked_attention,
+from learned_sparsity import (SCORER, add_probe_scorers, decoder_attentions, probe_bonus, soft_masked_attention,
                               straight_through_mask)
 from sparse_attention import (Selection, check_keep_p, column_mass, final_position, mask_to_indices, probe_indices,
                               probe_queries, relaxed_token_ratio, sparse_attention, token_ratio)
@@ -311,6 +312,31 @@ def make_sparse(model):
     if scorer_file.is_file():
         load_probe_scorers(model, scorer_file)
     return model
+
+
+# ----------------------------------------------------------------------------------------------- saved probe scorers
+SCORER_FILE = "probe_scorer.safetensors"  # beside model.safetensors, which stays loadable by plain transformers
+
+
+def load_probe_scorers(model, path) -> None:
+    """Attach the scorers of a SCORER_FILE; one line naming the file if they do not fit this model."""
+    from safetensors.torch import load_file
+    weights, n_layers = load_file(str(path)), len(decoder_attentions(model))
+    heads = text_config(model).num_key_value_heads
+    dim = decoder_attentions(model)[0].head_dim
+    want = {f"layers.{j}" for j in range(n_layers)}
+    if set(weights) != want or any(tuple(w.shape) != (heads, dim) for w in weights.values()):
+        raise ValueError(f"{path}: expected {n_layers} probe scorers layers.0..{n_layers - 1} of shape ({heads}, "
+                         f"{dim}), got {sorted((k, tuple(w.shape)) for k, w in weights.items())}")
+    add_probe_scorers(model, weights)
+
+
+def split_probe_scorers(state_dict: dict) -> tuple[dict, dict]:
+    """A model state dict -> (the rest, for save_pretrained; the scorers as SCORER_FILE holds them)."""
+    scorers = {k: v for k, v in state_dict.items() if k.endswith("." + SCORER)}
+    layer = lambda name: re.search(r"layers\.(\d+)\.self_attn\.", name).group(1)  # noqa: E731
+    rest = {k: v for k, v in state_dict.items() if k not in scorers}
+    return rest, {f"layers.{layer(k)}": v.detach().contiguous() for k, v in scorers.items()}
 
 
 def text_config(model):

@@ -163,8 +163,8 @@ def weights(path):
 
 def scorers(path):
     from safetensors.torch import load_file
-    import learned_sparsity
-    return load_file(str(Path(path) / learned_sparsity.SCORER_FILE))
+    import sparse_qwen
+    return load_file(str(Path(path) / sparse_qwen.SCORER_FILE))
 
 
 def test_two_processes_make_the_same_update_as_one(runs):

@@ -1,6 +1,7 @@
 """The paper files copy out with torch and einops alone: their imports, read with `ast`, name nothing of the
 supporting package `zipr1_support` (nor any other module of ours), so a reader can take one file into their project.
-sparse_qwen.py, the model integration, may also use transformers and the paper files beside it."""
+sparse_qwen.py, the model integration, may also use transformers (and its safetensors, for a learned probe scorer's
+file) and the paper files beside it."""
 import ast
 import sys
 from pathlib import Path
@@ -10,7 +11,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PAPER = {"sparse_attention.py": set(), "grpo.py": set(), "learned_sparsity.py": set(),
          "rewards.py": {"rouge_score"},  # ROUGE-L of free-form answers, imported only when such a row is scored
-         "sparse_qwen.py": {"transformers", "sparse_attention", "learned_sparsity", "zipr1_kernels"}}
+         "sparse_qwen.py": {"transformers", "safetensors", "sparse_attention", "learned_sparsity", "zipr1_kernels"}}
 
 
 def imported_top_names(path: Path) -> set[str]:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from zipr1_support import run_dir
-import learned_sparsity
+import sparse_qwen
 import toy
 import train
 
@@ -51,7 +51,7 @@ def test_two_stage_continues_the_learned_checkpoint_with_the_literal_objective(t
     assert stage1["sparsity_gate"] == "all"
     assert stage1["selection_straight_through"] == stage2["selection_straight_through"] == 0.5  # both stages
     assert stage1["probe_scorer"] is stage2["probe_scorer"] is True  # stage 2 trains stage 1's scorer on
-    assert (learned / learned_sparsity.SCORER_FILE).is_file()
+    assert (learned / sparse_qwen.SCORER_FILE).is_file()
     questions = Path(".cache") / f"toy-data-v{toy.TASK_VERSION}-16" / "toy.jsonl"  # --train_questions 16, under cwd
     assert stage1["dataset"] == stage2["dataset"] == str(questions) and len(questions.read_text().splitlines()) == 16
     report = json.loads((tmp_path / "r" / "reproduction.json").read_text())

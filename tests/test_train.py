@@ -393,7 +393,7 @@ def test_probe_scorer_learns_through_the_straight_through_selection_saves_beside
     literal = dataclasses.replace(cfg, selection_straight_through=0.0)  # the hard selection alone: no gradient
     assert not scorer(_gradients(policy, None, rollout, advantages, literal))
     full = train.train(cfg)
-    saved = load_file(str(tmp_path / "run" / "checkpoint-3" / learned_sparsity.SCORER_FILE))
+    saved = load_file(str(tmp_path / "run" / "checkpoint-3" / sparse_qwen.SCORER_FILE))
     assert sorted(saved) == ["layers.0", "layers.1"] and all(w.shape == (1, 16) and w.abs().max() > 0
                                                               for w in saved.values())  # trained from zeros
     assert not any("zipr1" in k for k in weights(tmp_path / "run" / "checkpoint-3"))
@@ -404,14 +404,14 @@ def test_probe_scorer_learns_through_the_straight_through_selection_saves_beside
     shutil.rmtree(tmp_path / "run" / "checkpoint-3")
     resumed = train.train(dataclasses.replace(cfg, resume_from_checkpoint="last"))
     assert resumed[2]["loss"] == pytest.approx(full[2]["loss"], rel=1e-4)
-    again = load_file(str(tmp_path / "run" / "checkpoint-3" / learned_sparsity.SCORER_FILE))
+    again = load_file(str(tmp_path / "run" / "checkpoint-3" / sparse_qwen.SCORER_FILE))
     for name in saved:
         assert_close_to_scale(again[name], saved[name], atol=1e-5, rtol=1e-4)
     still = train.train(dataclasses.replace(cfg, output_dir=str(tmp_path / "still"), max_steps=1, save_steps=1,
                                             probe_scorer_learning_rate=0.0))  # its own rate: here 0, the model 1e-2
     assert still[0]["loss"] == pytest.approx(full[0]["loss"], rel=1e-4)  # the same first step otherwise
     assert all(w.abs().max() == 0 for w in load_file(str(tmp_path / "still" / "checkpoint-1" /
-                                                          learned_sparsity.SCORER_FILE)).values())
+                                                          sparse_qwen.SCORER_FILE)).values())
     assert any(not torch.equal(w, weights(sources[0])[k]) for k, w in weights(tmp_path / "still" / "checkpoint-1").items())
 
 
@@ -420,7 +420,7 @@ def test_a_probe_scorer_file_that_does_not_fit_the_model_is_one_line(sources, tm
     from transformers import AutoModelForImageTextToText
     shutil.copytree(sources[0], tmp_path / "model")
     save_file({"layers.0": torch.zeros(1, 16), "layers.1": torch.zeros(2, 8)},
-              str(tmp_path / "model" / learned_sparsity.SCORER_FILE))
+              str(tmp_path / "model" / sparse_qwen.SCORER_FILE))
     with pytest.raises(ValueError, match=r"probe_scorer.safetensors: expected 2 probe scorers layers.0..1 of shape "
                                          r"\(1, 16\), got \[\('layers.0', \(1, 16\)\), \('layers.1', \(2, 8\)\)\]"):
         sparse_qwen.make_sparse(AutoModelForImageTextToText.from_pretrained(tmp_path / "model"))

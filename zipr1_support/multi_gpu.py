@@ -255,8 +255,8 @@ def full_state_dict(model, dist: Dist) -> dict | None:
 
 def save_pretrained(model, path, dist: Dist, **kwargs) -> None:
     """One consolidated Hugging Face folder written by rank 0 (loadable by plain `from_pretrained`). Learned probe
-    scorers (--probe_scorer) go to their own file beside it (learned_sparsity.SCORER_FILE), which make_sparse loads."""
-    from learned_sparsity import SCORER_FILE, split_probe_scorers
+    scorers (--probe_scorer) go to their own file beside it (sparse_qwen.SCORER_FILE), which make_sparse loads."""
+    from sparse_qwen import SCORER_FILE, split_probe_scorers
     state = full_state_dict(model, dist)
     if dist.is_main:
         rest, scorers = split_probe_scorers(state)
