@@ -234,6 +234,12 @@ def final_position(valid: torch.Tensor) -> torch.Tensor:
     return valid.shape[1] - 1 - valid.flip(-1).float().argmax(-1)
 
 
+def identity_score(mass, seen_by, bonus=None) -> torch.Tensor:
+    """Which keys Eq. 3 keeps, ranked: column mass per seeing probe, times e^bonus where a scorer gives one.  (B, L)"""
+    score = mass / seen_by.clamp(min=1)  # (B, L)
+    return score if bonus is None else score * bonus.to(score.dtype).exp()  # (B, L)
+
+
 def select_from_mass(mass, seen_by, valid, keep_p, bonus=None) -> Selection:
     """Count from the raw column mass (Eq. 3), identity from the mass per probe that sees the key.
 
@@ -244,9 +250,7 @@ def select_from_mass(mass, seen_by, valid, keep_p, bonus=None) -> Selection:
     bsz, seq = valid.shape
     length = valid.sum(-1)  # (B,)
     count = top_p_count(mass, keep_p, length)  # (B,)
-    score = mass / seen_by.clamp(min=1)  # (B, L) identity: mass per seeing probe
-    score = score if bonus is None else score * bonus.to(score.dtype).exp()  # (B, L)
-    score = score.masked_fill(~valid, float("-inf"))  # (B, L)
+    score = identity_score(mass, seen_by, bonus).masked_fill(~valid, float("-inf"))  # (B, L)
     last = final_position(valid)  # (B,)
     score[torch.arange(bsz, device=valid.device), last] = float("inf")  # the final position is always kept
     order = score.argsort(dim=-1, descending=True)  # (B, L)

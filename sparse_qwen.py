@@ -45,8 +45,8 @@ except ImportError as err:  # our extension points missing: one line naming the 
 import zipr1_kernels
 from learned_sparsity import (SCORER, add_probe_scorers, decoder_attentions, probe_bonus, soft_masked_attention,
                               straight_through_mask)
-from sparse_attention import (Selection, check_keep_p, column_mass, final_position, mask_to_indices, probe_indices,
-                              probe_queries, relaxed_token_ratio, sparse_attention, token_ratio)
+from sparse_attention import (Selection, check_keep_p, column_mass, final_position, identity_score, mask_to_indices,
+                              probe_indices, probe_queries, relaxed_token_ratio, sparse_attention, token_ratio)
 
 ATTN_NAME = "zipr1_sparse"
 
@@ -230,9 +230,7 @@ def straight_through_attention(q, k, v, selection, valid, n_prompt: int, seed: i
     mass, seen_by = column_mass(probe_queries(q[:, :, :n_prompt], probe_idx), k[:, :, :n_prompt], prompt_valid,
                                 probe_idx, probe_ok, scale)  # (B, P), with gradient
     ranked = prompt_valid & (torch.arange(n_prompt, device=q.device) != final_position(prompt_valid)[:, None])
-    score = mass / seen_by.clamp(min=1)  # (B, P) the identity score of `select_from_mass`
-    score = score if bonus is None else score * bonus.exp()  # (B, P)
-    m = straight_through_mask(score, selection.mask, ranked, temperature)  # (B, P)
+    m = straight_through_mask(identity_score(mass, seen_by, bonus), selection.mask, ranked, temperature)  # (B, P)
     response = m.new_ones(m.shape[0], q.shape[2] - n_prompt)  # (B, L-P): every response token is kept
     reachable = torch.cat([prompt_valid, response.bool()], 1)  # (B, L)
     m = torch.cat([m, response], 1)  # (B, L): m_Q = m_K
