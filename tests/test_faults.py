@@ -116,6 +116,14 @@ def test_lock_is_released_when_its_holder_is_killed(tmp_path):
     run_dir.lock_output_dir(tmp_path)  # the OS dropped the dead holder's lock
 
 
+def test_held_lock_is_closed_at_exit(tmp_path):
+    code = "import sys; from zipr1_support import run_dir; run_dir.lock_output_dir(sys.argv[1])"
+    done = subprocess.run([sys.executable, "-X", "dev", "-c", code, str(tmp_path)], cwd=REPO, capture_output=True,
+                          text=True)
+    assert done.returncode == 0 and "ResourceWarning" not in done.stderr, done.stderr
+    run_dir.lock_output_dir(tmp_path)  # released: this process takes it
+
+
 # ----------------------------------------------------------------------------------------------- kill during save
 def test_kill_during_save_leaves_the_previous_checkpoint_and_resume_redoes_the_step(sources, tmp_path):
     out = tmp_path / "run"

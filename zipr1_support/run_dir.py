@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import fcntl
 import json
+import atexit
 import math
 import os
 import signal
@@ -82,6 +83,13 @@ class SaveError(OSError):
 
 LOCK_FILE = ".zipr1.lock"
 _held_locks: dict[Path, object] = {}  # output_dir -> the open lock file, held until this process ends
+
+
+@atexit.register
+def _release_locks() -> None:
+    """Closes the held lock files at exit (the OS would drop the locks anyway; this avoids ResourceWarnings)."""
+    while _held_locks:
+        _held_locks.popitem()[1].close()
 
 
 def lock_output_dir(output_dir) -> None:
