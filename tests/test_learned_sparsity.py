@@ -84,7 +84,7 @@ def test_probe_bonus_is_the_weighted_sum_of_the_value_states_by_hand():
     _, _, v = qkv(b=2, hkv=2, seq=5, d=3, seed=4)
     w = torch.randn(2, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64, requires_grad=True)
     b = probe_bonus(v, w)
-    want = torch.tensor([[sum(float(w[h, d]) * float(v[i, h, l, d]) for h in range(2) for d in range(3))
+    want = torch.tensor([[sum(float(w.detach()[h, d]) * float(v[i, h, l, d]) for h in range(2) for d in range(3))
                           for l in range(5)] for i in range(2)], dtype=torch.float64)
     assert b.shape == (2, 5) and torch.allclose(b, want, rtol=1e-9)
     b.sum().backward()
