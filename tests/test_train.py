@@ -136,7 +136,7 @@ def _gradients(policy, reference, rollout, advantages, cfg, gates=None, targets=
 
 
 @pytest.mark.parametrize("sparsity_coef, entry", [(0.0, "activation"), (2.0, "activation"), (2.0, "gradient")])
-@pytest.mark.filterwarnings("ignore:.gradient_checkpointing_enable. is deprecated:FutureWarning")  # the fallback, on purpose
+@pytest.mark.filterwarnings("ignore:.gradient_checkpointing_enable. is deprecated:FutureWarning")  # the fallback
 def test_gradient_checkpointing_gives_the_same_gradients(sources, tmp_path, sparsity_coef, entry, monkeypatch):
     """Also with the relaxed τ̃ term: one scoring state serves the forward and the recomputation in backward.
     entry "gradient": transformers < 5.23 has no activation_checkpointing_enable, and sparse_qwen.enable_checkpointing

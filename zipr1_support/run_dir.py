@@ -14,10 +14,10 @@ metrics.jsonl (a run killed while logging) is dropped.
 """
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import fcntl
 import json
-import atexit
 import math
 import os
 import signal
