@@ -319,9 +319,8 @@ SCORER_FILE = "probe_scorer.safetensors"  # beside model.safetensors, which stay
 def load_probe_scorers(model, path) -> None:
     """Attach the scorers of a SCORER_FILE; one line naming the file if they do not fit this model."""
     from safetensors.torch import load_file
-    weights, n_layers = load_file(str(path)), len(decoder_attentions(model))
-    heads = text_config(model).num_key_value_heads
-    dim = decoder_attentions(model)[0].head_dim
+    weights, attentions = load_file(str(path)), decoder_attentions(model)
+    n_layers, heads, dim = len(attentions), text_config(model).num_key_value_heads, attentions[0].head_dim
     want = {f"layers.{j}" for j in range(n_layers)}
     if set(weights) != want or any(tuple(w.shape) != (heads, dim) for w in weights.values()):
         raise ValueError(f"{path}: expected {n_layers} probe scorers layers.0..{n_layers - 1} of shape ({heads}, "
